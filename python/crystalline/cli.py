@@ -1,0 +1,38 @@
+"""The `crystalline` command line: a thin typer layer over the Python API.
+
+Every command turns bad input into one clear message on stderr and a
+non-zero exit code; tracebacks are for bugs, not for user mistakes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from crystalline.errors import UserError
+
+app = typer.Typer(
+    name="crystalline",
+    help="Train small GPT-2 language models on your own text or code, on the CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        rc = app(standalone_mode=False)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

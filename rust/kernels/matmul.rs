@@ -1,0 +1,242 @@
+//! Matrix multiply with bias, on the `gemm` crate (runtime SIMD dispatch, so
+//! the package is portable and still uses AVX2/AVX-512/NEON where present).
+//!
+//! Weights use the GPT-2 "Conv1D" layout, `[in, out]`, so `out = inp @ weight`.
+
+use gemm::Parallelism;
+
+fn parallelism(threads: usize) -> Parallelism {
+    if threads <= 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads)
+    }
+}
+
+/// Row-major single-precision GEMM: `c[m,n] (+)= op(a)[m,k] @ op(b)[k,n]`.
+///
+/// a: `[m, k]`, or `[k, m]` when `a_trans` (then `op(a)` is its transpose)
+/// b: `[k, n]`, or `[n, k]` when `b_trans`
+/// c: `[m, n]`, overwritten unless `accumulate`
+/// threads: 1 runs on the calling thread; more use the current rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_trans: bool,
+    b: &[f32],
+    b_trans: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(a.len() >= m * k, "sgemm: a has {} elements, need {}", a.len(), m * k);
+    assert!(b.len() >= k * n, "sgemm: b has {} elements, need {}", b.len(), k * n);
+    assert!(c.len() >= m * n, "sgemm: c has {} elements, need {}", c.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // (row stride, column stride) of each operand as stored.
+    let (a_rs, a_cs) = if a_trans { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if b_trans { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the asserts above guarantee every index the strides reach lies
+    // inside the slices, and `c` is exclusively borrowed.
+    unsafe {
+        gemm_strided(
+            m, n, k, c.as_mut_ptr(), n as isize, accumulate, a.as_ptr(), a_rs, a_cs, b.as_ptr(), b_rs, b_cs, 1.0, threads,
+        )
+    }
+}
+
+/// `dst[m,n] (+)= scale * lhs[m,k] @ rhs[k,n]` on raw pointers with arbitrary
+/// row and column strides (the column stride of `dst` is 1). Used by
+/// attention to multiply one head's slice of the fused qkv buffer in place.
+///
+/// # Safety
+/// Every element the strides reach must be inside live allocations, and the
+/// `dst` elements must not be aliased by `lhs`, `rhs` or another thread.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    scale: f32,
+    threads: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        accumulate,
+        lhs,
+        lhs_cs,
+        lhs_rs,
+        rhs,
+        rhs_cs,
+        rhs_rs,
+        if accumulate { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        parallelism(threads),
+    );
+}
+
+/// out = inp @ weight + bias
+///
+/// out:    [N, OC]  (written)
+/// inp:    [N, C]
+/// weight: [C, OC]
+/// bias:   [OC] or none
+pub fn matmul_forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    n: usize,
+    c: usize,
+    oc: usize,
+    threads: usize,
+) {
+    match bias {
+        Some(bias) => {
+            for row in out[..n * oc].chunks_exact_mut(oc) {
+                row.copy_from_slice(&bias[..oc]);
+            }
+            sgemm(n, oc, c, inp, false, weight, false, out, true, threads);
+        }
+        None => sgemm(n, oc, c, inp, false, weight, false, out, false, threads),
+    }
+}
+
+/// Backward of `matmul_forward`, accumulating into every gradient.
+///
+/// dinp:    [N, C]   (+=)
+/// dweight: [C, OC]  (+=)
+/// dbias:   [OC]     (+=), or none
+/// dout:    [N, OC]
+/// inp:     [N, C]
+/// weight:  [C, OC]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward(
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+    threads: usize,
+) {
+    // dinp[N,C] += dout[N,OC] @ weight^T
+    sgemm(n, c, oc, dout, false, weight, true, dinp, true, threads);
+    // dweight[C,OC] += inp^T @ dout
+    sgemm(c, oc, n, inp, true, dout, false, dweight, true, threads);
+    if let Some(dbias) = dbias {
+        for row in dout[..n * oc].chunks_exact(oc) {
+            for (db, d) in dbias[..oc].iter_mut().zip(row) {
+                *db += d;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gradcheck::{check_grad, rand_vec};
+
+    fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    s += a[i * k + p] as f64 * b[p * n + j] as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn transpose(r: usize, c: usize, x: &[f32]) -> Vec<f32> {
+        let mut t = vec![0.0; r * c];
+        for i in 0..r {
+            for j in 0..c {
+                t[j * r + i] = x[i * c + j];
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn sgemm_matches_naive_for_every_transpose() {
+        let (m, n, k) = (37, 29, 53);
+        let a = rand_vec(m * k, 1);
+        let b = rand_vec(k * n, 2);
+        let want = naive(m, n, k, &a, &b);
+        let at = transpose(m, k, &a);
+        let bt = transpose(k, n, &b);
+        for threads in [1, 3] {
+            for (aa, atr) in [(&a, false), (&at, true)] {
+                for (bb, btr) in [(&b, false), (&bt, true)] {
+                    let mut c = vec![1.0; m * n];
+                    sgemm(m, n, k, aa, atr, bb, btr, &mut c, false, threads);
+                    for (x, y) in c.iter().zip(&want) {
+                        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+                    }
+                    let mut c2 = vec![1.0; m * n];
+                    sgemm(m, n, k, aa, atr, bb, btr, &mut c2, true, threads);
+                    for (x, y) in c2.iter().zip(&want) {
+                        assert!((x - (y + 1.0)).abs() < 1e-4);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_gradients_match_finite_differences() {
+        let (n, c, oc) = (7, 5, 6);
+        let inp = rand_vec(n * c, 3);
+        let weight = rand_vec(c * oc, 4);
+        let bias = rand_vec(oc, 5);
+        let w_out = rand_vec(n * oc, 6);
+        let loss = |inp: &[f32], weight: &[f32], bias: &[f32]| {
+            let mut out = vec![0.0; n * oc];
+            matmul_forward(&mut out, inp, weight, Some(bias), n, c, oc, 1);
+            out.iter().zip(&w_out).map(|(o, w)| (*o as f64) * (*w as f64)).sum::<f64>()
+        };
+        let mut dinp = vec![0.0; n * c];
+        let mut dweight = vec![0.0; c * oc];
+        let mut dbias = vec![0.0; oc];
+        matmul_backward(&mut dinp, &mut dweight, Some(&mut dbias), &w_out, &inp, &weight, n, c, oc, 1);
+        check_grad("inp", &inp, &dinp, |x| loss(x, &weight, &bias));
+        check_grad("weight", &weight, &dweight, |x| loss(&inp, x, &bias));
+        check_grad("bias", &bias, &dbias, |x| loss(&inp, &weight, x));
+    }
+}

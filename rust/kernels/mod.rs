@@ -1,0 +1,16 @@
+//! The layer kernels, each a `<name>_forward` / `<name>_backward` pair in the
+//! style of llm.c. Shapes use B batch, T time, C channels, V vocab, NH heads,
+//! N = B*T rows. Backward functions *accumulate* (`+=`) into parameter
+//! gradients and into input gradients unless their comment says otherwise.
+
+pub mod adamw;
+pub mod attention;
+pub mod crossentropy;
+pub mod encoder;
+pub mod gelu;
+pub mod layernorm;
+pub mod matmul;
+pub mod residual;
+
+#[cfg(test)]
+pub(crate) mod gradcheck;
