@@ -1,0 +1,566 @@
+"""Building a token dataset from text files (`crystalline prepare`).
+
+A prepared dataset directory holds:
+
+- `tokenizer.json`: the byte-level BPE tokenizer (see `tokenizer.py`);
+- `train-<id>.bin`, `val-<id>.bin`: the token ids of every document, each
+  document followed by `<|endoftext|>`, as raw little-endian uint16 (vocab
+  <= 65535) or uint32, ready for `numpy.memmap`;
+- `shards/<tokenizer hash>/`: the ids of each source file, named by the
+  sha256 of its bytes, so a re-run encodes only new or changed files;
+- `manifest.json`: per source file its size, mtime, sha256, token count and
+  split, plus the tokenizer hash and the names of the token files.
+
+The manifest is written last, by rename, and names the token files it
+describes; `load_dataset` checks the tokenizer hash and the file sizes
+against it. A run that dies half-way therefore leaves either the previous
+dataset or one that is refused, never one that is silently wrong.
+
+The tokenizer already in the directory is reused when it was made for the
+same `--vocab-size`: adding or changing files does not retrain it (pass
+`--retrain-tokenizer` for that). Files are split into train and validation
+by a hash of their relative path, so adding files never moves old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from crystalline.data import corpus
+from crystalline.data.corpus import FileRead, SourceFile
+from crystalline.data.progress import Progress
+from crystalline.data.tokenizer import Tokenizer, check_vocab_size, file_hash
+from crystalline.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+SHARDS = "shards"
+# Text sent to the tokenizer in one parallel `encode_batch` call.
+BATCH_BYTES = 4 << 20
+_OURS = {MANIFEST, TOKENIZER, SHARDS}
+
+
+@dataclass
+class PrepareReport:
+    """What one `prepare` run did (for messages and tests)."""
+
+    files: int = 0
+    bytes: int = 0
+    files_encoded: int = 0
+    files_reused: int = 0
+    tokenizer_trained: bool = False
+    files_with_replacements: int = 0
+    skipped: corpus.WalkStats = field(default_factory=corpus.WalkStats)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    vocab_size: int
+    tokenizer_path: Path
+    tokenizer_hash: str
+    eot_id: int
+    dtype: str = "uint16"
+    train_file: str = ""
+    val_file: str = ""
+    train_count: int = 0
+    val_count: int = 0
+    report: PrepareReport | None = None
+
+    def train_tokens(self) -> np.ndarray:
+        """All training documents, each followed by the end-of-text id (read-only memmap)."""
+        return self._tokens(self.train_file, self.train_count)
+
+    def val_tokens(self) -> np.ndarray:
+        """The validation documents, laid out like `train_tokens` (may be empty)."""
+        return self._tokens(self.val_file, self.val_count)
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.tokenizer_path)
+
+    def _tokens(self, name: str, count: int) -> np.ndarray:
+        if count == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.root / name, dtype=self.dtype, mode="r", shape=(count,))
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+def prepare(
+    paths: list[Path],
+    out_dir: Path,
+    vocab_size: int | None,
+    *,
+    tokenizer: Path | None = None,
+    extensions: list[str] | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+    retrain_tokenizer: bool = False,
+) -> Dataset:
+    """Build or update the dataset in `out_dir` from the text files under `paths`.
+
+    `vocab_size` may be None only when `tokenizer` (a tokenizer.json) is given."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    out_dir = Path(out_dir).expanduser()
+    _check_out_dir(out_dir)
+    files, skipped = corpus.walk(paths, extensions, exclude=out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output directory {out_dir}: {err.strerror}") from None
+    _remove_temporaries(out_dir)
+
+    report = PrepareReport(files=len(files), bytes=sum(f.size for f in files), skipped=skipped)
+    report.warnings.extend(skipped.warnings)
+    old = _read_manifest(out_dir)
+    with Progress(enabled=progress) as bar:
+        tok, requested, hashes = _tokenizer_for(
+            out_dir, files, vocab_size, tokenizer, retrain_tokenizer, old, bar, report
+        )
+        tok_hash = file_hash(out_dir / TOKENIZER)
+        dtype = token_dtype(tok.vocab_size)
+        shard_dir = out_dir / SHARDS / tok_hash[:16]
+        entries = _file_entries(files, old, tok_hash, hashes, shard_dir, tok, dtype, bar, report)
+
+    _assign_splits(entries, val_fraction, seed, report)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "requested_vocab_size": requested,
+        "vocab_size": tok.vocab_size,
+        "tokenizer_hash": tok_hash,
+        "eot_id": tok.eot_id,
+        "dtype": dtype,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "files": entries,
+    }
+    if old is not None and _same_layout(old, manifest) and _token_files_ok(out_dir, old):
+        manifest.update({k: old[k] for k in ("train_file", "val_file", "train_count", "val_count")})
+    else:
+        _write_token_files(out_dir, shard_dir, entries, tok.eot_id, dtype, manifest)
+    if manifest != old:
+        _write_json_atomic(out_dir / MANIFEST, manifest)
+    _remove_unreferenced(out_dir, manifest, shard_dir)
+
+    report.files_with_replacements = sum(1 for e in entries if e["replaced"])
+    if report.files_with_replacements:
+        report.warnings.append(
+            f"{report.files_with_replacements} file(s) had invalid UTF-8; the bad bytes became U+FFFD"
+        )
+    for line in report.warnings:
+        Progress.warn(line)
+    return _dataset(out_dir, manifest, report)
+
+
+def load_dataset(out_dir: Path) -> Dataset:
+    """Open a prepared dataset, refusing one that is missing, half-written or corrupt."""
+    out_dir = Path(out_dir).expanduser()
+    if not out_dir.is_dir():
+        raise UserError(f"dataset directory {out_dir} does not exist; create it with `crystalline prepare`")
+    manifest = _read_manifest(out_dir)
+    if manifest is None:
+        raise UserError(
+            f"{out_dir} is not a complete dataset (no valid {MANIFEST}); "
+            "run `crystalline prepare` again to rebuild it"
+        )
+    tok_path = out_dir / TOKENIZER
+    if not tok_path.is_file() or file_hash(tok_path) != manifest["tokenizer_hash"]:
+        raise UserError(
+            f"{tok_path} is missing or does not match {MANIFEST}; run `crystalline prepare` again to rebuild it"
+        )
+    if not _token_files_ok(out_dir, manifest):
+        raise UserError(
+            f"the token files in {out_dir} are missing or truncated; run `crystalline prepare` again to rebuild them"
+        )
+    return _dataset(out_dir, manifest, None)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "crystalline" / "datasets"
+
+
+def prepare_for_training(
+    paths: list[Path],
+    vocab_size: int | None,
+    *,
+    tokenizer: Path | None = None,
+    cache_dir: Path | None = None,
+    val_fraction: float = 0.1,
+    progress: bool = True,
+    extensions: list[str] | None = None,
+) -> Dataset:
+    """Prepare raw text for `crystalline train` in a cache directory keyed by
+    the resolved input paths and the vocabulary, updating it incrementally."""
+    resolved = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.exists():
+            raise UserError(f"input path {p} does not exist")
+        resolved.append(str(path.resolve()))
+    key = {
+        "paths": sorted(resolved),
+        "vocab_size": vocab_size,
+        "tokenizer": file_hash(Path(tokenizer)) if tokenizer is not None and Path(tokenizer).is_file() else None,
+        "extensions": corpus.normalize_extensions(extensions),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    out_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return prepare(
+        paths,
+        out_dir / digest,
+        vocab_size,
+        tokenizer=tokenizer,
+        extensions=extensions,
+        val_fraction=val_fraction,
+        progress=progress,
+    )
+
+
+# --- tokenizer choice ---------------------------------------------------------
+
+
+def _tokenizer_for(
+    out_dir: Path,
+    files: list[SourceFile],
+    vocab_size: int | None,
+    given: Path | None,
+    retrain: bool,
+    old: dict | None,
+    bar: Progress,
+    report: PrepareReport,
+) -> tuple[Tokenizer, int, dict[str, str]]:
+    """The tokenizer to use (saved as out_dir/tokenizer.json), the vocab size
+    asked for, and the file hashes computed on the way (when it was trained)."""
+    target = out_dir / TOKENIZER
+    if given is not None:
+        tok = Tokenizer.load(Path(given))
+        if vocab_size is not None and vocab_size != tok.vocab_size:
+            raise UserError(
+                f"--tokenizer {given} has a vocabulary of {tok.vocab_size} but --vocab-size {vocab_size} "
+                f"was asked; drop --vocab-size or pass --vocab-size {tok.vocab_size}"
+            )
+        if not target.is_file() or file_hash(target) != file_hash(Path(given)):
+            _copy_atomic(Path(given), target)
+        return tok, tok.vocab_size, {}
+
+    if vocab_size is None:
+        raise UserError("--vocab-size is required unless --tokenizer is given")
+    check_vocab_size(vocab_size)
+    if not retrain and old is not None and target.is_file() and file_hash(target) == old["tokenizer_hash"]:
+        if old["requested_vocab_size"] != vocab_size:
+            raise UserError(
+                f"{out_dir} already has a tokenizer for --vocab-size {old['requested_vocab_size']}, "
+                f"not {vocab_size}; pass --vocab-size {old['requested_vocab_size']} to reuse it, "
+                "add --retrain-tokenizer to replace it, or choose another --out"
+            )
+        return Tokenizer.load(target), vocab_size, {}
+
+    hashes: dict[str, str] = {}
+    bar.start("training tokenizer", sum(f.size for f in files), len(files))
+    tok = Tokenizer.train(_texts(files, hashes, bar), vocab_size, length=len(files))
+    if tok.vocab_size < vocab_size:
+        report.warnings.append(
+            f"the corpus only supports {tok.vocab_size} tokens, fewer than --vocab-size {vocab_size}; "
+            f"the model will use {tok.vocab_size}"
+        )
+    _save_tokenizer_atomic(tok, target)
+    report.tokenizer_trained = True
+    return tok, vocab_size, hashes
+
+
+def _texts(files: list[SourceFile], hashes: dict[str, str], bar: Progress) -> Iterator[str]:
+    """Stream every file's text for the tokenizer trainer, recording hashes."""
+    for f in files:
+        result = FileRead()
+        yield from corpus.read_chunks(f.path, result)
+        hashes[str(f.path)] = result.sha256
+        bar.advance(f.size)
+
+
+# --- per-file token shards ----------------------------------------------------
+
+
+def _file_entries(
+    files: list[SourceFile],
+    old: dict | None,
+    tok_hash: str,
+    hashes: dict[str, str],
+    shard_dir: Path,
+    tok: Tokenizer,
+    dtype: str,
+    bar: Progress,
+    report: PrepareReport,
+) -> list[dict]:
+    """Manifest entries for `files`, encoding only those with no shard yet."""
+    old_files, old_by_sha = {}, {}
+    if old is not None and old["tokenizer_hash"] == tok_hash:
+        old_files = {e["path"]: e for e in old["files"]}
+        old_by_sha = {e["sha256"]: e for e in old["files"]}
+    entries = []
+    to_encode = []
+    for f in files:
+        key = str(f.path)
+        prev = old_files.get(key)
+        if prev is not None and (prev["size"], prev["mtime_ns"]) == (f.size, f.mtime_ns):
+            entry = dict(prev, name=f.name)
+        else:
+            sha = hashes.get(key) or _hash_file(f.path)
+            same = old_by_sha.get(sha, {})  # unchanged content, or a file moved or copied
+            entry = {"path": key, "name": f.name, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": sha}
+            entry["tokens"] = same.get("tokens")
+            entry["replaced"] = same.get("replaced")
+        if entry["tokens"] is None or not _shard_path(shard_dir, entry["sha256"]).is_file():
+            to_encode.append((f, entry))
+        entries.append(entry)
+    report.files_reused = len(files) - len(to_encode)
+    if to_encode:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        bar.start("encoding", sum(f.size for f, _ in to_encode), len(to_encode))
+        _encode_files(to_encode, shard_dir, tok, dtype, bar)
+        report.files_encoded = len(to_encode)
+    return entries
+
+
+def _encode_files(
+    work: list[tuple[SourceFile, dict]], shard_dir: Path, tok: Tokenizer, dtype: str, bar: Progress
+) -> None:
+    """Encode files in parallel batches of about BATCH_BYTES of text, writing
+    each file's ids to its shard as they come. Fills in the entries' sha256,
+    token count and replacement flag."""
+    batch: list[tuple[int, str | None]] = []  # (work index, text piece or None = end of file)
+    batch_bytes = 0
+    writers: dict[int, tuple[Path, object]] = {}
+    results: dict[int, FileRead] = {}
+
+    def flush() -> None:
+        texts = [text for _, text in batch if text is not None]
+        ids_iter = tok.encode_batch(texts)
+        for index, text in batch:
+            if text is not None:
+                ids = np.asarray(next(ids_iter), dtype=dtype)
+                if index not in writers:
+                    tmp = shard_dir / f".{uuid.uuid4().hex}.tmp"
+                    writers[index] = (tmp, open(tmp, "wb"))
+                writers[index][1].write(ids.tobytes())
+                work[index][1]["tokens"] += ids.size
+            else:
+                _finish_shard(shard_dir, writers.pop(index, None), work[index][1], results.pop(index))
+                bar.advance(work[index][0].size)
+        batch.clear()
+
+    for index, (f, entry) in enumerate(work):
+        entry["tokens"] = 0
+        result = results[index] = FileRead()
+        for text in corpus.read_chunks(f.path, result, min(corpus.CHUNK_BYTES, BATCH_BYTES)):
+            batch.append((index, text))
+            batch_bytes += len(text)
+            if batch_bytes >= BATCH_BYTES:
+                flush()
+                batch_bytes = 0
+        batch.append((index, None))
+    flush()
+
+
+def _finish_shard(shard_dir: Path, writer: tuple[Path, object] | None, entry: dict, result: FileRead) -> None:
+    entry["sha256"] = result.sha256
+    entry["replaced"] = result.replaced
+    final = _shard_path(shard_dir, result.sha256)
+    if writer is None:  # no text at all: an empty shard
+        final.parent.mkdir(exist_ok=True)
+        final.touch()
+        return
+    tmp, fh = writer
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
+    final.parent.mkdir(exist_ok=True)
+    os.replace(tmp, final)
+
+
+def _shard_path(shard_dir: Path, sha: str) -> Path:
+    return shard_dir / sha[:2] / f"{sha}.bin"
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- splits and token files ---------------------------------------------------
+
+
+def _assign_splits(entries: list[dict], val_fraction: float, seed: int, report: PrepareReport) -> None:
+    """Put a document in validation when the hash of (seed, name) falls
+    below `val_fraction`; keep at least one training document."""
+    for e in entries:
+        u = int(hashlib.sha256(f"{seed}:{e['name']}".encode()).hexdigest()[:16], 16) / 2**64
+        e["split"] = "val" if u < val_fraction else "train"
+    if all(e["split"] == "val" for e in entries):
+        for e in entries:
+            e["split"] = "train"
+    if val_fraction > 0 and not any(e["split"] == "val" for e in entries):
+        report.warnings.append(
+            f"the validation split is empty: {len(entries)} document(s) is too few for "
+            f"--val-fraction {val_fraction}; split the text into more files to get one"
+        )
+
+
+def _write_token_files(
+    out_dir: Path, shard_dir: Path, entries: list[dict], eot_id: int, dtype: str, manifest: dict
+) -> None:
+    """Concatenate the shards of each split, with an end-of-text after each document."""
+    eot = np.asarray([eot_id], dtype=dtype).tobytes()
+    generation = uuid.uuid4().hex[:12]
+    for split in ("train", "val"):
+        name = f"{split}-{generation}.bin"
+        tmp = out_dir / f".{name}.tmp"
+        count = 0
+        with open(tmp, "wb") as out:
+            for e in entries:
+                if e["split"] != split:
+                    continue
+                with open(_shard_path(shard_dir, e["sha256"]), "rb") as shard:
+                    shutil.copyfileobj(shard, out, 1 << 20)
+                out.write(eot)
+                count += e["tokens"] + 1
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, out_dir / name)
+        manifest[f"{split}_file"] = name
+        manifest[f"{split}_count"] = count
+
+
+def _same_layout(old: dict, new: dict) -> bool:
+    """True when the token files of `old` hold exactly what `new` describes."""
+    fields = ("path", "sha256", "split", "tokens")
+    same_files = [tuple(e[k] for k in fields) for e in old["files"]] == [
+        tuple(e[k] for k in fields) for e in new["files"]
+    ]
+    return same_files and old["tokenizer_hash"] == new["tokenizer_hash"] and old["dtype"] == new["dtype"]
+
+
+def _token_files_ok(out_dir: Path, manifest: dict) -> bool:
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split in ("train", "val"):
+        path = out_dir / manifest[f"{split}_file"]
+        if not path.is_file() or path.stat().st_size != manifest[f"{split}_count"] * itemsize:
+            return False
+    return True
+
+
+# --- directory housekeeping ---------------------------------------------------
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory; choose a new or empty directory")
+    if out_dir.is_dir():
+        names = {p.name for p in out_dir.iterdir()}
+        if names and not names & _OURS:
+            raise UserError(
+                f"--out {out_dir} is a non-empty directory that is not a crystalline dataset; "
+                "choose a new or empty directory"
+            )
+
+
+def _read_manifest(out_dir: Path) -> dict | None:
+    """The manifest, or None when missing, unreadable or from another format."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    required = ("format", "tokenizer_hash", "requested_vocab_size", "files", "dtype", "train_file", "val_file")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        return None
+    if any(k not in manifest for k in required):
+        return None
+    return manifest
+
+
+def _dataset(out_dir: Path, manifest: dict, report: PrepareReport | None) -> Dataset:
+    return Dataset(
+        root=out_dir,
+        vocab_size=manifest["vocab_size"],
+        tokenizer_path=out_dir / TOKENIZER,
+        tokenizer_hash=manifest["tokenizer_hash"],
+        eot_id=manifest["eot_id"],
+        dtype=manifest["dtype"],
+        train_file=manifest["train_file"],
+        val_file=manifest["val_file"],
+        train_count=manifest["train_count"],
+        val_count=manifest["val_count"],
+        report=report,
+    )
+
+
+def _remove_temporaries(out_dir: Path) -> None:
+    for tmp in out_dir.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_unreferenced(out_dir: Path, manifest: dict, shard_dir: Path) -> None:
+    """Delete token files and shards the new manifest no longer uses."""
+    keep = {manifest["train_file"], manifest["val_file"]}
+    for path in out_dir.glob("*.bin"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
+    for other in (out_dir / SHARDS).glob("*"):
+        if other != shard_dir:
+            shutil.rmtree(other, ignore_errors=True)
+    wanted = {_shard_path(shard_dir, e["sha256"]) for e in manifest["files"]}
+    for path in shard_dir.glob("*/*"):
+        if path not in wanted:
+            path.unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_tokenizer_atomic(tok: Tokenizer, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tok.save(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dst)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
