@@ -1,0 +1,12 @@
+"""Crystalline: train small GPT-2 language models on your own text or code,
+on the CPU, using every core.
+
+The numeric work lives in the Rust extension `crystalline._core`; this
+package holds configs, tokenization, the command line and checkpoint files.
+"""
+
+from crystalline._core import Model
+from crystalline.config import ModelConfig
+
+__all__ = ["Model", "ModelConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""`python -m crystalline` runs the command line."""
+
+from crystalline.cli import main
+
+main()

@@ -1,0 +1,76 @@
+"""Type stubs for `crystalline._core`, the Rust extension module.
+
+Every function takes C-contiguous numpy arrays (float32 for values, any
+integer dtype for token ids), raises TypeError for a wrong dtype and
+ValueError for a wrong rank, shape, layout or token id, and releases the GIL
+while it computes. Shapes: N rows, C channels, OC output channels, B batch,
+T time, V vocab, NH heads.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+Ids = npt.NDArray[np.integer]
+
+__version__: str
+
+def parameter_shapes(
+    vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int
+) -> list[tuple[str, list[int]]]: ...
+def matmul_forward(inp: F32, weight: F32, bias: F32 | None = None) -> F32:
+    """inp [N, C] @ weight [C, OC] + bias [OC] -> [N, OC]"""
+def matmul_backward(dout: F32, inp: F32, weight: F32) -> tuple[F32, F32, F32]:
+    """-> (dinp [N, C], dweight [C, OC], dbias [OC])"""
+def layernorm_forward(inp: F32, weight: F32, bias: F32) -> tuple[F32, F32, F32]:
+    """inp [N, C] -> (out [N, C], mean [N], rstd [N])"""
+def layernorm_backward(dout: F32, inp: F32, weight: F32, mean: F32, rstd: F32) -> tuple[F32, F32, F32]:
+    """-> (dinp [N, C], dweight [C], dbias [C])"""
+def gelu_forward(inp: F32) -> F32: ...
+def gelu_backward(dout: F32, inp: F32) -> F32: ...
+def residual_forward(a: F32, b: F32) -> F32: ...
+def residual_backward(dout: F32) -> tuple[F32, F32]: ...
+def encoder_forward(tokens: Ids, wte: F32, wpe: F32) -> F32:
+    """tokens [B, T], wte [V, C], wpe [T_max, C] -> [B, T, C]"""
+def encoder_backward(dout: F32, tokens: Ids, vocab_size: int, block_size: int) -> tuple[F32, F32]:
+    """-> (dwte [V, C], dwpe [block_size, C])"""
+def attention_forward(qkv: F32, n_head: int) -> tuple[F32, F32]:
+    """qkv [B, T, 3C] -> (out [B, T, C], att [B, NH, T, T])"""
+def attention_backward(dout: F32, qkv: F32, att: F32, n_head: int) -> F32:
+    """-> dqkv [B, T, 3C]"""
+def crossentropy_forward(logits: F32, targets: Ids) -> F32:
+    """logits [N, V], targets [N] -> per-row losses [N]"""
+def crossentropy_backward(logits: F32, targets: Ids, dlosses: F32) -> F32:
+    """-> dlogits [N, V]"""
+def softmax_crossentropy(logits: F32, targets: Ids) -> tuple[float, F32]:
+    """Fused: -> (mean loss, dlogits of the mean loss [N, V])"""
+def adamw_update(
+    params: F32,
+    grads: F32,
+    m: F32,
+    v: F32,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.95,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """One AdamW step (1-based `step`), in place on params, m and v."""
+
+class Model:
+    """A GPT-2 model whose parameters live in one flat float32 buffer in Rust."""
+
+    def __init__(
+        self, vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int, seed: int = 0
+    ) -> None: ...
+    def config(self) -> dict[str, int]: ...
+    def parameters(self) -> dict[str, F32]:
+        """GPT-2 tensor name -> writeable zero-copy view."""
+    def num_parameters(self) -> int: ...
+    def forward(self, tokens: Ids) -> F32:
+        """tokens [B, T] -> logits [B, T, V]"""
+    def loss(self, tokens: Ids, targets: Ids) -> float:
+        """Mean cross-entropy of the model's logits against targets [B, T]."""
+    def loss_and_grad(self, tokens: Ids, targets: Ids) -> tuple[float, dict[str, F32]]:
+        """(mean loss, name -> gradient view); the next call overwrites the views."""

@@ -1,0 +1,6 @@
+"""Shared pytest setup: make the tests folder importable for its helpers."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
