@@ -21,6 +21,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+from crystalline.data import commands as data_commands  # noqa: E402
+
+app.command("prepare")(data_commands.prepare)
+app.command("tokenize")(data_commands.tokenize)
+app.command("size")(data_commands.size)
+
 
 def main() -> None:
     """Console-script entry point."""

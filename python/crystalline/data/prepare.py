@@ -127,7 +127,7 @@ def prepare(
 
     report = PrepareReport(files=len(files), bytes=sum(f.size for f in files), skipped=skipped)
     report.warnings.extend(skipped.warnings)
-    old = _read_manifest(out_dir)
+    old = read_manifest(out_dir)
     with Progress(enabled=progress) as bar:
         tok, requested, hashes = _tokenizer_for(
             out_dir, files, vocab_size, tokenizer, retrain_tokenizer, old, bar, report
@@ -172,7 +172,7 @@ def load_dataset(out_dir: Path) -> Dataset:
     out_dir = Path(out_dir).expanduser()
     if not out_dir.is_dir():
         raise UserError(f"dataset directory {out_dir} does not exist; create it with `crystalline prepare`")
-    manifest = _read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
     if manifest is None:
         raise UserError(
             f"{out_dir} is not a complete dataset (no valid {MANIFEST}); "
@@ -482,7 +482,7 @@ def _check_out_dir(out_dir: Path) -> None:
             )
 
 
-def _read_manifest(out_dir: Path) -> dict | None:
+def read_manifest(out_dir: Path) -> dict | None:
     """The manifest, or None when missing, unreadable or from another format."""
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())

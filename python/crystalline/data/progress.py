@@ -58,4 +58,4 @@ class Progress:
 
     @staticmethod
     def warn(message: str) -> None:
-        _stderr.print(f"warning: {message}", markup=False, highlight=False)
+        _stderr.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
