@@ -1,0 +1,146 @@
+"""Time numpy's float32 `a @ b` against crystalline's `_core.matmul_forward`.
+
+Both run with the same number of threads (2 unless already set in the
+environment): OMP_NUM_THREADS / OPENBLAS_NUM_THREADS for numpy's BLAS and
+RAYON_NUM_THREADS for crystalline's rayon pool. These have to be set before
+numpy and crystalline are imported, which this script does at the top.
+
+    python benches/matmul.py                  # default: 15 repeats per case
+    python benches/matmul.py --repeats 20
+    # OpenBLAS tuned for another core type can slow numpy; compare with:
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/matmul.py
+
+Prints a markdown table of median and best GFLOP/s (2*m*n*k / time) per shape
+and the ratio crystalline / numpy. The two libraries' runs are interleaved so
+load from other processes falls on both alike; the script reports how much CPU
+other processes used meanwhile (on a busy machine trust the "best" columns).
+"""
+
+import argparse
+import os
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--repeats", type=int, default=15, help="timed runs per case (after 2 warm-up runs)")
+parser.add_argument("--pause", type=float, default=0.05, help="seconds of sleep before each timed call")
+parser.add_argument("--threads", type=int, default=2, help="threads for both libraries unless the env already sets them")
+args = parser.parse_args()
+
+# Thread counts must be in the environment before numpy / crystalline load.
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+    os.environ.setdefault(var, str(args.threads))
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import crystalline._core as core  # noqa: E402
+
+try:
+    import threadpoolctl  # noqa: E402
+except ImportError:
+    threadpoolctl = None
+
+# (label, m, k, n): a[m,k] @ b[k,n]
+SHAPES = [
+    ("2048x2048 @ 2048x2048", 2048, 2048, 2048),
+    ("4096x384 @ 384x1152", 4096, 384, 1152),
+]
+
+
+def os_threads() -> int:
+    """Threads of this process right now (Linux), to check pool sizes."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy jiffies of the whole machine, jiffies used by this process)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return busy, int(own[11]) + int(own[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0, 0
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    print("## Environment")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        val = os.environ.get(var)
+        print(f"- {var} = {val!r}" + ("" if val is not None else " (not set)"))
+    print(f"- numpy {np.__version__}, python {sys.version.split()[0]}, cpus {os.cpu_count()}")
+    if threadpoolctl is not None:
+        for info in threadpoolctl.threadpool_info():
+            print(
+                f"- threadpoolctl: {info.get('internal_api')} {info.get('version')} "
+                f"arch={info.get('architecture')} threads={info.get('num_threads')} ({info.get('filepath')})"
+            )
+    else:
+        print("- threadpoolctl not installed: numpy's BLAS threads taken from the env vars above")
+
+    rng = np.random.default_rng(0)
+    rows = []
+    threads_before = os_threads()
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy0, own0 = cpu_jiffies()
+    wall0 = time.perf_counter()
+    for label, m, k, n in SHAPES:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        # Same answer, so we know we time the same product.
+        ref = a @ b
+        got = core.matmul_forward(a, b)
+        err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+        assert err < 1e-4, f"{label}: crystalline differs from numpy by {err:.2e} (relative)"
+        flops = 2.0 * m * n * k
+        run_np = lambda: a @ b  # noqa: E731
+        run_cr = lambda: core.matmul_forward(a, b)  # noqa: E731
+        for _ in range(2):  # warm-up: pools started, pages touched
+            run_np()
+            run_cr()
+        # Interleave the two libraries (alternating which goes first) so any
+        # load from other processes falls on both alike; a short pause lets
+        # each library's worker threads go idle before the other one runs.
+        t_np, t_cr = [], []
+        for r in range(args.repeats):
+            order = [(run_np, t_np), (run_cr, t_cr)]
+            for fn, out in order if r % 2 == 0 else order[::-1]:
+                time.sleep(args.pause)
+                out.append(timed(fn))
+        rows.append((label, flops / statistics.median(t_np) / 1e9, flops / statistics.median(t_cr) / 1e9,
+                     flops / min(t_np) / 1e9, flops / min(t_cr) / 1e9))
+    wall = time.perf_counter() - wall0
+    busy1, own1 = cpu_jiffies()
+    print(f"- process threads: {threads_before} after numpy import, {os_threads()} after crystalline's first call")
+    other = max(0.0, (busy1 - busy0) - (own1 - own0)) / hz / wall
+    print(f"- CPU used by other processes during the timing: {other:.2f} cores on average"
+          + ("  <- the machine was busy: numbers are noisy, compare the 'best' columns" if other > 0.1 else ""))
+    print(f"- load average now: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+    print()
+    threads = f"BLAS {os.environ['OPENBLAS_NUM_THREADS']} / rayon {os.environ['RAYON_NUM_THREADS']} threads"
+    print(f"## float32 matmul, {threads}, {args.repeats} interleaved runs (GFLOP/s = 2*m*n*k / time)")
+    print()
+    print("| shape | numpy median | crystalline median | crystalline / numpy (median) "
+          "| numpy best | crystalline best | crystalline / numpy (best) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, g_np, g_cr, b_np, b_cr in rows:
+        print(f"| {label} | {g_np:.1f} | {g_cr:.1f} | {g_cr / g_np:.2f} | {b_np:.1f} | {b_cr:.1f} | {b_cr / b_np:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
