@@ -6,6 +6,7 @@
 
 pub mod kernels;
 pub mod model;
+pub mod train;
 
 #[cfg(feature = "python")]
 mod python;

@@ -209,6 +209,8 @@ struct BlockActs {
 pub struct Activations {
     pub b: usize,
     pub t: usize,
+    capacity_rows: usize, // B*T the buffers were sized for
+    capacity_att: usize,  // B*T*T the attention buffers were sized for
     encoded: Vec<f32>,    // [N, C]
     blocks: Vec<BlockActs>,
     lnf: Vec<f32>,        // [N, C]
@@ -248,6 +250,8 @@ impl Activations {
         Activations {
             b,
             t,
+            capacity_rows: n,
+            capacity_att: b * t * t,
             encoded: z(n * c),
             blocks,
             lnf: z(n * c),
@@ -260,6 +264,19 @@ impl Activations {
             dqkv: z(n * 3 * c),
             dfch: z(n * 4 * c),
             dfch_gelu: z(n * 4 * c),
+        }
+    }
+
+    /// Reuse these buffers for a (b, t) batch when they are large enough,
+    /// else reallocate. Buffers are used from their start, so a smaller
+    /// batch runs in the memory of a larger one.
+    pub fn fit(&mut self, config: &Config, b: usize, t: usize) {
+        let fits = b * t <= self.capacity_rows && b * t * t <= self.capacity_att && !self.blocks.is_empty() == (config.n_layer > 0);
+        if fits {
+            self.b = b;
+            self.t = t;
+        } else {
+            *self = Activations::new(config, b, t);
         }
     }
 
@@ -368,11 +385,11 @@ impl Gpt2 {
             layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, x, w.ln1w, w.ln1b, n, c);
             matmul_forward(&mut a.qkv, &a.ln1, w.qkvw, Some(w.qkvb), n, c, 3 * c, threads);
             attention_forward(&mut a.atty, &mut a.att, &a.qkv, b, t, c, nh, threads);
-            residual_matmul_forward(&mut a.residual2, x, &a.atty, w.attprojw, w.attprojb, n, c, c, threads);
+            residual_matmul_forward(&mut a.residual2[..n * c], &x[..n * c], &a.atty, w.attprojw, w.attprojb, n, c, c, threads);
             layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.residual2, w.ln2w, w.ln2b, n, c);
             matmul_forward(&mut a.fch, &a.ln2, w.fcw, Some(w.fcb), n, c, 4 * c, threads);
-            gelu_forward(&mut a.fch_gelu, &a.fch);
-            residual_matmul_forward(&mut a.residual3, &a.residual2, &a.fch_gelu, w.fcprojw, w.fcprojb, n, 4 * c, c, threads);
+            gelu_forward(&mut a.fch_gelu[..n * 4 * c], &a.fch[..n * 4 * c]);
+            residual_matmul_forward(&mut a.residual3[..n * c], &a.residual2[..n * c], &a.fch_gelu, w.fcprojw, w.fcprojb, n, 4 * c, c, threads);
         }
         let last: &[f32] = match acts.blocks.last() {
             Some(a) => &a.residual3,
@@ -443,26 +460,26 @@ impl Gpt2 {
             Some(a) => &a.residual3,
             None => &acts.encoded,
         };
-        acts.dresidual.fill(0.0);
+        acts.dresidual[..n * c].fill(0.0);
         layernorm_backward(&mut acts.dresidual, glnfw, glnfb, &acts.dln, last, p.lnfw, &acts.lnf_mean, &acts.lnf_rstd, n, c);
         for l in (0..cfg.n_layer).rev() {
             let x: &[f32] = if l == 0 { &acts.encoded } else { &acts.blocks[l - 1].residual3 };
             let a = &acts.blocks[l];
             let (w, gw) = (&p.blocks[l], &mut gblocks[l]);
             // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2))))
-            acts.dfch_gelu.fill(0.0);
+            acts.dfch_gelu[..n * 4 * c].fill(0.0);
             matmul_backward(&mut acts.dfch_gelu, gw.fcprojw, Some(&mut *gw.fcprojb), &acts.dresidual, &a.fch_gelu, w.fcprojw, n, 4 * c, c, threads);
-            acts.dfch.fill(0.0);
-            gelu_backward(&mut acts.dfch, &a.fch, &acts.dfch_gelu);
-            acts.dln.fill(0.0);
+            acts.dfch[..n * 4 * c].fill(0.0);
+            gelu_backward(&mut acts.dfch[..n * 4 * c], &a.fch[..n * 4 * c], &acts.dfch_gelu[..n * 4 * c]);
+            acts.dln[..n * c].fill(0.0);
             matmul_backward(&mut acts.dln, gw.fcw, Some(&mut *gw.fcb), &acts.dfch, &a.ln2, w.fcw, n, c, 4 * c, threads);
             layernorm_backward(&mut acts.dresidual, gw.ln2w, gw.ln2b, &acts.dln, &a.residual2, w.ln2w, &a.ln2_mean, &a.ln2_rstd, n, c);
             // attention: residual2 = x + c_proj(attn(c_attn(ln1(x))))
-            acts.datty.fill(0.0);
+            acts.datty[..n * c].fill(0.0);
             matmul_backward(&mut acts.datty, gw.attprojw, Some(&mut *gw.attprojb), &acts.dresidual, &a.atty, w.attprojw, n, c, c, threads);
-            acts.dqkv.fill(0.0);
+            acts.dqkv[..n * 3 * c].fill(0.0);
             attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, &a.att, b, t, c, nh, threads);
-            acts.dln.fill(0.0);
+            acts.dln[..n * c].fill(0.0);
             matmul_backward(&mut acts.dln, gw.qkvw, Some(&mut *gw.qkvb), &acts.dqkv, &a.ln1, w.qkvw, n, c, 3 * c, threads);
             layernorm_backward(&mut acts.dresidual, gw.ln1w, gw.ln1b, &acts.dln, x, w.ln1w, &a.ln1_mean, &a.ln1_rstd, n, c);
         }

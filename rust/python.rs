@@ -6,15 +6,17 @@
 //! and releases the GIL around the numeric work.
 
 use crate::kernels::{adamw, attention, crossentropy, encoder, gelu, layernorm, matmul, residual};
-use crate::model::{Activations, Config, Gpt2};
+use crate::kernels::adamw::AdamW;
+use crate::model::{Activations, Config, Gpt2, Layout};
+use crate::train::{Hyper, StepError, Trainer};
 use numpy::ndarray::{ArrayD, ArrayView, IxDyn};
 use numpy::{
     IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyFloatingPointError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 type Arr<'py> = Bound<'py, PyArrayDyn<f32>>;
 
@@ -106,6 +108,20 @@ fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> PyResult<()> {
 
 fn out<'py>(py: Python<'py>, shape: &[usize], data: Vec<f32>) -> Arr<'py> {
     ArrayD::from_shape_vec(IxDyn(shape), data).expect("shape matches length").into_pyarray(py)
+}
+
+/// name -> numpy view of each tensor of `buf`, kept alive by `owner`.
+///
+/// Safety: `buf` must belong to `owner` and never be reallocated.
+unsafe fn tensor_views<'py>(owner: &Bound<'py, PyAny>, layout: &Layout, buf: &[f32]) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(owner.py());
+    for i in 0..layout.names.len() {
+        let slice = &buf[layout.offsets[i]..layout.offsets[i] + layout.len_of(i)];
+        let view = ArrayView::from_shape(IxDyn(&layout.shapes[i]), slice).expect("layout shape");
+        let arr = unsafe { PyArrayDyn::<f32>::borrow_from_array(&view, owner.clone()) };
+        dict.set_item(&layout.names[i], arr)?;
+    }
+    Ok(dict)
 }
 
 fn threads() -> usize {
@@ -506,23 +522,6 @@ impl PyModel {
         Ok((ids, tg, b, t))
     }
 
-    /// name -> numpy view of `buf` (this object's memory, kept alive by the views).
-    fn views<'py>(slf: &Bound<'py, Self>, grads: bool) -> PyResult<Bound<'py, PyDict>> {
-        let py = slf.py();
-        let dict = PyDict::new(py);
-        let this = slf.borrow();
-        let layout = &this.model.layout;
-        let buf = if grads { &this.grads } else { &this.model.params };
-        for i in 0..layout.names.len() {
-            let slice = &buf[layout.offsets[i]..layout.offsets[i] + layout.len_of(i)];
-            let view = ArrayView::from_shape(IxDyn(&layout.shapes[i]), slice).expect("layout shape");
-            // SAFETY: the buffers are allocated once in `new` and never
-            // resized, and the view holds a reference to this object.
-            let arr = unsafe { PyArrayDyn::<f32>::borrow_from_array(&view, slf.clone().into_any()) };
-            dict.set_item(&layout.names[i], arr)?;
-        }
-        Ok(dict)
-    }
 }
 
 #[pymethods]
@@ -550,7 +549,9 @@ impl PyModel {
 
     /// name -> writeable numpy view of each parameter tensor (no copy).
     fn parameters<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyDict>> {
-        Self::views(slf, false)
+        let this = slf.borrow();
+        // SAFETY: the parameter buffer is allocated once and never resized.
+        unsafe { tensor_views(slf.as_any(), &this.model.layout, &this.model.params) }
     }
 
     fn num_parameters(&self) -> usize {
@@ -604,7 +605,152 @@ impl PyModel {
                 model.loss_sum(acts, &ids, &tg, Some(grads), 1.0 / (b * t) as f32, th) / (b * t) as f64
             })
         };
-        Ok((loss, Self::views(slf, true)?))
+        let this = slf.borrow();
+        // SAFETY: the gradient buffer is allocated once and never resized.
+        Ok((loss, unsafe { tensor_views(slf.as_any(), &this.model.layout, &this.grads) }?))
+    }
+}
+
+/// The kissing-sphere trainer: a model, its AdamW state and a pool of
+/// `threads` threads (Node Zero plus worker spheres).
+#[pyclass(name = "Trainer", module = "crystalline._core")]
+struct PyTrainer {
+    inner: Trainer,
+}
+
+#[pymethods]
+impl PyTrainer {
+    #[new]
+    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, threads=12, seed=0,
+                        beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vocab_size: usize,
+        n_embd: usize,
+        n_layer: usize,
+        n_head: usize,
+        block_size: usize,
+        threads: usize,
+        seed: u64,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        grad_clip: f32,
+    ) -> PyResult<Self> {
+        if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) {
+            return Err(PyValueError::new_err(format!("beta1 and beta2 must be in [0, 1), got {beta1}, {beta2}")));
+        }
+        if !(weight_decay >= 0.0) || !(grad_clip >= 0.0) || !(eps > 0.0) {
+            return Err(PyValueError::new_err("weight_decay and grad_clip must be >= 0 and eps > 0"));
+        }
+        let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
+        let model = Gpt2::new(cfg, seed).map_err(PyValueError::new_err)?;
+        let hyper = Hyper { adamw: AdamW { lr: 0.0, beta1, beta2, eps, weight_decay }, grad_clip };
+        Ok(PyTrainer { inner: Trainer::new(model, hyper, threads).map_err(PyValueError::new_err)? })
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads()
+    }
+
+    /// Optimizer steps taken (AdamW's t).
+    #[getter]
+    fn step_count(&self) -> u64 {
+        self.inner.opt.step
+    }
+
+    #[setter]
+    fn set_step_count(&mut self, value: u64) {
+        self.inner.opt.step = value;
+    }
+
+    /// Sequences dealt to symmetry groups so far this epoch.
+    #[getter]
+    fn dealt(&self) -> u64 {
+        self.inner.dealt
+    }
+
+    #[setter]
+    fn set_dealt(&mut self, value: u64) {
+        self.inner.dealt = value;
+    }
+
+    fn num_parameters(&self) -> usize {
+        self.inner.model.layout.total
+    }
+
+    /// name -> writeable zero-copy view of each parameter tensor.
+    fn parameters<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyDict>> {
+        let this = slf.borrow();
+        // SAFETY: the parameter buffer is allocated once and never resized.
+        unsafe { tensor_views(slf.as_any(), &this.inner.model.layout, &this.inner.model.params) }
+    }
+
+    /// (m, v): name -> writeable zero-copy view of AdamW's moments.
+    fn optimizer_state<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyDict>)> {
+        let this = slf.borrow();
+        let layout = &this.inner.model.layout;
+        // SAFETY: the moment buffers are allocated once and never resized.
+        unsafe { Ok((tensor_views(slf.as_any(), layout, &this.inner.opt.m)?, tensor_views(slf.as_any(), layout, &this.inner.opt.v)?)) }
+    }
+
+    /// One optimizer step on batch [B, T+1] (inputs: first T ids of each
+    /// row, targets: last T) at learning rate `lr`. Returns the step's
+    /// figures; raises FloatingPointError (parameters unchanged) on a NaN or
+    /// infinite loss.
+    fn step<'py>(&mut self, py: Python<'py>, batch: &Bound<'py, PyAny>, lr: f32) -> PyResult<Bound<'py, PyDict>> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(PyValueError::new_err(format!("lr must be a finite non-negative number, got {lr}")));
+        }
+        let (ids, shape) = ids_in(batch, "batch", 2, Some(self.inner.model.config.vocab_size))?;
+        if shape[1] < 2 {
+            return Err(PyValueError::new_err(format!("batch must be [B, T+1] with T >= 1, got shape {shape:?}")));
+        }
+        let (b, t) = (shape[0], shape[1] - 1);
+        let inner = &mut self.inner;
+        let report = py.detach(|| inner.step(&ids, b, t, lr)).map_err(|e| match e {
+            StepError::BadBatch(msg) => PyValueError::new_err(msg),
+            e @ StepError::NonFinite { .. } => PyFloatingPointError::new_err(e.to_string()),
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("loss", report.loss)?;
+        d.set_item("grad_norm", report.grad_norm)?;
+        d.set_item("group_sequences", report.group_sequences.to_vec())?;
+        d.set_item("compute_s", report.compute_s)?;
+        d.set_item("step_s", report.step_s)?;
+        let spheres = PyList::empty(py);
+        for s in &report.spheres {
+            let sd = PyDict::new(py);
+            sd.set_item("micro_batches", s.micro_batches)?;
+            sd.set_item("sequences", s.sequences)?;
+            sd.set_item("tokens", s.tokens)?;
+            sd.set_item("loss", if s.tokens > 0 { s.loss_sum / s.tokens as f64 } else { f64::NAN })?;
+            sd.set_item("busy_s", s.busy_s)?;
+            spheres.append(sd)?;
+        }
+        d.set_item("spheres", spheres)?;
+        Ok(d)
+    }
+
+    /// Mean loss of batch [B, T+1], forward only, on the spheres.
+    fn eval(&self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<f64> {
+        let (ids, shape) = ids_in(batch, "batch", 2, Some(self.inner.model.config.vocab_size))?;
+        if shape[1] < 2 {
+            return Err(PyValueError::new_err(format!("batch must be [B, T+1] with T >= 1, got shape {shape:?}")));
+        }
+        let inner = &self.inner;
+        py.detach(|| inner.eval(&ids, shape[0], shape[1] - 1)).map_err(PyValueError::new_err)
+    }
+
+    /// tokens [B, T] -> logits [B, T, V]
+    fn forward<'py>(&self, py: Python<'py>, tokens: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
+        let v = self.inner.model.config.vocab_size;
+        let (ids, shape) = ids_in(tokens, "tokens", 2, Some(v))?;
+        let inner = &self.inner;
+        let logits = py.detach(|| inner.forward_logits(&ids, shape[0], shape[1])).map_err(PyValueError::new_err)?;
+        Ok(out(py, &[shape[0], shape[1], v], logits))
     }
 }
 
@@ -612,6 +758,8 @@ impl PyModel {
 #[pyo3(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
+    m.add_class::<PyTrainer>()?;
+    m.add("SYMMETRY_GROUPS", crate::train::SYMMETRY_GROUPS)?;
     m.add_function(wrap_pyfunction!(parameter_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_forward, m)?)?;
     m.add_function(wrap_pyfunction!(matmul_backward, m)?)?;

@@ -4,6 +4,7 @@
 //! are GEMMs on strided views of `qkv`, so no head is copied out.
 
 use super::matmul::gemm_strided;
+use super::vecmath::{self, simd_dispatch};
 use rayon::prelude::*;
 
 /// A raw pointer that may cross threads; each (b, h) task touches a disjoint
@@ -18,6 +19,42 @@ fn for_each_head(b: usize, nh: usize, threads: usize, f: impl Fn(usize, usize) +
         (0..b * nh).for_each(|i| f(i / nh, i % nh));
     } else {
         (0..b * nh).into_par_iter().for_each(|i| f(i / nh, i % nh));
+    }
+}
+
+simd_dispatch! {
+    /// Row-wise softmax of a [T, T] score matrix over columns 0..=row,
+    /// zeroing the columns above the diagonal.
+    fn causal_softmax(a: &mut [f32], t: usize) => causal_softmax_body
+}
+
+#[inline(always)]
+fn causal_softmax_body(a: &mut [f32], t: usize) {
+    for ti in 0..t {
+        let row = &mut a[ti * t..(ti + 1) * t];
+        let max = vecmath::max(&row[..=ti]);
+        let inv = 1.0 / vecmath::exp_shifted_sum(&mut row[..=ti], max);
+        row[..=ti].iter_mut().for_each(|x| *x *= inv);
+        row[ti + 1..].fill(0.0);
+    }
+}
+
+simd_dispatch! {
+    /// Softmax backward in place: ds = att * (datt - sum(att * datt)) per
+    /// row, causal. ds: [T, T] (in: datt), att: [T, T].
+    fn causal_softmax_backward(ds: &mut [f32], att: &[f32], t: usize) => causal_softmax_backward_body
+}
+
+#[inline(always)]
+fn causal_softmax_backward_body(ds: &mut [f32], att: &[f32], t: usize) {
+    for ti in 0..t {
+        let arow = &att[ti * t..=ti * t + ti];
+        let drow = &mut ds[ti * t..(ti + 1) * t];
+        let dot = vecmath::dot(arow, &drow[..=ti]);
+        for (dj, &aj) in drow[..=ti].iter_mut().zip(arow) {
+            *dj = aj * (*dj - dot);
+        }
+        drow[ti + 1..].fill(0.0);
     }
 }
 
@@ -44,18 +81,7 @@ pub fn attention_forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], b: usize
             let v = q.add(2 * c);
             // a[T,T] = scale * q[T,hs] @ k^T[hs,T]
             gemm_strided(t, t, hs, a.as_mut_ptr(), t as isize, false, q, 3 * c as isize, 1, k, 1, 3 * c as isize, scale, 1);
-            for ti in 0..t {
-                let row = &mut a[ti * t..(ti + 1) * t];
-                let max = row[..=ti].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                let mut sum = 0.0f32;
-                for x in &mut row[..=ti] {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                row[..=ti].iter_mut().for_each(|x| *x *= inv);
-                row[ti + 1..].fill(0.0);
-            }
+            causal_softmax(a, t);
             // out[T,hs] = a[T,T] @ v[T,hs]
             let o = out_p.0.add(bi * t * c + h * hs);
             gemm_strided(t, hs, t, o, c as isize, false, a.as_ptr(), t as isize, 1, v, 3 * c as isize, 1, 1.0, 1);
@@ -102,16 +128,7 @@ pub fn attention_backward(
             // dv[T,hs] += att^T[T,T] @ dout[T,hs]
             gemm_strided(t, hs, t, dv, ld, true, a.as_ptr(), 1, t as isize, d, c as isize, 1, 1.0, 1);
         }
-        // softmax backward, in place: ds = att * (datt - sum(att * datt)), causal
-        for ti in 0..t {
-            let arow = &a[ti * t..=ti * t + ti];
-            let drow = &mut ds[ti * t..(ti + 1) * t];
-            let dot: f32 = arow.iter().zip(drow.iter()).map(|(x, y)| x * y).sum();
-            for (dj, &aj) in drow[..=ti].iter_mut().zip(arow) {
-                *dj = aj * (*dj - dot);
-            }
-            drow[ti + 1..].fill(0.0);
-        }
+        causal_softmax_backward(&mut ds, a, t);
         unsafe {
             let base = bi * t * 3 * c + h * hs;
             let (q, k) = (qkv.as_ptr().add(base), qkv.as_ptr().add(base + c));

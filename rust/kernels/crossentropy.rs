@@ -1,6 +1,8 @@
 //! Softmax + cross-entropy, fused: one sweep over each row of logits gives
 //! the row's loss and overwrites the logits with their gradient.
 
+use super::vecmath::{self, simd_dispatch};
+
 /// Per-row loss, logits untouched.
 ///
 /// losses:  [N]     (written: -log softmax(logits[i])[targets[i]])
@@ -9,8 +11,7 @@
 pub fn crossentropy_forward(losses: &mut [f32], logits: &[f32], targets: &[u32], n: usize, v: usize) {
     for i in 0..n {
         let row = &logits[i * v..(i + 1) * v];
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+        let (max, sum) = max_and_sum_exp(row);
         losses[i] = sum.ln() + max - row[targets[i] as usize];
     }
 }
@@ -41,15 +42,27 @@ pub fn crossentropy_fused(logits: &mut [f32], targets: &[u32], dloss: f32, n: us
     total
 }
 
-/// One row: returns the loss, turns the row into its scaled gradient.
-fn softmax_xent_row(row: &mut [f32], target: usize, dloss: f32) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+simd_dispatch! {
+    /// (max, sum of e^(x - max)) of one row of logits.
+    fn max_and_sum_exp(row: &[f32]) -> (f32, f32) => max_and_sum_exp_body
+}
+
+#[inline(always)]
+fn max_and_sum_exp_body(row: &[f32]) -> (f32, f32) {
+    let max = vecmath::max(row);
+    (max, vecmath::sum_exp_shifted(row, max))
+}
+
+simd_dispatch! {
+    /// One row: returns the loss, turns the row into its scaled gradient.
+    fn softmax_xent_row(row: &mut [f32], target: usize, dloss: f32) -> f32 => softmax_xent_row_body
+}
+
+#[inline(always)]
+fn softmax_xent_row_body(row: &mut [f32], target: usize, dloss: f32) -> f32 {
+    let max = vecmath::max(row);
     let target_logit = row[target];
-    let mut sum = 0.0f32;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
+    let sum = vecmath::exp_shifted_sum(row, max);
     let scale = dloss / sum;
     row.iter_mut().for_each(|x| *x *= scale);
     row[target] -= dloss;

@@ -1,28 +1,40 @@
 //! GELU with the tanh approximation GPT-2 uses.
 
+use super::vecmath::{self, simd_dispatch};
+
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_COEF: f32 = 0.044715;
 
-/// out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-///
-/// out: [N]  (written; N is any element count)
-/// inp: [N]
-pub fn gelu_forward(out: &mut [f32], inp: &[f32]) {
+simd_dispatch! {
+    /// out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    ///
+    /// out: [N]  (written; N is any element count)
+    /// inp: [N]
+    pub fn gelu_forward(out: &mut [f32], inp: &[f32]) => gelu_forward_body
+}
+
+#[inline(always)]
+fn gelu_forward_body(out: &mut [f32], inp: &[f32]) {
     for (o, &x) in out.iter_mut().zip(inp) {
         let u = SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x);
-        *o = 0.5 * x * (1.0 + u.tanh());
+        *o = 0.5 * x * (1.0 + vecmath::tanh(u));
     }
 }
 
-/// Backward of `gelu_forward`.
-///
-/// dinp: [N]  (+=)
-/// inp:  [N]
-/// dout: [N]
-pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+simd_dispatch! {
+    /// Backward of `gelu_forward`.
+    ///
+    /// dinp: [N]  (+=)
+    /// inp:  [N]
+    /// dout: [N]
+    pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) => gelu_backward_body
+}
+
+#[inline(always)]
+fn gelu_backward_body(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
     for ((di, &x), &d) in dinp.iter_mut().zip(inp).zip(dout) {
         let u = SQRT_2_OVER_PI * (x + GELU_COEF * x * x * x);
-        let t = u.tanh();
+        let t = vecmath::tanh(u);
         let sech2 = 1.0 - t * t;
         let grad = 0.5 * (1.0 + t) + 0.5 * x * sech2 * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x);
         *di += grad * d;

@@ -11,6 +11,7 @@ pub mod gelu;
 pub mod layernorm;
 pub mod matmul;
 pub mod residual;
+pub mod vecmath;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

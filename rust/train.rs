@@ -1,0 +1,443 @@
+//! The kissing-sphere trainer: one optimizer step of a GPT-2 model on a rayon
+//! pool of N threads laid out as spheres.
+//!
+//! Sphere 0 is Node Zero, the control thread: it deals each step's sequences
+//! into the 12 symmetry groups, routes the groups' micro-batches to the worker
+//! spheres 1..N-1, reduces their gradients in a fixed order and applies AdamW.
+//! Each worker sphere runs forward and backward passes of its micro-batches on
+//! its own thread, writing gradients only into its own buffer. With one
+//! thread, Node Zero does everything.
+//!
+//! Determinism: the deal, the routing (a longest-first plan over the spheres)
+//! and the reduction order depend only on the batch and the thread count, so
+//! the same inputs give bit-identical results. A different thread count sums
+//! the same gradients in another grouping, which changes results only by
+//! float rounding.
+
+use crate::kernels::adamw::AdamW;
+use crate::model::{global_norm, Activations, Gpt2, Optimizer};
+use rayon::prelude::*;
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
+
+/// Every token id belongs to symmetry group `id % SYMMETRY_GROUPS`.
+pub const SYMMETRY_GROUPS: usize = 12;
+
+/// Elements per parallel chunk in the reduction, clipping and norm.
+const CHUNK: usize = 1 << 15;
+
+/// The sequences of one symmetry group in one step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MicroBatch {
+    pub group: usize,
+    pub sequences: Vec<usize>,
+}
+
+/// Deal the `b` sequences of a step into the 12 groups.
+///
+/// `dealt` counts sequences dealt earlier in the epoch: slot k of this step
+/// belongs to group (dealt + k) % 12, so over an epoch every group receives
+/// the same number of sequences within one, whatever the tokens. Within a
+/// step a sequence goes to the group of its first token (`first_tokens[i] %
+/// 12`) while that group has a free slot; the rest fill the remaining slots
+/// in order.
+pub fn deal(first_tokens: &[u32], dealt: u64) -> Vec<MicroBatch> {
+    let b = first_tokens.len();
+    let mut free = [0usize; SYMMETRY_GROUPS];
+    for k in 0..b {
+        free[((dealt + k as u64) % SYMMETRY_GROUPS as u64) as usize] += 1;
+    }
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); SYMMETRY_GROUPS];
+    let mut rest = Vec::new();
+    for (i, &tok) in first_tokens.iter().enumerate() {
+        let g = tok as usize % SYMMETRY_GROUPS;
+        if free[g] > 0 {
+            free[g] -= 1;
+            groups[g].push(i);
+        } else {
+            rest.push(i);
+        }
+    }
+    let mut rest = rest.into_iter();
+    for g in 0..SYMMETRY_GROUPS {
+        for _ in 0..free[g] {
+            groups[g].push(rest.next().expect("slots equal sequences"));
+        }
+        groups[g].sort_unstable();
+    }
+    groups
+        .into_iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(group, sequences)| MicroBatch { group, sequences })
+        .collect()
+}
+
+/// Route micro-batches to spheres: largest first, each to the least-loaded
+/// sphere (lowest index on ties), so no sphere idles while another has two
+/// or more queued. Returns, per sphere, the indices into `mbs` it runs, in
+/// group order. With one thread everything goes to Node Zero (sphere 0).
+pub fn route(mbs: &[MicroBatch], threads: usize) -> Vec<Vec<usize>> {
+    let mut plan = vec![Vec::new(); threads.max(1)];
+    if threads <= 1 {
+        plan[0] = (0..mbs.len()).collect();
+        return plan;
+    }
+    let mut order: Vec<usize> = (0..mbs.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(mbs[i].sequences.len()), mbs[i].group));
+    let mut load = vec![0usize; threads];
+    for i in order {
+        let s = (1..threads).min_by_key(|&s| (load[s], s)).expect("at least one worker");
+        load[s] += mbs[i].sequences.len();
+        plan[s].push(i);
+    }
+    for p in &mut plan {
+        p.sort_by_key(|&i| mbs[i].group);
+    }
+    plan
+}
+
+/// What one sphere did in one step.
+#[derive(Clone, Debug, Default)]
+pub struct SphereReport {
+    pub micro_batches: usize,
+    pub sequences: usize,
+    pub loss_sum: f64, // summed token losses of its micro-batches
+    pub tokens: usize,
+    pub busy_s: f64,
+}
+
+/// What one step did.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub group_sequences: [usize; SYMMETRY_GROUPS],
+    pub spheres: Vec<SphereReport>,
+    pub compute_s: f64,
+    pub step_s: f64,
+}
+
+struct Sphere {
+    grads: Vec<f32>,
+    acts: Option<Activations>,
+}
+
+/// Lets at most `permits` spheres compute at once. With more spheres than
+/// cores (12 threads on a 2-core machine), the spheres take turns on the
+/// cores instead of time-slicing them, so each runs with warm caches and the
+/// default layout costs nothing; results do not depend on the turn order.
+struct CoreGate {
+    free: Mutex<usize>,
+    wake: Condvar,
+}
+
+impl CoreGate {
+    fn new(permits: usize) -> Self {
+        CoreGate { free: Mutex::new(permits.max(1)), wake: Condvar::new() }
+    }
+
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        let mut free = self.free.lock().expect("gate lock");
+        while *free == 0 {
+            free = self.wake.wait(free).expect("gate lock");
+        }
+        *free -= 1;
+        drop(free);
+        let r = f();
+        *self.free.lock().expect("gate lock") += 1;
+        self.wake.notify_one();
+        r
+    }
+}
+
+/// Training hyper-parameters that stay fixed over a run.
+#[derive(Clone, Copy, Debug)]
+pub struct Hyper {
+    pub adamw: AdamW,
+    /// Clip the gradient's global norm to this; 0 disables clipping.
+    pub grad_clip: f32,
+}
+
+/// Why a step was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepError {
+    /// The batch is malformed (shape, token range); nothing ran.
+    BadBatch(String),
+    /// The loss or gradient was NaN or infinite; the parameters are unchanged.
+    NonFinite { loss: f64, grad_norm: f64 },
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepError::BadBatch(msg) => write!(f, "{msg}"),
+            StepError::NonFinite { loss, grad_norm } => {
+                write!(f, "non-finite loss ({loss}) or gradient norm ({grad_norm}); parameters left unchanged")
+            }
+        }
+    }
+}
+
+pub struct Trainer {
+    pub model: Gpt2,
+    pub opt: Optimizer,
+    pub hyper: Hyper,
+    /// Sequences dealt so far in the current epoch.
+    pub dealt: u64,
+    threads: usize,
+    pool: rayon::ThreadPool,
+    spheres: Vec<Mutex<Sphere>>,
+    gate: CoreGate,
+}
+
+impl Trainer {
+    pub fn new(model: Gpt2, hyper: Hyper, threads: usize) -> Result<Self, String> {
+        if threads == 0 {
+            return Err("threads must be at least 1".into());
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| if i == 0 { "node-zero".into() } else { format!("sphere-{i}") })
+            .build()
+            .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
+        // Gradient buffers are allocated on first use, so spheres that never
+        // receive work (more threads than groups) cost no memory.
+        let spheres = (0..threads).map(|_| Mutex::new(Sphere { grads: Vec::new(), acts: None })).collect();
+        let opt = Optimizer::new(&model.layout);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let gate = CoreGate::new(cores.min(threads));
+        Ok(Trainer { model, opt, hyper, dealt: 0, threads, pool, spheres, gate })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Run every micro-batch of a [B, T+1] batch on the spheres. With
+    /// `backward`, each sphere's gradient buffer holds the sum over its
+    /// micro-batches of d(mean batch loss)/dparams.
+    fn run_spheres(&self, batch: &[u32], b: usize, t: usize, backward: bool) -> (Vec<MicroBatch>, Vec<Vec<usize>>, Vec<SphereReport>) {
+        let firsts: Vec<u32> = (0..b).map(|i| batch[i * (t + 1)]).collect();
+        let mbs = deal(&firsts, self.dealt);
+        let plan = route(&mbs, self.threads);
+        let dloss = 1.0 / (b * t) as f32;
+        let model = &self.model;
+        let reports = self.pool.broadcast(|ctx| {
+            let me = ctx.index();
+            let mut report = SphereReport::default();
+            if plan[me].is_empty() {
+                return report;
+            }
+            let mut sphere = self.spheres[me].lock().expect("sphere lock");
+            let Sphere { grads, acts } = &mut *sphere;
+            let mut zeroed = !backward;
+            for &i in &plan[me] {
+                let seqs = &mbs[i].sequences;
+                let m = seqs.len();
+                let mut x = Vec::with_capacity(m * t);
+                let mut y = Vec::with_capacity(m * t);
+                for &s in seqs {
+                    let row = &batch[s * (t + 1)..(s + 1) * (t + 1)];
+                    x.extend_from_slice(&row[..t]);
+                    y.extend_from_slice(&row[1..]);
+                }
+                let acts = match acts {
+                    Some(a) => {
+                        a.fit(&model.config, m, t);
+                        a
+                    }
+                    None => acts.insert(Activations::new(&model.config, m, t)),
+                };
+                let start = Instant::now();
+                report.loss_sum += self.gate.run(|| {
+                    if !zeroed {
+                        grads.resize(model.layout.total, 0.0);
+                        grads.fill(0.0);
+                        zeroed = true;
+                    }
+                    let g = if backward { Some(&mut grads[..]) } else { None };
+                    model.loss_sum(acts, &x, &y, g, dloss, 1)
+                });
+                report.busy_s += start.elapsed().as_secs_f64();
+                report.micro_batches += 1;
+                report.sequences += m;
+                report.tokens += m * t;
+            }
+            report
+        });
+        (mbs, plan, reports)
+    }
+
+    fn check(&self, batch: &[u32], b: usize, t: usize) -> Result<(), String> {
+        if batch.len() != b * (t + 1) {
+            return Err(format!("batch has {} ids, expected B*(T+1) = {}", batch.len(), b * (t + 1)));
+        }
+        if b == 0 || t == 0 {
+            return Err(format!("batch must have at least one sequence of one token, got [{b}, {}]", t + 1));
+        }
+        // Inputs are columns 0..T and targets 1..T+1 of each row.
+        let x: Vec<u32> = batch.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
+        let y: Vec<u32> = batch.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
+        self.model.check_batch(&x, Some(&y), b, t)
+    }
+
+    /// One optimizer step on a [B, T+1] batch (inputs are each row's first T
+    /// ids, targets its last T) at learning rate `lr`. A non-finite loss or
+    /// gradient is refused before the parameters change.
+    pub fn step(&mut self, batch: &[u32], b: usize, t: usize, lr: f32) -> Result<StepReport, StepError> {
+        self.check(batch, b, t).map_err(StepError::BadBatch)?;
+        let t0 = Instant::now();
+        let (mbs, plan, spheres) = self.run_spheres(batch, b, t, true);
+        let compute_s = t0.elapsed().as_secs_f64();
+        let loss = spheres.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64;
+        let mut group_sequences = [0usize; SYMMETRY_GROUPS];
+        for mb in &mbs {
+            group_sequences[mb.group] = mb.sequences.len();
+        }
+        // Node Zero: reduce the spheres' gradients in sphere order.
+        let mut guards: Vec<_> = self.spheres.iter().map(|s| s.lock().expect("sphere lock")).collect();
+        let workers: Vec<usize> = (0..self.threads).filter(|&s| !plan[s].is_empty()).collect();
+        let (first, others) = workers.split_first().expect("a batch has work");
+        let mut total = std::mem::take(&mut guards[*first].grads);
+        let rest: Vec<&[f32]> = others.iter().map(|&s| &guards[s].grads[..]).collect();
+        let grad_norm = self.pool.install(|| {
+            total.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
+                for g in &rest {
+                    for (a, b) in chunk.iter_mut().zip(&g[ci * CHUNK..]) {
+                        *a += b;
+                    }
+                }
+            });
+            let partial: Vec<f64> = total.par_chunks(CHUNK).map(global_norm).map(|n| n * n).collect();
+            partial.iter().sum::<f64>().sqrt()
+        });
+        drop(rest);
+        let result = if !loss.is_finite() || !grad_norm.is_finite() {
+            Err(StepError::NonFinite { loss, grad_norm })
+        } else {
+            let clip = self.hyper.grad_clip as f64;
+            if clip > 0.0 && grad_norm > clip {
+                let scale = (clip / grad_norm) as f32;
+                self.pool.install(|| total.par_iter_mut().for_each(|g| *g *= scale));
+            }
+            let hp = AdamW { lr, ..self.hyper.adamw };
+            let (opt, model) = (&mut self.opt, &mut self.model);
+            self.pool.install(|| opt.update(&model.layout, &mut model.params, &total, &hp));
+            self.dealt += b as u64;
+            Ok(())
+        };
+        guards[*first].grads = total;
+        result?;
+        Ok(StepReport { loss, grad_norm, group_sequences, spheres, compute_s, step_s: t0.elapsed().as_secs_f64() })
+    }
+
+    /// Mean loss of a [B, T+1] batch, forward only, on the spheres.
+    pub fn eval(&self, batch: &[u32], b: usize, t: usize) -> Result<f64, String> {
+        self.check(batch, b, t)?;
+        let (_, _, reports) = self.run_spheres(batch, b, t, false);
+        Ok(reports.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64)
+    }
+
+    /// Logits for a [B, T] batch, computed by Node Zero with the whole pool.
+    pub fn forward_logits(&self, tokens: &[u32], b: usize, t: usize) -> Result<Vec<f32>, String> {
+        self.model.check_batch(tokens, None, b, t)?;
+        let mut acts = Activations::new(&self.model.config, b, t);
+        Ok(self.pool.install(|| self.model.forward_logits(&mut acts, tokens, self.threads)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Config;
+
+    #[test]
+    fn deal_gives_every_group_an_equal_share_over_an_epoch_even_when_skewed() {
+        // every sequence starts with a token of group 0
+        let mut counts = [0usize; SYMMETRY_GROUPS];
+        let mut dealt = 0;
+        for _ in 0..25 {
+            let firsts = vec![24u32; 10];
+            for mb in deal(&firsts, dealt) {
+                counts[mb.group] += mb.sequences.len();
+            }
+            dealt += 10;
+        }
+        let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(hi - lo <= 1, "{counts:?}");
+        assert_eq!(counts.iter().sum::<usize>(), 250);
+    }
+
+    #[test]
+    fn deal_prefers_each_sequence_s_own_group_and_covers_every_sequence() {
+        let firsts: Vec<u32> = (0..12).map(|g| (11 - g) as u32 + 12).collect();
+        let mbs = deal(&firsts, 0);
+        assert_eq!(mbs.len(), 12);
+        for mb in &mbs {
+            assert_eq!(mb.sequences.len(), 1);
+            assert_eq!(firsts[mb.sequences[0]] as usize % 12, mb.group);
+        }
+    }
+
+    #[test]
+    fn route_balances_spheres_and_keeps_node_zero_free() {
+        let mbs = deal(&vec![5u32; 16], 0); // 4 groups of 2, 8 of 1
+        for threads in [2, 3, 5, 12, 20] {
+            let plan = route(&mbs, threads);
+            assert!(plan[0].is_empty());
+            let loads: Vec<usize> = plan[1..].iter().map(|p| p.iter().map(|&i| mbs[i].sequences.len()).sum()).collect();
+            let (lo, hi) = (*loads.iter().min().unwrap(), *loads.iter().max().unwrap());
+            // no idle sphere while another holds two micro-batches' worth more
+            assert!(hi - lo <= 2, "threads {threads}: {loads:?}");
+            assert_eq!(loads.iter().sum::<usize>(), 16);
+        }
+        assert_eq!(route(&mbs, 1)[0].len(), mbs.len());
+    }
+
+    fn tiny_trainer(threads: usize) -> Trainer {
+        let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 8 };
+        let hyper = Hyper { adamw: AdamW { lr: 1e-2, ..Default::default() }, grad_clip: 1.0 };
+        Trainer::new(Gpt2::new(cfg, 1).unwrap(), hyper, threads).unwrap()
+    }
+
+    fn batch(step: u32) -> Vec<u32> {
+        (0..14 * 9).map(|i| (i * 7 + step * 3) % 50).collect()
+    }
+
+    #[test]
+    fn same_threads_give_bit_identical_curves_and_threads_change_only_rounding() {
+        let curves: Vec<Vec<f64>> = [4usize, 4, 1]
+            .iter()
+            .map(|&th| {
+                let mut tr = tiny_trainer(th);
+                (0..5).map(|s| tr.step(&batch(s), 14, 8, 1e-2).unwrap().loss).collect()
+            })
+            .collect();
+        assert_eq!(curves[0], curves[1]);
+        for (a, b) in curves[0].iter().zip(&curves[2]) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        assert!(curves[0][4] < curves[0][0]);
+    }
+
+    #[test]
+    fn every_worker_sphere_gets_work_with_twelve_threads() {
+        let mut tr = tiny_trainer(12);
+        let r = tr.step(&batch(0), 14, 8, 1e-2).unwrap();
+        assert_eq!(r.spheres[0].micro_batches, 0);
+        assert!(r.spheres[1..].iter().all(|s| s.micro_batches >= 1));
+        assert_eq!(r.group_sequences.iter().sum::<usize>(), 14);
+    }
+
+    #[test]
+    fn a_non_finite_loss_leaves_the_parameters_unchanged() {
+        let mut tr = tiny_trainer(3);
+        tr.model.params[100] = f32::NAN;
+        let before = tr.model.params.clone();
+        let err = tr.step(&batch(0), 14, 8, 1e-2).unwrap_err();
+        assert!(matches!(err, StepError::NonFinite { .. }), "{err}");
+        assert_eq!(tr.opt.step, 0);
+        assert!(before.iter().zip(&tr.model.params).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+}
