@@ -30,7 +30,7 @@ from crystalline.errors import UserError
 SNIFF_BYTES = 8192
 # Largest piece of one file decoded and encoded at once; bigger files are cut
 # at a line break (or a character boundary) into several pieces.
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -179,13 +179,15 @@ class FileRead:
     replaced: bool = False
 
 
-def read_chunks(path: Path, result: FileRead, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Yield the file's text in pieces of at most `chunk_bytes` bytes.
+def read_chunks(path: Path, result: FileRead, chunk_bytes: int | None = None) -> Iterator[str]:
+    """Yield the file's text in pieces of at most `chunk_bytes` (default
+    CHUNK_BYTES) bytes.
 
     Pieces end at a line break where there is one, otherwise at a UTF-8
     character boundary, so no character is split. When the generator is
     exhausted, `result` holds the sha256 of the bytes and whether any invalid
     UTF-8 was replaced."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     digest = hashlib.sha256()
     data = b""
     with open(path, "rb") as fh:

@@ -18,7 +18,11 @@ dataset or one that is refused, never one that is silently wrong.
 
 The tokenizer already in the directory is reused when it was made for the
 same `--vocab-size`: adding or changing files does not retrain it (pass
-`--retrain-tokenizer` for that). Files are split into train and validation
+`--retrain-tokenizer` for that). The tokenizer is trained on at most
+TRAIN_SAMPLE_BYTES of text (files in a fixed pseudo-random order): the
+`tokenizers` trainer's memory grows with the text it is fed (about 1.5x), so
+the cap is what keeps a large corpus within bounded memory (the progress
+bar's file count stops short when the cap is reached). Files are split into train and validation
 by a hash of their relative path, so adding files never moves old ones.
 """
 
@@ -45,8 +49,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 SHARDS = "shards"
-# Text sent to the tokenizer in one parallel `encode_batch` call.
-BATCH_BYTES = 4 << 20
+# Text sent to the tokenizer in one parallel `encode_batch` call; the
+# encodings cost about 200 bytes per token while they live.
+BATCH_BYTES = 1 << 20
+# Most text the tokenizer is trained on.
+TRAIN_SAMPLE_BYTES = 256 << 20
 _OURS = {MANIFEST, TOKENIZER, SHARDS}
 
 
@@ -272,8 +279,8 @@ def _tokenizer_for(
         return Tokenizer.load(target), vocab_size, {}
 
     hashes: dict[str, str] = {}
-    bar.start("training tokenizer", sum(f.size for f in files), len(files))
-    tok = Tokenizer.train(_texts(files, hashes, bar), vocab_size, length=len(files))
+    bar.start("training tokenizer", min(sum(f.size for f in files), TRAIN_SAMPLE_BYTES), len(files))
+    tok = Tokenizer.train(_texts(files, hashes, bar), vocab_size)
     if tok.vocab_size < vocab_size:
         report.warnings.append(
             f"the corpus only supports {tok.vocab_size} tokens, fewer than --vocab-size {vocab_size}; "
@@ -285,10 +292,19 @@ def _tokenizer_for(
 
 
 def _texts(files: list[SourceFile], hashes: dict[str, str], bar: Progress) -> Iterator[str]:
-    """Stream every file's text for the tokenizer trainer, recording hashes."""
+    """Stream text for the tokenizer trainer: all files, or when they exceed
+    TRAIN_SAMPLE_BYTES, that much text from files in a fixed pseudo-random
+    order. Records the hashes of the files read whole."""
+    if sum(f.size for f in files) > TRAIN_SAMPLE_BYTES:
+        files = sorted(files, key=lambda f: hashlib.sha256(f.name.encode()).digest())
+    budget = TRAIN_SAMPLE_BYTES
     for f in files:
         result = FileRead()
-        yield from corpus.read_chunks(f.path, result)
+        for piece in corpus.read_chunks(f.path, result):
+            if budget <= 0:
+                return
+            budget -= len(piece)
+            yield piece
         hashes[str(f.path)] = result.sha256
         bar.advance(f.size)
 
@@ -367,7 +383,7 @@ def _encode_files(
     for index, (f, entry) in enumerate(work):
         entry["tokens"] = 0
         result = results[index] = FileRead()
-        for text in corpus.read_chunks(f.path, result, min(corpus.CHUNK_BYTES, BATCH_BYTES)):
+        for text in corpus.read_chunks(f.path, result, min(corpus.CHUNK_BYTES, BATCH_BYTES // 4)):
             batch.append((index, text))
             batch_bytes += len(text)
             if batch_bytes >= BATCH_BYTES:
