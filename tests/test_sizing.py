@@ -1,0 +1,103 @@
+"""Model-size advice: true parameter counts, the recommendation and the
+data check, through the API and `crystalline size`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crystalline.config import ModelConfig
+from crystalline.data import sizing
+from crystalline.errors import UserError
+
+PYTHON_DIR = str(Path(sizing.__file__).resolve().parents[2])
+
+
+def formula(cfg: ModelConfig) -> int:
+    v, c, t, l = cfg.vocab_size, cfg.n_embd, cfg.block_size, cfg.n_layer
+    return v * c + t * c + l * (12 * c * c + 13 * c) + 2 * c
+
+
+def test_table_rows_true_counts_match_the_gpt2_formula_and_the_docstring():
+    true_counts = [5_785_088, 18_425_856, 40_711_168, 123_652_608, 304_203_776]
+    assert [row.config.num_parameters() for row in sizing.TABLE] == true_counts
+    for row, count in zip(sizing.TABLE, true_counts):
+        assert formula(row.config) == count
+        assert f"{count:,}" in sizing.__doc__
+
+
+def test_table_row_by_data_size():
+    assert sizing.table_row(5 * sizing.MB).config.n_embd == 256
+    assert sizing.table_row(10 * sizing.MB).config.n_embd == 384
+    assert sizing.table_row(300 * sizing.MB).config.n_embd == 768
+    assert sizing.table_row(5_000 * sizing.MB).config.n_embd == 1024
+
+
+def test_recommend_keeps_the_table_row_when_tokens_suffice():
+    cfg = sizing.recommend(num_tokens=10**9, data_bytes=100 * sizing.MB)
+    assert cfg == sizing.table_row(100 * sizing.MB).config
+
+
+def test_recommend_steps_down_until_tokens_per_parameter_holds():
+    tokens = 8_000_000  # about the stdlib source at vocab 30K
+    cfg = sizing.recommend(tokens, 31 * sizing.MB)
+    assert cfg.num_parameters() <= tokens / sizing.MIN_TOKENS_PER_PARAM
+    next_up = sizing.LADDER[[r.config for r in sizing.LADDER].index(cfg) + 1].config
+    assert next_up.num_parameters() > tokens / sizing.MIN_TOKENS_PER_PARAM
+    assert sizing.recommend(1_000, 10_000) == sizing.LADDER[0].config
+
+
+def test_check_data_refuses_less_than_one_step():
+    cfg = sizing.LADDER[0].config
+    with pytest.raises(UserError, match="Dataset too small: need 1,025 tokens, have 1,024"):
+        sizing.check_data(cfg, 1024, batch_size=4, seq_len=256)
+    warnings = sizing.check_data(cfg, 1025, batch_size=4, seq_len=256)
+    assert any("tokens per parameter" in w for w in warnings)
+    assert any("only 1 step" in w for w in warnings)
+    assert sizing.check_data(cfg, 10**8, batch_size=4, seq_len=256) == []
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, XDG_CACHE_HOME=str(cwd / "cache"))
+    return subprocess.run([sys.executable, "-m", "crystalline", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("size")
+    src = root / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"f{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j}\n" for j in range(200)))
+    result = run_cli("prepare", "src", "--out", "ds", "--vocab-size", "300", "--no-progress", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_size_reports_parameters_memory_tokens_and_recommendation(dataset):
+    result = run_cli("size", "ds", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--block-size", "64", cwd=dataset)
+    assert result.returncode == 0, result.stderr
+    cfg = ModelConfig(vocab_size=300, n_embd=32, n_layer=1, n_head=2, block_size=64)
+    assert f"parameters     {cfg.num_parameters():,}" in result.stdout
+    assert "GiB to train at batch 8 x seq 64" in result.stdout
+    assert "recommended" in result.stdout and "stated ~10M parameters, true 5,785,088" in result.stdout
+
+
+def test_size_exits_2_when_the_data_cannot_fill_one_step(dataset):
+    result = run_cli("size", "ds", "--batch-size", "512", "--block-size", "1024", cwd=dataset)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: Dataset too small: need 524,289 tokens")
+
+
+def test_size_on_raw_text_and_a_toml_config(dataset):
+    (dataset / "model.toml").write_text("[model]\nn_embd = 48\nn_layer = 2\nn_head = 3\nblock_size = 32\n[train]\nbatch_size = 2\n")
+    result = run_cli("size", "src", "--config", "model.toml", "--vocab-size", "300", "--no-progress", cwd=dataset)
+    assert result.returncode == 0, result.stderr
+    assert "embed 48, layers 2, heads 3, block 32" in result.stdout
+    assert "batch 2 x seq 32" in result.stdout
+    bad = run_cli("size", "ds", "--n-embd", "50", "--n-head", "3", cwd=dataset)
+    assert bad.returncode == 2 and "not divisible by num heads" in bad.stderr
