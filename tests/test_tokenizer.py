@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import crystalline
 from crystalline.data import corpus
 from crystalline.data.tokenizer import EOT, MIN_VOCAB_SIZE, Tokenizer
 from crystalline.errors import UserError
@@ -109,3 +115,27 @@ def test_read_chunks_replaces_invalid_utf8_and_says_so(tmp_path):
     text = "".join(corpus.read_chunks(path, result))
     assert text == "caf\ufffd\n" * 3
     assert result.replaced
+
+
+def test_tokenize_command_encodes_decodes_and_counts_groups(tmp_path):
+    trained().save(tmp_path / "tok.json")
+    env = dict(os.environ, PYTHONPATH=str(Path(crystalline.__file__).resolve().parents[1]))
+
+    def cli(*args):
+        result = subprocess.run(
+            [sys.executable, "-m", "crystalline", "tokenize", "--tokenizer", "tok.json", *args],
+            cwd=tmp_path, env=env, capture_output=True,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.decode("utf-8")  # bytes: keep "\r\n" as printed
+
+    text = SAMPLE[1]
+    ids = json.loads(cli("--text", text, "--json"))
+    assert ids == trained().encode(text)
+    assert cli("--decode", "--text", json.dumps(ids)) == text
+    assert cli("--decode", "--text", " ".join(map(str, ids))) == text
+    (tmp_path / "in.txt").write_text(text)
+    stats = json.loads(cli("in.txt", "--stats", "--json"))
+    assert stats["tokens"] == len(ids) and stats["bytes"] == len(text.encode())
+    assert stats["groups"] == [sum(1 for i in ids if i % 12 == g) for g in range(12)]
+    assert stats["top"][0]["count"] == max(ids.count(i) for i in set(ids))
