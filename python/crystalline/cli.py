@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from crystalline.errors import UserError
@@ -27,18 +26,17 @@ app.command("prepare")(data_commands.prepare)
 app.command("tokenize")(data_commands.tokenize)
 app.command("size")(data_commands.size)
 
+from crystalline import train_command  # noqa: E402
+
+app.command("train")(train_command.train)
+app.command("plot")(train_command.plot)
+
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: typer reports usage errors itself (exit
+    2); a UserError from any command becomes one line on stderr."""
     try:
-        rc = app(standalone_mode=False)
+        app()
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except (click.Abort, KeyboardInterrupt):
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    sys.exit(rc if isinstance(rc, int) else 0)

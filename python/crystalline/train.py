@@ -1,0 +1,507 @@
+"""Training: the run configuration, presets, and the `Trainer` that drives the
+Rust kissing-sphere trainer over a prepared dataset, with validation,
+metrics, checkpoints, resume and a sample at the end.
+
+`crystalline train` is a thin layer over `TrainConfig` and `Trainer.run()`;
+`crystalline.train(config)` runs one from Python.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from crystalline import _core, checkpoint
+from crystalline.config import ModelConfig
+from crystalline.data import corpus, sizing
+from crystalline.data.prepare import Dataset, prepare_for_training
+from crystalline.errors import UserError
+
+GROUPS = _core.SYMMETRY_GROUPS
+
+# Named shapes and schedules. Flags and --config override any field.
+PRESETS: dict[str, dict] = {
+    # The default: about five minutes on a 2-core machine, built-in corpus.
+    "quick": dict(vocab_size=4096, embed_dim=128, num_layers=4, num_heads=4, batch_size=16, seq_len=128,
+                  learning_rate=3e-3, warmup_steps=100, max_steps=1500, eval_interval=250, epochs=1),
+    # The three shapes of benches/train_vs_torch.py.
+    "tiny": dict(vocab_size=4096, embed_dim=128, num_layers=4, num_heads=4, batch_size=16, seq_len=128),
+    "small": dict(vocab_size=8192, embed_dim=256, num_layers=4, num_heads=8, batch_size=16, seq_len=128),
+    "seed": dict(vocab_size=30000, embed_dim=384, num_layers=6, num_heads=12, batch_size=32, seq_len=128,
+                 learning_rate=1e-4),
+}
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=list)  # files/directories of text; empty = built-in corpus
+    preset: str | None = None  # quick, tiny, small, seed or auto (from the data size)
+    vocab_size: int = 4096  # tokenizer and model vocabulary (V)
+    embed_dim: int = 128  # residual width (C)
+    num_layers: int = 4  # transformer blocks (L)
+    num_heads: int = 4  # attention heads (NH); must divide embed_dim
+    batch_size: int = 16  # sequences per optimizer step (B)
+    seq_len: int = 128  # tokens per sequence (T); also the model's block size
+    learning_rate: float = 3e-4  # peak learning rate, after warmup
+    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * this
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decoupled decay on matrices
+    grad_clip: float = 1.0  # clip the gradient's global norm (0: off)
+    epochs: int = 1  # passes over the training split
+    max_steps: int | None = None  # stop after this many steps in all
+    threads: int = 12  # sphere threads: Node Zero + workers
+    seed: int = 0  # initialisation and data order
+    checkpoint_dir: str = ""  # the run directory (default: runs/<date-time>)
+    save_interval: int = 500  # steps between checkpoints (and one at the end)
+    keep: int = 3  # checkpoints kept
+    eval_interval: int = 200  # steps between validation losses
+    eval_batches: int = 8  # batches per validation
+    val_fraction: float = 0.05  # documents held out for validation
+    extensions: list[str] | None = None  # only files with these extensions
+    tokenizer: str | None = None  # use this tokenizer.json instead of training one
+    sample_tokens: int = 120  # tokens sampled after training (0: none)
+    verbose: bool = False  # a line per sphere per step
+    progress: bool = True  # the rich progress bar
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(self.vocab_size, self.embed_dim, self.num_layers, self.num_heads, self.seq_len)
+
+
+def field_names() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def load_toml(path: Path) -> dict:
+    """Read a --config TOML file of TrainConfig fields (dashes or underscores)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {path} is not valid TOML ({err})") from None
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - field_names())
+    if unknown:
+        raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return values
+
+
+def build_config(overrides: dict, config_file: Path | None = None, preset: str | None = None) -> TrainConfig:
+    """Defaults <- preset <- TOML file <- explicit overrides (flags)."""
+    from_file = load_toml(config_file) if config_file else {}
+    preset = overrides.get("preset") or from_file.get("preset") or preset
+    values: dict = {}
+    if preset and preset != "auto":
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join([*PRESETS, 'auto'])}")
+        values.update(PRESETS[preset])
+    values.update(from_file)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    if ("epochs" in given or "epochs" in from_file) and "max_steps" not in given and "max_steps" not in from_file:
+        values.pop("max_steps", None)  # asking for epochs means all of them, not the preset's step cap
+    values["preset"] = preset
+    try:
+        return TrainConfig(**values)
+    except TypeError as err:
+        raise UserError(f"bad setting: {err}") from None
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot train, with what to change."""
+    positive = ["vocab_size", "embed_dim", "num_layers", "num_heads", "batch_size", "seq_len", "epochs",
+                "threads", "save_interval", "eval_interval", "eval_batches"]
+    for name in positive:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if cfg.embed_dim % cfg.num_heads:
+        raise UserError(
+            f"--embed-dim {cfg.embed_dim} is not divisible by --num-heads {cfg.num_heads}; "
+            f"pick a head count that divides it"
+        )
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if not (0 < cfg.learning_rate < 10) or not math.isfinite(cfg.learning_rate):
+        raise UserError(f"--learning-rate must be in (0, 10), got {cfg.learning_rate}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    for name in ("weight_decay", "grad_clip", "warmup_steps", "keep", "sample_tokens"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise UserError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a checkpoint dir that is a file or cannot be written."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--checkpoint-dir {run_dir} is a file; give a directory")
+    probe_dir = run_dir
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--checkpoint-dir {run_dir} is not writable ({probe_dir} denies writing)")
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio * peak."""
+    peak = cfg.learning_rate
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = peak * cfg.min_lr_ratio
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def memory_estimate(mc: ModelConfig, batch_size: int, seq_len: int, threads: int) -> int:
+    """Bytes: weights, AdamW moments, one gradient buffer per busy sphere and
+    each busy sphere's activations for its micro-batch."""
+    busy = min(max(threads - 1, 1), GROUPS, batch_size)
+    per_group = -(-batch_size // GROUPS)
+    params = mc.num_parameters()
+    act = mc.activation_floats_per_token() * per_group * seq_len + 128 * mc.vocab_size
+    return 4 * (3 * params + busy * (params + act))
+
+
+@dataclass
+class Run:
+    """What a finished (or interrupted) run did."""
+
+    run_dir: Path
+    steps: int
+    losses: list[float]
+    val_losses: list[tuple[int, float]]
+    last_checkpoint: Path | None
+    interrupted: bool = False
+    sample: str | None = None
+
+    @property
+    def final_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+class Trainer:
+    """Prepares data, builds the Rust trainer and runs the training loop."""
+
+    def __init__(self, config: TrainConfig, console: Console | None = None) -> None:
+        if not config.checkpoint_dir:
+            config = replace(config, checkpoint_dir=str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
+        self.cfg = config
+        self.console = console or Console(stderr=True)
+        self.run_dir = Path(config.checkpoint_dir)
+        self.resume_from: Path | None = None
+        self._stop = False
+
+    # -- setup -------------------------------------------------------------
+
+    def _resume_config(self) -> None:
+        ckpt = checkpoint.resolve(self.run_dir)
+        state = checkpoint.read_state(ckpt)
+        saved = state["config"]
+        # The run continues with its own shape, data and schedule; only how it
+        # is watched, saved and how far it goes may change.
+        adjustable = {"epochs", "max_steps", "eval_interval", "save_interval", "keep", "verbose", "progress",
+                      "sample_tokens", "checkpoint_dir", "eval_batches"}
+        merged = dict(saved)
+        for name in adjustable:
+            merged[name] = getattr(self.cfg, name)
+        self.cfg = TrainConfig(**{k: v for k, v in merged.items() if k in field_names()})
+        self.resume_from = ckpt
+
+    def setup(self, resume: bool = False) -> None:
+        if resume:
+            self._resume_config()
+        validate(self.cfg)
+        check_writable(self.run_dir)
+        if not resume and checkpoint.list_checkpoints(self.run_dir):
+            raise UserError(
+                f"--checkpoint-dir {self.run_dir} already holds a run; add --resume to continue it "
+                "or choose another --checkpoint-dir"
+            )
+        # Absolute data paths, so a resumed run finds its data from any directory.
+        cfg = self.cfg = replace(self.cfg, data=[str(Path(p).expanduser().resolve()) for p in self.cfg.data])
+        paths = [Path(p) for p in cfg.data] if cfg.data else corpus.builtin_corpus_paths()
+        if not cfg.data:
+            self.console.print(f"[Node Zero] No data given: training on the built-in corpus ({paths[0]})")
+        extensions = cfg.extensions or ([".py"] if not cfg.data else None)
+        if cfg.preset == "auto":
+            # The vocabulary must be known before the tokenizer is trained:
+            # take it from the design table's row for the data size.
+            files, _ = corpus.walk(paths, extensions)
+            data_bytes = sum(f.size for f in files)
+            cfg = self.cfg = replace(cfg, vocab_size=sizing.table_row(data_bytes).config.vocab_size)
+        self.dataset: Dataset = prepare_for_training(
+            paths,
+            cfg.vocab_size,
+            tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None,
+            val_fraction=cfg.val_fraction,
+            progress=cfg.progress,
+            extensions=extensions,
+        )
+        ds = self.dataset
+        self.train_tokens = ds.train_tokens()
+        self.val_tokens = ds.val_tokens()
+        if cfg.preset == "auto":
+            rec = sizing.recommend(len(self.train_tokens), data_bytes)
+            cfg = self.cfg = replace(cfg, embed_dim=rec.n_embd, num_layers=rec.n_layer, num_heads=rec.n_head)
+        if ds.vocab_size > cfg.vocab_size:
+            raise UserError(
+                f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {ds.vocab_size} tokens; "
+                f"use --vocab-size {ds.vocab_size} or another tokenizer"
+            )
+        mc = cfg.model_config()
+        for warning in sizing.check_data(mc, len(self.train_tokens), cfg.batch_size, cfg.seq_len):
+            self.console.print(f"[yellow]warning:[/] {warning}")
+        self.sequences = (len(self.train_tokens) - 1) // cfg.seq_len
+        self.steps_per_epoch = self.sequences // cfg.batch_size
+        planned = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        if resume:
+            state = checkpoint.read_state(self.resume_from)
+            if state.get("tokenizer_hash") != ds.tokenizer_hash:
+                raise UserError(
+                    f"the tokenizer of {self.resume_from} differs from the one the data was prepared with; "
+                    "resume with the same data and tokenizer"
+                )
+        self.trainer = _core.Trainer(
+            mc.vocab_size, mc.n_embd, mc.n_layer, mc.n_head, mc.block_size,
+            threads=cfg.threads, seed=cfg.seed, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+        )
+        self.step = 0
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        c = self.console
+        c.print(
+            f"[Node Zero] model: {mc.num_parameters():,} parameters (V={mc.vocab_size}, C={mc.n_embd}, "
+            f"L={mc.n_layer}, NH={mc.n_head}, T={mc.block_size})"
+        )
+        c.print(
+            f"[Node Zero] data: {len(self.train_tokens):,} training tokens, {len(self.val_tokens):,} validation; "
+            f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {self.steps_per_epoch:,} steps per epoch, "
+            f"{self.total_steps:,} steps planned"
+        )
+        mem = memory_estimate(mc, cfg.batch_size, cfg.seq_len, cfg.threads)
+        c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers); "
+                f"estimated memory {mem / 2**20:,.0f} MiB")
+
+    def _restore(self, ckpt_path: Path) -> None:
+        ck = checkpoint.load(ckpt_path)
+        params = self.trainer.parameters()
+        m, v = self.trainer.optimizer_state()
+        for name, view in params.items():
+            for store, src in ((view, ck.params), (m[name], ck.m), (v[name], ck.v)):
+                if name not in src or src[name].shape != store.shape:
+                    raise UserError(f"checkpoint {ck.path} does not match the model (tensor {name})")
+                store[...] = src[name]
+        st = ck.state
+        self.trainer.step_count = st["optimizer_step"]
+        self.step = st["step"]
+        self.trainer.dealt = st["dealt"]
+        self.console.print(f"[Node Zero] resumed from {ck.path} at step {self.step}")
+
+    # -- data --------------------------------------------------------------
+
+    def batch(self, step: int) -> np.ndarray:
+        """The [B, T+1] windows of `step`: epoch e visits the sequences in a
+        permutation seeded by (seed, e)."""
+        cfg = self.cfg
+        epoch, i = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        picks = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        starts = picks.astype(np.int64) * cfg.seq_len
+        return self.train_tokens[starts[:, None] + np.arange(cfg.seq_len + 1)]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        cached = getattr(self, "_order_cache", None)
+        if cached is None or cached[0] != epoch:
+            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.sequences)
+            self._order_cache = (epoch, perm)
+        return self._order_cache[1]
+
+    def val_loss(self) -> float | None:
+        cfg, toks = self.cfg, self.val_tokens
+        n = (len(toks) - 1) // cfg.seq_len
+        if n < 1:
+            return None
+        n = min(n, cfg.eval_batches * cfg.batch_size)
+        losses = []
+        for lo in range(0, n, cfg.batch_size):
+            starts = np.arange(lo, min(lo + cfg.batch_size, n), dtype=np.int64) * cfg.seq_len
+            losses.append((self.trainer.eval(toks[starts[:, None] + np.arange(cfg.seq_len + 1)]), len(starts)))
+        return sum(l * k for l, k in losses) / sum(k for _, k in losses)
+
+    # -- reports -----------------------------------------------------------
+
+    def _epoch_start(self, epoch: int) -> None:
+        """Node Zero's plan for the epoch: sequences ("batches" of seq_len
+        tokens) per symmetry group, dealt in rotation so shares differ by at
+        most one whatever the corpus."""
+        cfg = self.cfg
+        first = epoch * self.steps_per_epoch
+        steps = min(self.steps_per_epoch, self.total_steps - first)
+        n = steps * cfg.batch_size
+        self.console.print(f"[Node Zero] Distribution by symmetry group (epoch {epoch + 1}/{cfg.epochs}):")
+        for g in range(GROUPS):
+            share = n // GROUPS + (1 if g < n % GROUPS else 0)
+            self.console.print(f"  Group {g:2d}: {share} batches ({100 * share / max(n, 1):.1f}%)")
+
+    def _epoch_end(self, epoch: int, sphere_totals: list[dict], wall: float, losses: list[float]) -> None:
+        for i, s in enumerate(sphere_totals):
+            if i == 0 and self.cfg.threads > 1:
+                continue
+            busy = 100 * s["busy_s"] / wall if wall > 0 else 0.0
+            loss = s["loss_sum"] / s["tokens"] if s["tokens"] else float("nan")
+            self.console.print(f"[Sphere {i}] {s['micro_batches']} batches, busy {busy:.0f}%, loss={loss:.4f}")
+        avg = sum(losses) / len(losses) if losses else float("nan")
+        self.console.print(f"Epoch {epoch + 1}/{self.cfg.epochs} complete, average loss: {avg:.4f}")
+
+    # -- the loop ----------------------------------------------------------
+
+    def _state(self, epoch: int, losses: list[float], val: float | None) -> dict:
+        return {
+            "config": asdict(self.cfg),
+            "model": asdict(self.cfg.model_config()),
+            "epoch": epoch,
+            "optimizer_step": self.trainer.step_count,
+            "dealt": self.trainer.dealt,
+            "tokenizer_hash": self.dataset.tokenizer_hash,
+            "train_loss": losses[-1] if losses else None,
+            "val_loss": val,
+        }
+
+    def save(self, epoch: int, losses: list[float], val: float | None) -> Path:
+        m, v = self.trainer.optimizer_state()
+        return checkpoint.save(
+            self.run_dir, self.step, self.trainer.parameters(), m, v,
+            self._state(epoch, losses, val), self.dataset.tokenizer_path, self.cfg.keep,
+        )
+
+    def run(self, resume: bool = False) -> Run:
+        self.setup(resume=resume)
+        cfg, c = self.cfg, self.console
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_temporaries(self.run_dir)
+        metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        losses: list[float] = []
+        vals: list[tuple[int, float]] = []
+        last_ckpt: Path | None = self.resume_from
+        val: float | None = None
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+            console=c, disable=not cfg.progress, transient=False,
+        )
+        epoch = self.step // self.steps_per_epoch
+        totals = self._fresh_totals()
+        epoch_losses: list[float] = []
+        epoch_wall = 0.0
+        try:
+            with progress:
+                task = progress.add_task("train", total=self.total_steps, completed=self.step, epoch=epoch + 1,
+                                         loss="-", tps="-")
+                if self.step % self.steps_per_epoch == 0 and self.step < self.total_steps:
+                    self._epoch_start(epoch)
+                while self.step < self.total_steps and not self._stop:
+                    epoch = self.step // self.steps_per_epoch
+                    if self.step % self.steps_per_epoch == 0:
+                        self.trainer.dealt = 0
+                    lr = lr_at(self.step, cfg, self.total_steps)
+                    batch = self.batch(self.step)
+                    t0 = time.perf_counter()
+                    try:
+                        r = self.trainer.step(batch, lr)
+                    except FloatingPointError as err:
+                        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                        raise UserError(
+                            f"training diverged at step {self.step + 1}: {err}{where}. "
+                            "Lower --learning-rate or raise --warmup-steps", exit_code=3
+                        ) from None
+                    dt = time.perf_counter() - t0
+                    epoch_wall += r["compute_s"]
+                    self.step += 1
+                    losses.append(r["loss"])
+                    epoch_losses.append(r["loss"])
+                    for i, s in enumerate(r["spheres"]):
+                        t = totals[i]
+                        t["micro_batches"] += s["micro_batches"]
+                        t["busy_s"] += s["busy_s"]
+                        t["tokens"] += s["tokens"]
+                        if s["tokens"]:
+                            t["loss_sum"] += s["loss"] * s["tokens"]
+                    tps = cfg.batch_size * cfg.seq_len / dt
+                    record = {"step": self.step, "epoch": epoch + 1, "loss": r["loss"], "lr": lr,
+                              "grad_norm": r["grad_norm"], "tokens_per_s": tps,
+                              "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
+                    if cfg.verbose:
+                        for i, s in enumerate(r["spheres"]):
+                            if s["micro_batches"]:
+                                c.print(f"[Sphere {i}] Forward pass complete, loss={s['loss']:.4f}")
+                    if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+                        val = self.val_loss()
+                        if val is not None:
+                            vals.append((self.step, val))
+                            record["val_loss"] = val
+                            c.print(f"[Node Zero] step {self.step}: train loss {r['loss']:.4f}, val loss {val:.4f}")
+                    metrics.write(json.dumps(record) + "\n")
+                    progress.update(task, advance=1, epoch=epoch + 1, loss=f"{r['loss']:.4f}", tps=f"{tps:,.0f}")
+                    end_of_epoch = self.step % self.steps_per_epoch == 0
+                    if end_of_epoch or self.step == self.total_steps:
+                        self._epoch_end(epoch, totals, epoch_wall, epoch_losses)
+                        totals, epoch_losses, epoch_wall = self._fresh_totals(), [], 0.0
+                        if end_of_epoch and self.step < self.total_steps:
+                            self._epoch_start(epoch + 1)
+                    if self.step % cfg.save_interval == 0 or self.step == self.total_steps or self._stop:
+                        last_ckpt = self.save(epoch, losses, val)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            metrics.close()
+        interrupted = self._stop and self.step < self.total_steps
+        if interrupted:
+            c.print(f"[Node Zero] interrupted: saved {last_ckpt}; continue with "
+                    f"`crystalline train --resume --checkpoint-dir {self.run_dir}`")
+        sample = None
+        if not interrupted and cfg.sample_tokens > 0:
+            sample = self.sample(cfg.sample_tokens)
+        return Run(self.run_dir, self.step, losses, vals, last_ckpt, interrupted, sample)
+
+    def _fresh_totals(self) -> list[dict]:
+        return [dict(micro_batches=0, busy_s=0.0, tokens=0, loss_sum=0.0) for _ in range(self.cfg.threads)]
+
+    def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self._stop:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def sample(self, n_tokens: int, prompt: str = "def ", temperature: float = 0.8, top_k: int = 40) -> str:
+        """A short text from the trained model (full-context sampling)."""
+        tok = self.dataset.tokenizer()
+        ids = tok.encode(prompt) or [tok.eot_id]
+        rng = np.random.default_rng(self.cfg.seed)
+        for _ in range(n_tokens):
+            ctx = np.array([ids[-self.cfg.seq_len :]], dtype=np.int64)
+            logits = self.trainer.forward(ctx)[0, -1].astype(np.float64) / temperature
+            top = np.argpartition(logits, -top_k)[-top_k:]
+            p = np.exp(logits[top] - logits[top].max())
+            nxt = int(top[rng.choice(len(top), p=p / p.sum())])
+            if nxt == tok.eot_id:
+                break
+            ids.append(nxt)
+        return tok.decode(ids)
+
+
+def train(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Run:
+    """Run training from Python; see TrainConfig for the settings."""
+    return Trainer(config, console).run(resume=resume)

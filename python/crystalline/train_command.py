@@ -1,0 +1,116 @@
+"""`crystalline train` and `crystalline plot`: flags to a TrainConfig, and
+the loss curves of a run to a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from crystalline import checkpoint
+from crystalline.errors import UserError
+from crystalline.train import Trainer, build_config
+
+Opt = typer.Option
+
+
+def train(
+    data: Annotated[Optional[list[Path]], typer.Argument(help="Files or directories of text or code (recursive). "
+                                                         "None: the Python standard library's source.")] = None,
+    vocab_size: Annotated[Optional[int], Opt(help="Tokenizer and model vocabulary.")] = None,
+    embed_dim: Annotated[Optional[int], Opt(help="Residual width C.")] = None,
+    num_layers: Annotated[Optional[int], Opt(help="Transformer blocks L.")] = None,
+    num_heads: Annotated[Optional[int], Opt(help="Attention heads; must divide --embed-dim.")] = None,
+    batch_size: Annotated[Optional[int], Opt(help="Sequences per optimizer step.")] = None,
+    seq_len: Annotated[Optional[int], Opt(help="Tokens per sequence (the model's context).")] = None,
+    learning_rate: Annotated[Optional[float], Opt(help="Peak learning rate (warmup, then cosine decay).")] = None,
+    epochs: Annotated[Optional[int], Opt(help="Passes over the training data.")] = None,
+    threads: Annotated[Optional[int], Opt(help="Sphere threads: Node Zero + workers (default 12).")] = None,
+    checkpoint_dir: Annotated[Optional[str], Opt(help="Run directory (default runs/<date-time>).")] = None,
+    seed: Annotated[Optional[int], Opt(help="Seed for initialisation and data order.")] = None,
+    warmup_steps: Annotated[Optional[int], Opt(help="Linear warmup steps.")] = None,
+    weight_decay: Annotated[Optional[float], Opt(help="AdamW decoupled weight decay.")] = None,
+    grad_clip: Annotated[Optional[float], Opt(help="Clip the gradient's global norm (0: off).")] = None,
+    eval_interval: Annotated[Optional[int], Opt(help="Steps between validation losses.")] = None,
+    val_fraction: Annotated[Optional[float], Opt(help="Fraction of documents held out.")] = None,
+    max_steps: Annotated[Optional[int], Opt(help="Stop after this many steps.")] = None,
+    save_interval: Annotated[Optional[int], Opt(help="Steps between checkpoints.")] = None,
+    keep: Annotated[Optional[int], Opt(help="Checkpoints to keep.")] = None,
+    ext: Annotated[Optional[list[str]], Opt("--ext", help="Only files with this extension (repeatable).")] = None,
+    tokenizer: Annotated[Optional[str], Opt(help="Use this tokenizer.json.")] = None,
+    sample_tokens: Annotated[Optional[int], Opt(help="Tokens to sample after training (0: none).")] = None,
+    preset: Annotated[Optional[str], Opt(help="quick (default), tiny, small, seed, or auto (from the data size).")] = None,
+    config: Annotated[Optional[Path], Opt("--config", help="TOML file of settings; flags override it.")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in --checkpoint-dir (or the run directory "
+                                                "given as DATA) from its latest checkpoint.")] = False,
+    verbose: Annotated[bool, Opt("--verbose", help="A line per sphere per step.")] = False,
+    no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Train a GPT-2 model on text or code, on every core, with checkpoints."""
+    data = list(data or [])
+    if resume and len(data) == 1 and checkpoint.list_checkpoints(data[0]) and checkpoint_dir is None:
+        checkpoint_dir, data = str(data[0]), []
+    if resume and not checkpoint_dir:
+        raise UserError("--resume needs the run: pass --checkpoint-dir RUN_DIR or `crystalline train --resume RUN_DIR`")
+    overrides = dict(
+        data=[str(p) for p in data] or None, vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers,
+        num_heads=num_heads, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, epochs=epochs,
+        threads=threads, checkpoint_dir=checkpoint_dir, seed=seed, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval, val_fraction=val_fraction,
+        max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
+        sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
+    )
+    cfg = build_config(overrides, config, preset="quick")
+    console = Console(stderr=True)
+    run = Trainer(cfg, console).run(resume=resume)
+    if run.interrupted:
+        raise typer.Exit(130)
+    if run.losses:
+        console.print(f"[Node Zero] done: {run.steps} steps, final loss {run.final_loss:.4f}; "
+                      f"checkpoint {run.last_checkpoint}")
+    if run.sample is not None:
+        console.print("[Node Zero] sample from the trained model:")
+        typer.echo(run.sample)
+
+
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (with metrics.jsonl).")],
+    out: Annotated[Optional[Path], Opt(help="PNG to write (default RUN_DIR/loss.png).")] = None,
+) -> None:
+    """Draw the training and validation loss curves of a run to a PNG."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl; is it a run directory?")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install 'crystalline[plot]'") from None
+    steps, losses, vsteps, vlosses = [], [], [], []
+    for n, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise UserError(f"{metrics}:{n} is not valid JSON") from None
+        steps.append(rec["step"])
+        losses.append(rec["loss"])
+        if "val_loss" in rec:
+            vsteps.append(rec["step"])
+            vlosses.append(rec["val_loss"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, losses, label="train", linewidth=0.8)
+    if vsteps:
+        ax.plot(vsteps, vlosses, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.set_title(f"Crystalline run {run_dir.name}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    target = out or run_dir / "loss.png"
+    fig.savefig(target, dpi=120, bbox_inches="tight")
+    typer.echo(str(target))
