@@ -260,6 +260,7 @@ def test_bad_input_gives_one_message_and_exit_2(tmp_path, case, message):
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / out / "manifest.json").exists()
+    assert not (tmp_path / "ds").exists()  # nothing half-made
     assert (tmp_path / "foreign" / "thesis.tex").read_text() == "precious"
 
 

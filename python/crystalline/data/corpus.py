@@ -171,6 +171,15 @@ def _unreadable(stats: WalkStats, path: str, err: OSError) -> None:
     stats.warnings.append(f"skipped {path}: {reason}")
 
 
+def file_hash(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass
 class FileRead:
     """Filled in while `read_chunks` runs: the file's hash and decoding result."""

@@ -42,7 +42,8 @@ import numpy as np
 from crystalline.data import corpus
 from crystalline.data.corpus import FileRead, SourceFile
 from crystalline.data.progress import Progress
-from crystalline.data.tokenizer import Tokenizer, check_vocab_size, file_hash
+from crystalline.data.corpus import file_hash
+from crystalline.data.tokenizer import Tokenizer, check_vocab_size
 from crystalline.errors import UserError
 
 FORMAT_VERSION = 1
@@ -123,6 +124,10 @@ def prepare(
     `vocab_size` may be None only when `tokenizer` (a tokenizer.json) is given."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if tokenizer is None:
+        if vocab_size is None:
+            raise UserError("--vocab-size is required unless --tokenizer is given")
+        check_vocab_size(vocab_size)
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir)
     files, skipped = corpus.walk(paths, extensions, exclude=out_dir)
@@ -266,9 +271,6 @@ def _tokenizer_for(
             _copy_atomic(Path(given), target)
         return tok, tok.vocab_size, {}
 
-    if vocab_size is None:
-        raise UserError("--vocab-size is required unless --tokenizer is given")
-    check_vocab_size(vocab_size)
     if not retrain and old is not None and target.is_file() and file_hash(target) == old["tokenizer_hash"]:
         if old["requested_vocab_size"] != vocab_size:
             raise UserError(
@@ -336,7 +338,7 @@ def _file_entries(
         if prev is not None and (prev["size"], prev["mtime_ns"]) == (f.size, f.mtime_ns):
             entry = dict(prev, name=f.name)
         else:
-            sha = hashes.get(key) or _hash_file(f.path)
+            sha = hashes.get(key) or file_hash(f.path)
             same = old_by_sha.get(sha, {})  # unchanged content, or a file moved or copied
             entry = {"path": key, "name": f.name, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": sha}
             entry["tokens"] = same.get("tokens")
@@ -411,14 +413,6 @@ def _finish_shard(shard_dir: Path, writer: tuple[Path, object] | None, entry: di
 
 def _shard_path(shard_dir: Path, sha: str) -> Path:
     return shard_dir / sha[:2] / f"{sha}.bin"
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- splits and token files ---------------------------------------------------

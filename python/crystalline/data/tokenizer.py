@@ -11,7 +11,6 @@ gives back exactly the text that was encoded.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -36,11 +35,6 @@ def check_vocab_size(vocab_size: int) -> None:
         )
 
 
-def file_hash(path: Path) -> str:
-    """sha256 hex digest of a file's bytes (the identity of a tokenizer.json)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class Tokenizer:
     """A loaded byte-level BPE tokenizer with an end-of-text token."""
 
@@ -52,7 +46,7 @@ class Tokenizer:
         self.eot_id = eot_id
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, *, length: int | None = None) -> Tokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
         """Learn merges from a stream of texts (never held all at once)."""
         check_vocab_size(vocab_size)
         inner = _HFTokenizer(models.BPE())
@@ -64,7 +58,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        inner.train_from_iterator(texts, trainer, length=length)
+        inner.train_from_iterator(texts, trainer)
         return cls(inner)
 
     @classmethod
