@@ -185,8 +185,7 @@ def size(
     ext: Annotated[Optional[list[str]], typer.Option("--ext", help="Only files with this extension.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar while preparing raw text.")] = True,
 ) -> None:
-    """Parameter count, training memory, tokens available and a recommended model;
-    exits non-zero when the data cannot train the config."""
+    """Parameter count, training memory, tokens available and a recommended model (exit 2 if untrainable)."""
     ds, data_bytes = _dataset_for_size(data, vocab_size, ext, progress)
     num_tokens = ds.train_count
     rec = sizing.recommend(num_tokens, data_bytes)
