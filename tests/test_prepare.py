@@ -94,6 +94,10 @@ def test_rerun_encodes_only_new_or_changed_files(tmp_path):
     docs = set(documents(changed, "train")) | set(documents(changed, "val"))
     assert doc(100) in docs and doc(101) in docs and doc(0) not in docs
 
+    shard = next((tmp_path / "ds" / "shards").glob("*/*/*.bin"))
+    shard.write_bytes(shard.read_bytes()[:-2])  # a damaged cache entry is re-encoded
+    assert prepare([src], tmp_path / "ds", VOCAB, progress=False).report.files_encoded == 1
+
     os.utime(src / "pkg2" / "f2.txt", ns=(1, 1))  # new mtime, same bytes
     touched = prepare([src], tmp_path / "ds", VOCAB, progress=False)
     assert touched.report.files_encoded == 0

@@ -343,7 +343,7 @@ def _file_entries(
             entry = {"path": key, "name": f.name, "size": f.size, "mtime_ns": f.mtime_ns, "sha256": sha}
             entry["tokens"] = same.get("tokens")
             entry["replaced"] = same.get("replaced")
-        if entry["tokens"] is None or not _shard_path(shard_dir, entry["sha256"]).is_file():
+        if entry["tokens"] is None or not _shard_ok(shard_dir, entry, dtype):
             to_encode.append((f, entry))
         entries.append(entry)
     report.files_reused = len(files) - len(to_encode)
@@ -413,6 +413,15 @@ def _finish_shard(shard_dir: Path, writer: tuple[Path, object] | None, entry: di
 
 def _shard_path(shard_dir: Path, sha: str) -> Path:
     return shard_dir / sha[:2] / f"{sha}.bin"
+
+
+def _shard_ok(shard_dir: Path, entry: dict, dtype: str) -> bool:
+    """The file's shard exists and holds its token count (else re-encode it)."""
+    try:
+        size = _shard_path(shard_dir, entry["sha256"]).stat().st_size
+    except FileNotFoundError:
+        return False
+    return size == entry["tokens"] * np.dtype(dtype).itemsize
 
 
 # --- splits and token files ---------------------------------------------------
