@@ -234,7 +234,9 @@ class Trainer:
         cfg = self.cfg = replace(self.cfg, data=[str(Path(p).expanduser().resolve()) for p in self.cfg.data])
         paths = [Path(p) for p in cfg.data] if cfg.data else corpus.builtin_corpus_paths()
         if not cfg.data:
-            self.console.print(f"[Node Zero] No data given: training on the built-in corpus ({paths[0]})")
+            where = os.path.commonpath([str(p) for p in paths])
+            self.console.print(f"[Node Zero] No data given: training on the built-in corpus, "
+                               f"the {len(paths):,} .py files of the standard library in {where}")
         extensions = cfg.extensions or ([".py"] if not cfg.data else None)
         if cfg.preset == "auto":
             # The vocabulary must be known before the tokenizer is trained:
