@@ -7,7 +7,9 @@ A prepared dataset directory holds:
   document followed by `<|endoftext|>`, as raw little-endian uint16 (vocab
   <= 65535) or uint32, ready for `numpy.memmap`;
 - `shards/<tokenizer hash>/`: the ids of each source file, named by the
-  sha256 of its bytes, so a re-run encodes only new or changed files;
+  sha256 of its bytes, so a re-run encodes only new or changed files
+  (renamed into place but not fsynced, one fsync per file cost seconds on
+  the stdlib; a shard whose size disagrees with its token count is re-encoded);
 - `manifest.json`: per source file its size, mtime, sha256, token count and
   split, plus the tokenizer hash and the names of the token files.
 
@@ -404,9 +406,7 @@ def _finish_shard(shard_dir: Path, writer: tuple[Path, object] | None, entry: di
         final.touch()
         return
     tmp, fh = writer
-    fh.flush()
-    os.fsync(fh.fileno())
-    fh.close()
+    fh.close()  # no fsync: a shard is a cache (see _shard_ok), the token files are synced
     final.parent.mkdir(exist_ok=True)
     os.replace(tmp, final)
 
