@@ -5,14 +5,16 @@
 //! into the 12 symmetry groups, routes the groups' micro-batches to the worker
 //! spheres 1..N-1, reduces their gradients in a fixed order and applies AdamW.
 //! Each worker sphere runs forward and backward passes of its micro-batches on
-//! its own thread, writing gradients only into its own buffer. With one
-//! thread, Node Zero does everything.
+//! its own thread, writing gradients only into memory it owns: the lane (a
+//! core's gradient buffer and activations) it holds while it computes. With
+//! one thread, Node Zero does everything.
 //!
-//! Determinism: the deal, the routing (a longest-first plan over the spheres)
-//! and the reduction order depend only on the batch and the thread count, so
-//! the same inputs give bit-identical results. A different thread count sums
-//! the same gradients in another grouping, which changes results only by
-//! float rounding.
+//! Determinism: the deal, the routing (a longest-first plan over the spheres),
+//! the lanes' turn order and the reduction order depend only on the batch, the
+//! thread count and the lane count (the machine's cores), so the same inputs
+//! give bit-identical results. Another thread or core count sums the same
+//! gradients in another grouping, which changes results only by float
+//! rounding.
 
 use crate::kernels::adamw::AdamW;
 use crate::model::{global_norm, Activations, Gpt2, Optimizer};
@@ -118,37 +120,49 @@ pub struct StepReport {
     pub step_s: f64,
 }
 
-struct Sphere {
+/// The working memory of one core: a gradient buffer and activations.
+///
+/// A machine has as many lanes as cores (at most one per worker sphere).
+/// Each worker sphere is given a lane and, when it is its turn, owns the
+/// lane's memory while it runs its micro-batches. With a core per sphere this
+/// is simply each sphere's own memory; with 12 spheres on 2 cores the spheres
+/// of a lane take turns in a fixed order instead of time-slicing the cores,
+/// so memory and gradient traffic scale with the cores, not the spheres, and
+/// the sums stay deterministic.
+struct Lane {
+    mem: Mutex<LaneMem>,
+    turn: Mutex<usize>,
+    wake: Condvar,
+}
+
+struct LaneMem {
     grads: Vec<f32>,
     acts: Option<Activations>,
 }
 
-/// Lets at most `permits` spheres compute at once. With more spheres than
-/// cores (12 threads on a 2-core machine), the spheres take turns on the
-/// cores instead of time-slicing them, so each runs with warm caches and the
-/// default layout costs nothing; results do not depend on the turn order.
-struct CoreGate {
-    free: Mutex<usize>,
-    wake: Condvar,
+/// Give the spheres with work to `lanes` lanes: heaviest first to the
+/// least-loaded lane (lowest index on ties). Returns each lane's spheres in
+/// ascending order, which is the order they take their turns in.
+pub fn assign_lanes(loads: &[usize], lanes: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..loads.len()).filter(|&s| loads[s] > 0).collect();
+    order.sort_by_key(|&s| (std::cmp::Reverse(loads[s]), s));
+    let mut lane_load = vec![0usize; lanes.max(1)];
+    let mut out = vec![Vec::new(); lanes.max(1)];
+    for s in order {
+        let l = (0..lane_load.len()).min_by_key(|&l| (lane_load[l], l)).expect("a lane");
+        lane_load[l] += loads[s];
+        out[l].push(s);
+    }
+    out.iter_mut().for_each(|v| v.sort_unstable());
+    out
 }
 
-impl CoreGate {
-    fn new(permits: usize) -> Self {
-        CoreGate { free: Mutex::new(permits.max(1)), wake: Condvar::new() }
-    }
-
-    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        let mut free = self.free.lock().expect("gate lock");
-        while *free == 0 {
-            free = self.wake.wait(free).expect("gate lock");
-        }
-        *free -= 1;
-        drop(free);
-        let r = f();
-        *self.free.lock().expect("gate lock") += 1;
-        self.wake.notify_one();
-        r
-    }
+/// What `run_spheres` did: the micro-batches, which spheres ran in which
+/// lane, and each sphere's report.
+struct SphereRun {
+    mbs: Vec<MicroBatch>,
+    lane_plan: Vec<Vec<usize>>,
+    reports: Vec<SphereReport>,
 }
 
 /// Training hyper-parameters that stay fixed over a run.
@@ -187,12 +201,20 @@ pub struct Trainer {
     pub dealt: u64,
     threads: usize,
     pool: rayon::ThreadPool,
-    spheres: Vec<Mutex<Sphere>>,
-    gate: CoreGate,
+    lanes: Vec<Lane>,
+    /// Held while spheres run, so two calls never share the lanes.
+    running: Mutex<()>,
 }
 
 impl Trainer {
+    /// A trainer with one lane per core (at most one per worker sphere).
     pub fn new(model: Gpt2, hyper: Hyper, threads: usize) -> Result<Self, String> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_lanes(model, hyper, threads, cores)
+    }
+
+    /// A trainer with at most `lanes` lanes of working memory.
+    pub fn with_lanes(model: Gpt2, hyper: Hyper, threads: usize, lanes: usize) -> Result<Self, String> {
         if threads == 0 {
             return Err("threads must be at least 1".into());
         }
@@ -201,13 +223,17 @@ impl Trainer {
             .thread_name(|i| if i == 0 { "node-zero".into() } else { format!("sphere-{i}") })
             .build()
             .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
-        // Gradient buffers are allocated on first use, so spheres that never
-        // receive work (more threads than groups) cost no memory.
-        let spheres = (0..threads).map(|_| Mutex::new(Sphere { grads: Vec::new(), acts: None })).collect();
+        let workers = if threads == 1 { 1 } else { threads - 1 };
+        // Buffers are allocated on first use, so unused lanes cost nothing.
+        let lanes = (0..lanes.clamp(1, workers))
+            .map(|_| Lane {
+                mem: Mutex::new(LaneMem { grads: Vec::new(), acts: None }),
+                turn: Mutex::new(0),
+                wake: Condvar::new(),
+            })
+            .collect();
         let opt = Optimizer::new(&model.layout);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let gate = CoreGate::new(cores.min(threads));
-        Ok(Trainer { model, opt, hyper, dealt: 0, threads, pool, spheres, gate })
+        Ok(Trainer { model, opt, hyper, dealt: 0, threads, pool, lanes, running: Mutex::new(()) })
     }
 
     pub fn threads(&self) -> usize {
@@ -215,23 +241,44 @@ impl Trainer {
     }
 
     /// Run every micro-batch of a [B, T+1] batch on the spheres. With
-    /// `backward`, each sphere's gradient buffer holds the sum over its
-    /// micro-batches of d(mean batch loss)/dparams.
-    fn run_spheres(&self, batch: &[u32], b: usize, t: usize, backward: bool) -> (Vec<MicroBatch>, Vec<Vec<usize>>, Vec<SphereReport>) {
+    /// `backward`, the gradient buffer of each lane listed in the returned
+    /// lane plan holds the sum over its spheres' micro-batches of
+    /// d(mean batch loss)/dparams.
+    fn run_spheres(&self, batch: &[u32], b: usize, t: usize, backward: bool) -> SphereRun {
         let firsts: Vec<u32> = (0..b).map(|i| batch[i * (t + 1)]).collect();
         let mbs = deal(&firsts, self.dealt);
         let plan = route(&mbs, self.threads);
+        let loads: Vec<usize> = plan.iter().map(|p| p.iter().map(|&i| mbs[i].sequences.len()).sum()).collect();
+        let lane_plan = assign_lanes(&loads, self.lanes.len());
+        let mut slot = vec![None; self.threads];
+        for (l, spheres) in lane_plan.iter().enumerate() {
+            for (k, &s) in spheres.iter().enumerate() {
+                slot[s] = Some((l, k));
+            }
+        }
         let dloss = 1.0 / (b * t) as f32;
         let model = &self.model;
+        let _running = self.running.lock().expect("trainer lock");
+        for lane in &self.lanes {
+            *lane.turn.lock().expect("turn lock") = 0;
+        }
         let reports = self.pool.broadcast(|ctx| {
             let me = ctx.index();
             let mut report = SphereReport::default();
-            if plan[me].is_empty() {
-                return report;
+            let Some((l, k)) = slot[me] else { return report };
+            let lane = &self.lanes[l];
+            let mut turn = lane.turn.lock().expect("turn lock");
+            while *turn != k {
+                turn = lane.wake.wait(turn).expect("turn lock");
             }
-            let mut sphere = self.spheres[me].lock().expect("sphere lock");
-            let Sphere { grads, acts } = &mut *sphere;
-            let mut zeroed = !backward;
+            drop(turn);
+            let start = Instant::now();
+            let mut mem = lane.mem.lock().expect("lane lock");
+            let LaneMem { grads, acts } = &mut *mem;
+            if backward && k == 0 {
+                grads.resize(model.layout.total, 0.0);
+                grads.fill(0.0);
+            }
             for &i in &plan[me] {
                 let seqs = &mbs[i].sequences;
                 let m = seqs.len();
@@ -249,24 +296,19 @@ impl Trainer {
                     }
                     None => acts.insert(Activations::new(&model.config, m, t)),
                 };
-                let start = Instant::now();
-                report.loss_sum += self.gate.run(|| {
-                    if !zeroed {
-                        grads.resize(model.layout.total, 0.0);
-                        grads.fill(0.0);
-                        zeroed = true;
-                    }
-                    let g = if backward { Some(&mut grads[..]) } else { None };
-                    model.loss_sum(acts, &x, &y, g, dloss, 1)
-                });
-                report.busy_s += start.elapsed().as_secs_f64();
+                let g = if backward { Some(&mut grads[..]) } else { None };
+                report.loss_sum += model.loss_sum(acts, &x, &y, g, dloss, 1);
                 report.micro_batches += 1;
                 report.sequences += m;
                 report.tokens += m * t;
             }
+            drop(mem);
+            report.busy_s = start.elapsed().as_secs_f64();
+            *lane.turn.lock().expect("turn lock") += 1;
+            lane.wake.notify_all();
             report
         });
-        (mbs, plan, reports)
+        SphereRun { mbs, lane_plan, reports }
     }
 
     fn check(&self, batch: &[u32], b: usize, t: usize) -> Result<(), String> {
@@ -288,19 +330,19 @@ impl Trainer {
     pub fn step(&mut self, batch: &[u32], b: usize, t: usize, lr: f32) -> Result<StepReport, StepError> {
         self.check(batch, b, t).map_err(StepError::BadBatch)?;
         let t0 = Instant::now();
-        let (mbs, plan, spheres) = self.run_spheres(batch, b, t, true);
+        let SphereRun { mbs, lane_plan, reports: spheres } = self.run_spheres(batch, b, t, true);
         let compute_s = t0.elapsed().as_secs_f64();
         let loss = spheres.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64;
         let mut group_sequences = [0usize; SYMMETRY_GROUPS];
         for mb in &mbs {
             group_sequences[mb.group] = mb.sequences.len();
         }
-        // Node Zero: reduce the spheres' gradients in sphere order.
-        let mut guards: Vec<_> = self.spheres.iter().map(|s| s.lock().expect("sphere lock")).collect();
-        let workers: Vec<usize> = (0..self.threads).filter(|&s| !plan[s].is_empty()).collect();
-        let (first, others) = workers.split_first().expect("a batch has work");
+        // Node Zero: reduce the lanes' gradients in lane order.
+        let mut guards: Vec<_> = self.lanes.iter().map(|l| l.mem.lock().expect("lane lock")).collect();
+        let used: Vec<usize> = (0..self.lanes.len()).filter(|&l| !lane_plan[l].is_empty()).collect();
+        let (first, others) = used.split_first().expect("a batch has work");
         let mut total = std::mem::take(&mut guards[*first].grads);
-        let rest: Vec<&[f32]> = others.iter().map(|&s| &guards[s].grads[..]).collect();
+        let rest: Vec<&[f32]> = others.iter().map(|&l| &guards[l].grads[..]).collect();
         let grad_norm = self.pool.install(|| {
             total.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
                 for g in &rest {
@@ -335,7 +377,7 @@ impl Trainer {
     /// Mean loss of a [B, T+1] batch, forward only, on the spheres.
     pub fn eval(&self, batch: &[u32], b: usize, t: usize) -> Result<f64, String> {
         self.check(batch, b, t)?;
-        let (_, _, reports) = self.run_spheres(batch, b, t, false);
+        let reports = self.run_spheres(batch, b, t, false).reports;
         Ok(reports.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64)
     }
 
@@ -395,10 +437,21 @@ mod tests {
         assert_eq!(route(&mbs, 1)[0].len(), mbs.len());
     }
 
-    fn tiny_trainer(threads: usize) -> Trainer {
+    fn tiny_trainer(threads: usize, lanes: usize) -> Trainer {
         let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 8 };
         let hyper = Hyper { adamw: AdamW { lr: 1e-2, ..Default::default() }, grad_clip: 1.0 };
-        Trainer::new(Gpt2::new(cfg, 1).unwrap(), hyper, threads).unwrap()
+        Trainer::with_lanes(Gpt2::new(cfg, 1).unwrap(), hyper, threads, lanes).unwrap()
+    }
+
+    #[test]
+    fn lanes_balance_the_spheres_loads_in_a_fixed_turn_order() {
+        let loads = [0, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1];
+        let lanes = assign_lanes(&loads, 2);
+        let per_lane: Vec<usize> = lanes.iter().map(|l| l.iter().map(|&s| loads[s]).sum()).collect();
+        assert_eq!(per_lane, vec![8, 8]);
+        assert!(lanes.iter().all(|l| l.windows(2).all(|w| w[0] < w[1]) && !l.contains(&0)));
+        let one_each = assign_lanes(&loads, 11);
+        assert!(one_each.iter().all(|l| l.len() == 1));
     }
 
     fn batch(step: u32) -> Vec<u32> {
@@ -407,23 +460,25 @@ mod tests {
 
     #[test]
     fn same_threads_give_bit_identical_curves_and_threads_change_only_rounding() {
-        let curves: Vec<Vec<f64>> = [4usize, 4, 1]
+        let curves: Vec<Vec<f64>> = [(4usize, 2usize), (4, 2), (1, 1), (12, 11), (12, 2)]
             .iter()
-            .map(|&th| {
-                let mut tr = tiny_trainer(th);
+            .map(|&(th, lanes)| {
+                let mut tr = tiny_trainer(th, lanes);
                 (0..5).map(|s| tr.step(&batch(s), 14, 8, 1e-2).unwrap().loss).collect()
             })
             .collect();
         assert_eq!(curves[0], curves[1]);
-        for (a, b) in curves[0].iter().zip(&curves[2]) {
-            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        for other in &curves[2..] {
+            for (a, b) in curves[0].iter().zip(other) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
         }
         assert!(curves[0][4] < curves[0][0]);
     }
 
     #[test]
     fn every_worker_sphere_gets_work_with_twelve_threads() {
-        let mut tr = tiny_trainer(12);
+        let mut tr = tiny_trainer(12, 2);
         let r = tr.step(&batch(0), 14, 8, 1e-2).unwrap();
         assert_eq!(r.spheres[0].micro_batches, 0);
         assert!(r.spheres[1..].iter().all(|s| s.micro_batches >= 1));
@@ -432,7 +487,7 @@ mod tests {
 
     #[test]
     fn a_non_finite_loss_leaves_the_parameters_unchanged() {
-        let mut tr = tiny_trainer(3);
+        let mut tr = tiny_trainer(3, 2);
         tr.model.params[100] = f32::NAN;
         let before = tr.model.params.clone();
         let err = tr.step(&batch(0), 14, 8, 1e-2).unwrap_err();
