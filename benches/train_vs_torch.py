@@ -106,8 +106,16 @@ def worker(args) -> None:
     cfg = CONFIGS[args.config]
     times = (run_torch if args.worker == "torch" else run_crystalline)(cfg, args.worker_threads, args.steps)
     tokens = cfg["B"] * cfg["T"]
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"tokens_per_s": tokens / statistics.median(times), "peak_rss": rss}))
+    print(json.dumps({"tokens_per_s": tokens / statistics.median(times), "peak_rss": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM), in bytes. Unlike ru_maxrss
+    it starts afresh at exec, so the parent's size does not leak in."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(kind: str, config: str, threads: int, steps: int) -> dict | None:

@@ -279,13 +279,6 @@ impl Activations {
             *self = Activations::new(config, b, t);
         }
     }
-
-    /// f32 values held per token (for memory estimates).
-    pub fn floats_per_token(config: &Config, t: usize) -> usize {
-        let (c, nh) = (config.n_embd, config.n_head);
-        let per_block = 16 * c + 4 + nh * t;
-        c + config.n_layer * per_block + c + 2 + (c + c + c + 3 * c + 8 * c)
-    }
 }
 
 /// out = residual + inp @ weight + bias (a projection added onto the stream)
@@ -503,21 +496,31 @@ impl Optimizer {
     /// and weights) are decayed; biases and LayerNorm parameters are not.
     pub fn update(&mut self, layout: &Layout, params: &mut [f32], grads: &[f32], hp: &AdamW) {
         use rayon::prelude::*;
-        const CHUNK: usize = 1 << 14;
+        const CHUNK: usize = 1 << 15;
         self.step += 1;
         let step = self.step;
-        let ps = layout.views_mut(params);
-        let gs = layout.views(grads);
-        let ms = layout.views_mut(&mut self.m);
-        let vs = layout.views_mut(&mut self.v);
-        for (i, (((p, g), m), v)) in ps.into_iter().zip(gs).zip(ms).zip(vs).enumerate() {
-            let wd = if layout.shapes[i].len() >= 2 { hp.weight_decay } else { 0.0 };
-            p.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK))
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| adamw_update(p, g, m, v, hp, wd, step));
-        }
+        // One parallel pass over the flat buffers; each chunk is split at the
+        // tensor boundaries it crosses, to give each tensor its own decay.
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(self.m.par_chunks_mut(CHUNK))
+            .zip(self.v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(ci, (((p, g), m), v))| {
+                let start = ci * CHUNK;
+                let end = start + p.len();
+                let first = layout.offsets.partition_point(|&o| o <= start) - 1;
+                for i in first..layout.offsets.len() {
+                    let (lo, hi) = (layout.offsets[i].max(start), (layout.offsets[i] + layout.len_of(i)).min(end));
+                    if lo >= end {
+                        break;
+                    }
+                    let wd = if layout.shapes[i].len() >= 2 { hp.weight_decay } else { 0.0 };
+                    let r = lo - start..hi - start;
+                    adamw_update(&mut p[r.clone()], &g[r.clone()], &mut m[r.clone()], &mut v[r], hp, wd, step);
+                }
+            });
     }
 }
 
@@ -639,6 +642,22 @@ mod tests {
             opt.update(&layout, &mut m.params, &grads, &hp);
         }
         assert!(loss < 0.05, "final loss {loss}");
+    }
+
+    #[test]
+    fn optimizer_decays_matrices_but_not_biases_or_layernorms() {
+        let cfg = Config { vocab_size: 3000, n_embd: 32, n_layer: 1, n_head: 2, block_size: 8 };
+        let mut m = Gpt2::new(cfg, 0).unwrap();
+        m.params.fill(1.0);
+        let grads = vec![0.0; m.layout.total];
+        let mut opt = Optimizer::new(&m.layout);
+        let hp = AdamW { lr: 0.1, weight_decay: 0.5, ..Default::default() };
+        let layout = m.layout.clone();
+        opt.update(&layout, &mut m.params, &grads, &hp);
+        for (i, view) in layout.views(&m.params).iter().enumerate() {
+            let want = if layout.shapes[i].len() == 2 { 0.95 } else { 1.0 };
+            assert!(view.iter().all(|&x| (x - want).abs() < 1e-6), "{}", layout.names[i]);
+        }
     }
 
     #[test]

@@ -75,23 +75,40 @@ pub fn deal(first_tokens: &[u32], dealt: u64) -> Vec<MicroBatch> {
         .collect()
 }
 
-/// Route micro-batches to spheres: largest first, each to the least-loaded
-/// sphere (lowest index on ties), so no sphere idles while another has two
-/// or more queued. Returns, per sphere, the indices into `mbs` it runs, in
-/// group order. With one thread everything goes to Node Zero (sphere 0).
-pub fn route(mbs: &[MicroBatch], threads: usize) -> Vec<Vec<usize>> {
-    let mut plan = vec![Vec::new(); threads.max(1)];
+/// The lane a sphere works in: worker sphere s in lane (s - 1) % lanes; with
+/// one thread Node Zero works in lane 0. Node Zero has no lane otherwise.
+pub fn lane_of(sphere: usize, threads: usize, lanes: usize) -> Option<usize> {
     if threads <= 1 {
-        plan[0] = (0..mbs.len()).collect();
-        return plan;
+        return (sphere == 0).then_some(0);
     }
+    (sphere >= 1).then(|| (sphere - 1) % lanes.max(1))
+}
+
+/// Route micro-batches to spheres: largest first to the least-loaded lane,
+/// then within each lane largest first to its least-loaded sphere (lowest
+/// index on ties), so lanes finish together and no sphere idles while
+/// another of its lane has two or more queued. Returns, per sphere, the
+/// indices into `mbs` it runs, in group order.
+pub fn route(mbs: &[MicroBatch], threads: usize, lanes: usize) -> Vec<Vec<usize>> {
+    let (threads, lanes) = (threads.max(1), lanes.max(1));
     let mut order: Vec<usize> = (0..mbs.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(mbs[i].sequences.len()), mbs[i].group));
-    let mut load = vec![0usize; threads];
+    let mut lane_load = vec![0usize; lanes];
+    let mut lane_mbs = vec![Vec::new(); lanes];
     for i in order {
-        let s = (1..threads).min_by_key(|&s| (load[s], s)).expect("at least one worker");
-        load[s] += mbs[i].sequences.len();
-        plan[s].push(i);
+        let l = (0..lanes).min_by_key(|&l| (lane_load[l], l)).expect("a lane");
+        lane_load[l] += mbs[i].sequences.len();
+        lane_mbs[l].push(i);
+    }
+    let mut plan = vec![Vec::new(); threads];
+    let mut load = vec![0usize; threads];
+    for (l, queue) in lane_mbs.iter().enumerate() {
+        let members: Vec<usize> = (0..threads).filter(|&s| lane_of(s, threads, lanes) == Some(l)).collect();
+        for &i in queue {
+            let s = *members.iter().min_by_key(|&&s| (load[s], s)).expect("every lane has a sphere");
+            load[s] += mbs[i].sequences.len();
+            plan[s].push(i);
+        }
     }
     for p in &mut plan {
         p.sort_by_key(|&i| mbs[i].group);
@@ -138,23 +155,6 @@ struct Lane {
 struct LaneMem {
     grads: Vec<f32>,
     acts: Option<Activations>,
-}
-
-/// Give the spheres with work to `lanes` lanes: heaviest first to the
-/// least-loaded lane (lowest index on ties). Returns each lane's spheres in
-/// ascending order, which is the order they take their turns in.
-pub fn assign_lanes(loads: &[usize], lanes: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..loads.len()).filter(|&s| loads[s] > 0).collect();
-    order.sort_by_key(|&s| (std::cmp::Reverse(loads[s]), s));
-    let mut lane_load = vec![0usize; lanes.max(1)];
-    let mut out = vec![Vec::new(); lanes.max(1)];
-    for s in order {
-        let l = (0..lane_load.len()).min_by_key(|&l| (lane_load[l], l)).expect("a lane");
-        lane_load[l] += loads[s];
-        out[l].push(s);
-    }
-    out.iter_mut().for_each(|v| v.sort_unstable());
-    out
 }
 
 /// What `run_spheres` did: the micro-batches, which spheres ran in which
@@ -218,14 +218,24 @@ impl Trainer {
         if threads == 0 {
             return Err("threads must be at least 1".into());
         }
+        let workers = if threads == 1 { 1 } else { threads - 1 };
+        let lanes = lanes.clamp(1, workers);
+        // Keep each lane's spheres on one core, so a sphere woken for its
+        // turn starts at once where its predecessor just finished.
+        let cores = affinity::allowed_cpus();
+        let pin = lanes <= cores.len() && lanes < workers;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| if i == 0 { "node-zero".into() } else { format!("sphere-{i}") })
+            .start_handler(move |i| {
+                if let (true, Some(l)) = (pin, lane_of(i, threads, lanes)) {
+                    affinity::pin_current_thread(cores[l]);
+                }
+            })
             .build()
             .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
-        let workers = if threads == 1 { 1 } else { threads - 1 };
         // Buffers are allocated on first use, so unused lanes cost nothing.
-        let lanes = (0..lanes.clamp(1, workers))
+        let lanes = (0..lanes)
             .map(|_| Lane {
                 mem: Mutex::new(LaneMem { grads: Vec::new(), acts: None }),
                 turn: Mutex::new(0),
@@ -247,9 +257,13 @@ impl Trainer {
     fn run_spheres(&self, batch: &[u32], b: usize, t: usize, backward: bool) -> SphereRun {
         let firsts: Vec<u32> = (0..b).map(|i| batch[i * (t + 1)]).collect();
         let mbs = deal(&firsts, self.dealt);
-        let plan = route(&mbs, self.threads);
-        let loads: Vec<usize> = plan.iter().map(|p| p.iter().map(|&i| mbs[i].sequences.len()).sum()).collect();
-        let lane_plan = assign_lanes(&loads, self.lanes.len());
+        let lanes = self.lanes.len();
+        let plan = route(&mbs, self.threads, lanes);
+        // Each lane's spheres with work, in the order they take their turns.
+        let mut lane_plan = vec![Vec::new(); lanes];
+        for s in (0..self.threads).filter(|&s| !plan[s].is_empty()) {
+            lane_plan[lane_of(s, self.threads, lanes).expect("work goes to spheres with lanes")].push(s);
+        }
         let mut slot = vec![None; self.threads];
         for (l, spheres) in lane_plan.iter().enumerate() {
             for (k, &s) in spheres.iter().enumerate() {
@@ -389,6 +403,41 @@ impl Trainer {
     }
 }
 
+/// CPU affinity of sphere threads (Linux; elsewhere a no-op).
+mod affinity {
+    /// The CPUs this process may run on.
+    #[cfg(target_os = "linux")]
+    pub fn allowed_cpus() -> Vec<usize> {
+        // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                return Vec::new();
+            }
+            (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        }
+    }
+
+    /// Run the calling thread on `cpu` only (best effort).
+    #[cfg(target_os = "linux")]
+    pub fn pin_current_thread(cpu: usize) {
+        // SAFETY: as above; pid 0 means the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn allowed_cpus() -> Vec<usize> {
+        Vec::new()
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub fn pin_current_thread(_cpu: usize) {}
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,35 +472,31 @@ mod tests {
     }
 
     #[test]
-    fn route_balances_spheres_and_keeps_node_zero_free() {
+    fn route_balances_lanes_and_spheres_and_keeps_node_zero_free() {
         let mbs = deal(&vec![5u32; 16], 0); // 4 groups of 2, 8 of 1
-        for threads in [2, 3, 5, 12, 20] {
-            let plan = route(&mbs, threads);
+        for (threads, lanes) in [(2, 1), (3, 2), (5, 4), (12, 2), (12, 11), (20, 2)] {
+            let plan = route(&mbs, threads, lanes);
             assert!(plan[0].is_empty());
-            let loads: Vec<usize> = plan[1..].iter().map(|p| p.iter().map(|&i| mbs[i].sequences.len()).sum()).collect();
-            let (lo, hi) = (*loads.iter().min().unwrap(), *loads.iter().max().unwrap());
-            // no idle sphere while another holds two micro-batches' worth more
-            assert!(hi - lo <= 2, "threads {threads}: {loads:?}");
-            assert_eq!(loads.iter().sum::<usize>(), 16);
+            let load = |s: usize| plan[s].iter().map(|&i| mbs[i].sequences.len()).sum::<usize>();
+            let mut lane_loads = vec![0; lanes];
+            for s in 1..threads {
+                lane_loads[lane_of(s, threads, lanes).unwrap()] += load(s);
+            }
+            assert_eq!(lane_loads.iter().sum::<usize>(), 16);
+            assert!(lane_loads.iter().max().unwrap() - lane_loads.iter().min().unwrap() <= 1, "{lane_loads:?}");
+            let loads: Vec<usize> = (1..threads).map(load).collect();
+            // no sphere holds two micro-batches' worth more than another
+            assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 2, "{threads}: {loads:?}");
         }
-        assert_eq!(route(&mbs, 1)[0].len(), mbs.len());
+        assert_eq!(route(&mbs, 1, 1)[0].len(), mbs.len());
+        assert_eq!(lane_of(0, 12, 2), None);
+        assert_eq!((lane_of(1, 12, 2), lane_of(2, 12, 2), lane_of(3, 12, 2)), (Some(0), Some(1), Some(0)));
     }
 
     fn tiny_trainer(threads: usize, lanes: usize) -> Trainer {
         let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 8 };
         let hyper = Hyper { adamw: AdamW { lr: 1e-2, ..Default::default() }, grad_clip: 1.0 };
         Trainer::with_lanes(Gpt2::new(cfg, 1).unwrap(), hyper, threads, lanes).unwrap()
-    }
-
-    #[test]
-    fn lanes_balance_the_spheres_loads_in_a_fixed_turn_order() {
-        let loads = [0, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1];
-        let lanes = assign_lanes(&loads, 2);
-        let per_lane: Vec<usize> = lanes.iter().map(|l| l.iter().map(|&s| loads[s]).sum()).collect();
-        assert_eq!(per_lane, vec![8, 8]);
-        assert!(lanes.iter().all(|l| l.windows(2).all(|w| w[0] < w[1]) && !l.contains(&0)));
-        let one_each = assign_lanes(&loads, 11);
-        assert!(one_each.iter().all(|l| l.len() == 1));
     }
 
     fn batch(step: u32) -> Vec<u32> {

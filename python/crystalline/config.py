@@ -8,12 +8,15 @@ printed by `crystalline size` is the count of the model that `train` builds.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 from crystalline import _core
 
-# AdamW keeps two moments per parameter; training also holds one gradient.
 _BYTES_PER_F32 = 4
+SYMMETRY_GROUPS = _core.SYMMETRY_GROUPS
+# Rows of logits the Rust core computes at once (model.rs LOGIT_CHUNK).
+LOGIT_CHUNK = 128
 
 
 @dataclass(frozen=True)
@@ -46,19 +49,31 @@ class ModelConfig:
         return sum(math.prod(shape) for _, shape in self.parameter_shapes())
 
     def activation_floats_per_token(self) -> int:
-        """f32 values the forward pass keeps per token for the backward pass."""
-        c, l, nh, t = self.n_embd, self.n_layer, self.n_head, self.block_size
-        per_layer = 3 * c + 3 * c + c + nh * t + c + c + 3 * c + 4 * c + 4 * c + c + c
-        return c + l * (per_layer + 4) + 3 * c
+        """f32 values one token of a micro-batch occupies in the Rust core's
+        activations: per block 16C + NH*T + 4 kept for the backward pass,
+        plus the embedding, final LayerNorm and 14C of backward scratch."""
+        c, nh, t = self.n_embd, self.n_head, self.block_size
+        return self.n_layer * (16 * c + nh * t + 4) + 2 * c + 2 + 14 * c
 
-    def training_memory_bytes(self, batch_size: int, seq_len: int, logits_rows: int | None = None) -> int:
-        """Bytes to train: weights, gradients, AdamW moments, activations for
-        `batch_size` sequences of `seq_len` tokens, and one chunk of logits."""
+    def training_memory_bytes(self, batch_size: int, seq_len: int, threads: int = 12) -> int:
+        """Bytes to train as Crystalline does: the weights and two AdamW
+        moments once, then for each lane (one per core, at most one per
+        worker sphere) a gradient buffer, the activations of one symmetry
+        group's micro-batch and one chunk of logits."""
         params = self.num_parameters()
-        tokens = batch_size * seq_len
-        logits = (logits_rows if logits_rows is not None else tokens) * self.vocab_size
-        floats = 4 * params + tokens * self.activation_floats_per_token() + 2 * logits
-        return floats * _BYTES_PER_F32
+        workers = max(threads - 1, 1)
+        lanes = max(1, min(available_cores(), workers, SYMMETRY_GROUPS, batch_size))
+        micro_tokens = -(-batch_size // SYMMETRY_GROUPS) * seq_len
+        per_lane = params + micro_tokens * self.activation_floats_per_token() + LOGIT_CHUNK * self.vocab_size
+        return (3 * params + lanes * per_lane) * _BYTES_PER_F32
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _divisor_near(n: int, k: int) -> int:

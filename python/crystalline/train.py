@@ -165,16 +165,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def memory_estimate(mc: ModelConfig, batch_size: int, seq_len: int, threads: int) -> int:
-    """Bytes: weights, AdamW moments, one gradient buffer per busy sphere and
-    each busy sphere's activations for its micro-batch."""
-    busy = min(max(threads - 1, 1), GROUPS, batch_size)
-    per_group = -(-batch_size // GROUPS)
-    params = mc.num_parameters()
-    act = mc.activation_floats_per_token() * per_group * seq_len + 128 * mc.vocab_size
-    return 4 * (3 * params + busy * (params + act))
-
-
 @dataclass
 class Run:
     """What a finished (or interrupted) run did."""
@@ -294,7 +284,7 @@ class Trainer:
             f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {self.steps_per_epoch:,} steps per epoch, "
             f"{self.total_steps:,} steps planned"
         )
-        mem = memory_estimate(mc, cfg.batch_size, cfg.seq_len, cfg.threads)
+        mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers); "
                 f"estimated memory {mem / 2**20:,.0f} MiB")
 
