@@ -110,7 +110,7 @@ def test_skewed_corpus_is_dealt_evenly_and_all_eleven_spheres_work(tmp_path, env
         (data / f"f{i}.txt").write_text("aaaa " * 300)
     r = cli(["train", str(data), "--vocab-size", "260", "--embed-dim", "16", "--num-layers", "1",
              "--num-heads", "2", "--batch-size", "12", "--seq-len", "16", "--max-steps", "20", "--threads", "12",
-             "--no-progress", "--sample-tokens", "0", "--checkpoint-dir", str(tmp_path / "run")], env)
+             "--no-progress", "--sample-tokens", "0", "--verbose", "--checkpoint-dir", str(tmp_path / "run")], env)
     assert r.returncode == 0, r.stderr
     shares = [int(m) for m in re.findall(r"Group +\d+: (\d+) batches", r.stderr)]
     assert len(shares) == 12 and max(shares) - min(shares) <= 1 and sum(shares) == 240
@@ -118,6 +118,8 @@ def test_skewed_corpus_is_dealt_evenly_and_all_eleven_spheres_work(tmp_path, env
     assert sorted(spheres) == list(range(1, 12))
     assert all(n > 0 for n in spheres.values()), spheres
     assert "Epoch 1/1 complete, average loss:" in r.stderr
+    # --verbose: a line per sphere per step
+    assert len(re.findall(r"\[Sphere \d+\] Forward pass complete, loss=\d+\.\d{4}", r.stderr)) == 20 * 11
 
 
 def test_loss_falls_well_below_log_vocab_on_real_text(tmp_path, env):
@@ -221,8 +223,22 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
 def test_python_api_trains_and_reports(tmp_path, monkeypatch, env):
     monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
     cfg = TrainConfig(data=[str(STDLIB / "json")], extensions=[".py"], vocab_size=300, embed_dim=32, num_layers=1,
-                      num_heads=2, batch_size=8, seq_len=32, max_steps=5, threads=2, progress=False,
+                      num_heads=2, batch_size=8, seq_len=32, max_steps=5, threads=1, progress=False,
                       sample_tokens=5, checkpoint_dir=str(tmp_path / "api"))
     run = Trainer(cfg).run()
     assert run.steps == 5 and len(run.losses) == 5 and run.last_checkpoint is not None
     assert isinstance(run.sample, str)
+
+
+def test_plot_draws_the_loss_curves(tmp_path, env):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    ok = cli(["train", str(STDLIB / "json"), *TINY, "--max-steps", "6", "--eval-interval", "3",
+              "--checkpoint-dir", str(run)], env)
+    assert ok.returncode == 0, ok.stderr
+    r = cli(["plot", str(run)], env)
+    assert r.returncode == 0, r.stderr
+    png = run / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    missing = cli(["plot", str(tmp_path)], env)
+    assert missing.returncode == 2 and "has no metrics.jsonl" in missing.stderr
