@@ -42,6 +42,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# What may change when a run is resumed: how it is watched, saved and how
+# far it goes. Its shape, data and schedule stay as saved.
+RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
+                     "progress", "sample_tokens", "checkpoint_dir", "threads"}
+
+
 @dataclass
 class TrainConfig:
     data: list[str] = field(default_factory=list)  # files/directories of text; empty = built-in corpus
@@ -196,23 +202,25 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------
 
-    def _resume_config(self) -> None:
-        ckpt = checkpoint.resolve(self.run_dir)
-        state = checkpoint.read_state(ckpt)
-        saved = state["config"]
-        # The run continues with its own shape, data and schedule; only how it
-        # is watched, saved and how far it goes may change.
-        adjustable = {"epochs", "max_steps", "eval_interval", "save_interval", "keep", "verbose", "progress",
-                      "sample_tokens", "checkpoint_dir", "eval_batches"}
-        merged = dict(saved)
-        for name in adjustable:
-            merged[name] = getattr(self.cfg, name)
-        self.cfg = TrainConfig(**{k: v for k, v in merged.items() if k in field_names()})
-        self.resume_from = ckpt
+    @classmethod
+    def resuming(cls, run_dir: Path | str, overrides: dict | None = None, console: Console | None = None) -> Trainer:
+        """A trainer that continues the run in `run_dir` from its latest
+        checkpoint, with its saved settings; `overrides` may change only how
+        the run is watched, saved and how far it goes."""
+        ckpt = checkpoint.resolve(Path(run_dir))
+        saved = checkpoint.read_state(ckpt)["config"]
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        fixed = sorted(k for k, v in overrides.items() if k not in RESUME_ADJUSTABLE and v != saved.get(k))
+        if fixed:
+            names = ", ".join("--" + k.replace("_", "-") for k in fixed)
+            raise UserError(f"a resumed run keeps its settings; {names} cannot change (start a new run instead)")
+        merged = {**saved, **overrides, "checkpoint_dir": str(run_dir)}
+        trainer = cls(TrainConfig(**{k: v for k, v in merged.items() if k in field_names()}), console)
+        trainer.resume_from = ckpt
+        return trainer
 
-    def setup(self, resume: bool = False) -> None:
-        if resume:
-            self._resume_config()
+    def setup(self) -> None:
+        resume = self.resume_from is not None
         validate(self.cfg)
         check_writable(self.run_dir)
         if not resume and checkpoint.list_checkpoints(self.run_dir):
@@ -380,8 +388,8 @@ class Trainer:
             self._state(epoch, losses, val), self.dataset.tokenizer_path, self.cfg.keep,
         )
 
-    def run(self, resume: bool = False) -> Run:
-        self.setup(resume=resume)
+    def run(self) -> Run:
+        self.setup()
         cfg, c = self.cfg, self.console
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_temporaries(self.run_dir)
@@ -494,6 +502,12 @@ class Trainer:
         return tok.decode(ids)
 
 
-def train(config: TrainConfig, resume: bool = False, console: Console | None = None) -> Run:
+def train(config: TrainConfig, console: Console | None = None) -> Run:
     """Run training from Python; see TrainConfig for the settings."""
-    return Trainer(config, console).run(resume=resume)
+    return Trainer(config, console).run()
+
+
+def resume(run_dir: Path | str, console: Console | None = None, **overrides) -> Run:
+    """Continue the run in `run_dir` from its latest checkpoint (e.g. with a
+    larger `max_steps` or `epochs`)."""
+    return Trainer.resuming(run_dir, overrides, console).run()

@@ -63,9 +63,14 @@ def train(
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
     )
-    cfg = build_config(overrides, config, preset="quick")
     console = Console(stderr=True)
-    run = Trainer(cfg, console).run(resume=resume)
+    if resume:
+        if config is not None:
+            raise UserError("--config cannot be used with --resume: a resumed run keeps its saved settings")
+        trainer = Trainer.resuming(checkpoint_dir, overrides, console)
+    else:
+        trainer = Trainer(build_config(overrides, config, preset="quick"), console)
+    run = trainer.run()
     if run.interrupted:
         raise typer.Exit(130)
     if run.losses:
