@@ -5,6 +5,7 @@
 //! compiled when maturin builds the extension (`--features python`).
 
 pub mod kernels;
+pub mod generate;
 pub mod model;
 pub mod train;
 

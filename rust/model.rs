@@ -135,31 +135,31 @@ impl Layout {
 }
 
 /// Borrowed views of one block's parameters (or gradients).
-struct Block<S> {
-    ln1w: S,
-    ln1b: S,
-    qkvw: S,
-    qkvb: S,
-    attprojw: S,
-    attprojb: S,
-    ln2w: S,
-    ln2b: S,
-    fcw: S,
-    fcb: S,
-    fcprojw: S,
-    fcprojb: S,
+pub(crate) struct Block<S> {
+    pub(crate) ln1w: S,
+    pub(crate) ln1b: S,
+    pub(crate) qkvw: S,
+    pub(crate) qkvb: S,
+    pub(crate) attprojw: S,
+    pub(crate) attprojb: S,
+    pub(crate) ln2w: S,
+    pub(crate) ln2b: S,
+    pub(crate) fcw: S,
+    pub(crate) fcb: S,
+    pub(crate) fcprojw: S,
+    pub(crate) fcprojb: S,
 }
 
 /// The whole model's tensors as named views.
-struct Tensors<S> {
-    wte: S,
-    wpe: S,
-    blocks: Vec<Block<S>>,
-    lnfw: S,
-    lnfb: S,
+pub(crate) struct Tensors<S> {
+    pub(crate) wte: S,
+    pub(crate) wpe: S,
+    pub(crate) blocks: Vec<Block<S>>,
+    pub(crate) lnfw: S,
+    pub(crate) lnfb: S,
 }
 
-fn named<S>(views: Vec<S>) -> Tensors<S> {
+pub(crate) fn named<S>(views: Vec<S>) -> Tensors<S> {
     assert_eq!((views.len() - 4) % PER_LAYER, 0, "layout has 4 + 12 L tensors");
     let n_layer = (views.len() - 4) / PER_LAYER;
     let mut it = views.into_iter();
@@ -289,7 +289,7 @@ impl Activations {
 /// weight:   [IC, OC]
 /// bias:     [OC]
 #[allow(clippy::too_many_arguments)]
-fn residual_matmul_forward(
+pub(crate) fn residual_matmul_forward(
     out: &mut [f32],
     residual: &[f32],
     inp: &[f32],

@@ -7,6 +7,7 @@
 
 use crate::kernels::{adamw, attention, crossentropy, encoder, gelu, layernorm, matmul, residual};
 use crate::kernels::adamw::AdamW;
+use crate::generate::{decode_step, sample, KvCache, Sampling};
 use crate::model::{Activations, Config, Gpt2, Layout};
 use crate::train::{Hyper, StepError, Trainer};
 use numpy::ndarray::{ArrayD, ArrayView, IxDyn};
@@ -17,6 +18,8 @@ use numpy::{
 use pyo3::exceptions::{PyFloatingPointError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 type Arr<'py> = Bound<'py, PyArrayDyn<f32>>;
 
@@ -126,6 +129,14 @@ unsafe fn tensor_views<'py>(owner: &Bound<'py, PyAny>, layout: &Layout, buf: &[f
 
 fn threads() -> usize {
     rayon::current_num_threads()
+}
+
+/// Run `f(threads)` on `pool` when given, else on rayon's global pool.
+fn in_pool<R: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce(usize) -> R + Send) -> R {
+    match pool {
+        Some(pool) => pool.install(|| f(pool.current_num_threads())),
+        None => f(threads()),
+    }
 }
 
 /// out = inp @ weight + bias. inp [N, C], weight [C, OC], bias [OC] or None -> out [N, OC]
@@ -496,9 +507,20 @@ struct PyModel {
     model: Gpt2,
     grads: Vec<f32>,
     acts: Option<Activations>,
+    cache: Option<KvCache>,
+    rng: ChaCha8Rng,
+    pool: Option<rayon::ThreadPool>,
 }
 
 impl PyModel {
+    fn cache_ref(&self) -> PyResult<&KvCache> {
+        self.cache.as_ref().ok_or_else(|| PyValueError::new_err("call reset_cache(batch_size) before decoding"))
+    }
+
+    fn cache_mut(&mut self) -> PyResult<&mut KvCache> {
+        self.cache.as_mut().ok_or_else(|| PyValueError::new_err("call reset_cache(batch_size) before decoding"))
+    }
+
     fn acts_for(&mut self, b: usize, t: usize) -> &mut Activations {
         if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
             self.acts = Some(Activations::new(&self.model.config, b, t));
@@ -532,7 +554,7 @@ impl PyModel {
         let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
         let model = Gpt2::new(cfg, seed).map_err(PyValueError::new_err)?;
         let grads = vec![0.0; model.layout.total];
-        Ok(PyModel { model, grads, acts: None })
+        Ok(PyModel { model, grads, acts: None, cache: None, rng: ChaCha8Rng::seed_from_u64(seed), pool: None })
     }
 
     /// The configuration as a dict (vocab_size, n_embd, n_layer, n_head, block_size).
@@ -562,12 +584,10 @@ impl PyModel {
     fn forward<'py>(&mut self, py: Python<'py>, tokens: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
         let (ids, _, b, t) = self.batch(tokens, None)?;
         let v = self.model.config.vocab_size;
-        let logits = py.detach(|| {
-            let th = threads();
-            self.acts_for(b, t);
-            let acts = self.acts.as_mut().expect("allocated");
-            self.model.forward_logits(acts, &ids, th)
-        });
+        self.acts_for(b, t);
+        let PyModel { model, acts, pool, .. } = self;
+        let acts = acts.as_mut().expect("allocated");
+        let logits = py.detach(|| in_pool(pool, |th| model.forward_logits(acts, &ids, th)));
         Ok(out(py, &[b, t, v], logits))
     }
 
@@ -575,12 +595,84 @@ impl PyModel {
     fn loss(&mut self, py: Python<'_>, tokens: &Bound<'_, PyAny>, targets: &Bound<'_, PyAny>) -> PyResult<f64> {
         let (ids, tg, b, t) = self.batch(tokens, Some(targets))?;
         let tg = tg.expect("targets given");
-        Ok(py.detach(|| {
-            let th = threads();
-            self.acts_for(b, t);
-            let acts = self.acts.as_mut().expect("allocated");
-            self.model.loss_sum(acts, &ids, &tg, None, 0.0, th) / (b * t) as f64
-        }))
+        self.acts_for(b, t);
+        let PyModel { model, acts, pool, .. } = self;
+        let acts = acts.as_mut().expect("allocated");
+        Ok(py.detach(|| in_pool(pool, |th| model.loss_sum(acts, &ids, &tg, None, 0.0, th)) / (b * t) as f64))
+    }
+
+    /// Run this model's work on a private pool of `threads` threads (the
+    /// default is rayon's global pool, one thread per core).
+    fn set_threads(&mut self, threads: usize) -> PyResult<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| PyValueError::new_err(format!("cannot start {threads} threads: {e}")))?;
+        self.pool = Some(pool);
+        Ok(())
+    }
+
+    /// Start incremental decoding of `batch_size` sequences (an empty key/value
+    /// cache for each) and seed the sampler.
+    #[pyo3(signature = (batch_size, seed=0))]
+    fn reset_cache(&mut self, batch_size: usize, seed: u64) -> PyResult<()> {
+        if batch_size == 0 {
+            return Err(PyValueError::new_err("batch_size must be at least 1"));
+        }
+        self.cache = Some(KvCache::new(&self.model, batch_size));
+        self.rng = ChaCha8Rng::seed_from_u64(seed);
+        Ok(())
+    }
+
+    /// Positions held in the cache for each sequence.
+    fn cache_lengths(&self) -> PyResult<Vec<usize>> {
+        Ok(self.cache_ref()?.lens.clone())
+    }
+
+    /// Empty sequence `seq`'s cache (to refill it with a slid window).
+    fn clear_sequence(&mut self, seq: usize) -> PyResult<()> {
+        let cache = self.cache_mut()?;
+        if seq >= cache.b {
+            return Err(PyValueError::new_err(format!("seq {seq} is outside the cache of {} sequences", cache.b)));
+        }
+        cache.clear(seq);
+        Ok(())
+    }
+
+    /// Feed tokens[i] to sequence seqs[i] (one new position each) and return
+    /// their next-token logits [M, V], or None when `want_logits` is false.
+    #[pyo3(signature = (seqs, tokens, want_logits=true))]
+    fn decode<'py>(
+        &mut self,
+        py: Python<'py>,
+        seqs: Vec<usize>,
+        tokens: &Bound<'py, PyAny>,
+        want_logits: bool,
+    ) -> PyResult<Option<Arr<'py>>> {
+        let v = self.model.config.vocab_size;
+        let (ids, _) = ids_in(tokens, "tokens", 1, Some(v))?;
+        self.cache_ref()?;
+        let m = seqs.len();
+        let PyModel { model, cache, pool, .. } = self;
+        let cache = cache.as_mut().expect("checked");
+        let logits = py
+            .detach(|| in_pool(pool, |th| decode_step(model, cache, &seqs, &ids, want_logits, th)))
+            .map_err(PyValueError::new_err)?;
+        Ok(want_logits.then(|| out(py, &[m, v], logits)))
+    }
+
+    /// Draw one token per row of logits [M, V] with the model's seeded sampler.
+    #[pyo3(signature = (logits, temperature=1.0, top_k=0, top_p=1.0))]
+    fn sample(&mut self, logits: &Bound<'_, PyAny>, temperature: f32, top_k: usize, top_p: f32) -> PyResult<Vec<u32>> {
+        let sampling = Sampling { temperature, top_k, top_p };
+        sampling.validate().map_err(PyValueError::new_err)?;
+        let l = f32_in(logits, "logits", 2)?;
+        let v = l.shape()[1];
+        if v == 0 {
+            return Err(PyValueError::new_err("logits has no columns"));
+        }
+        let x = l.as_slice()?;
+        Ok(x.chunks(v).map(|row| sample(row, &sampling, &mut self.rng)).collect())
     }
 
     /// (mean loss, name -> gradient view). The gradient views alias one
@@ -596,13 +688,13 @@ impl PyModel {
             let (ids, tg, b, t) = this.batch(tokens, Some(targets))?;
             let tg = tg.expect("targets given");
             let this = &mut *this;
+            this.acts_for(b, t);
+            let PyModel { model, grads, acts, pool, .. } = this;
+            let acts = acts.as_mut().expect("allocated");
             py.detach(|| {
-                let th = threads();
-                this.acts_for(b, t);
-                let PyModel { model, grads, acts } = this;
                 grads.fill(0.0);
-                let acts = acts.as_mut().expect("allocated");
-                model.loss_sum(acts, &ids, &tg, Some(grads), 1.0 / (b * t) as f32, th) / (b * t) as f64
+                let sum = in_pool(pool, |th| model.loss_sum(acts, &ids, &tg, Some(grads), 1.0 / (b * t) as f32, th));
+                sum / (b * t) as f64
             })
         };
         let this = slf.borrow();

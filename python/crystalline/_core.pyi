@@ -74,3 +74,47 @@ class Model:
         """Mean cross-entropy of the model's logits against targets [B, T]."""
     def loss_and_grad(self, tokens: Ids, targets: Ids) -> tuple[float, dict[str, F32]]:
         """(mean loss, name -> gradient view); the next call overwrites the views."""
+    def set_threads(self, threads: int) -> None:
+        """Run this model's work on a private pool of `threads` threads."""
+    def reset_cache(self, batch_size: int, seed: int = 0) -> None:
+        """Empty key/value caches for `batch_size` sequences; seed the sampler."""
+    def cache_lengths(self) -> list[int]: ...
+    def clear_sequence(self, seq: int) -> None:
+        """Empty one sequence's cache (to refill it with a slid window)."""
+    def decode(self, seqs: list[int], tokens: Ids, want_logits: bool = True) -> F32 | None:
+        """Feed tokens[i] to sequence seqs[i]; -> next-token logits [M, V] (None for a prefill step)."""
+    def sample(self, logits: F32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[int]:
+        """One token per row of logits [M, V]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
+
+SYMMETRY_GROUPS: int
+
+class Trainer:
+    """The kissing-sphere trainer: a model, its AdamW state and `threads` threads."""
+
+    threads: int
+    step_count: int
+    dealt: int
+
+    def __init__(
+        self,
+        vocab_size: int,
+        n_embd: int,
+        n_layer: int,
+        n_head: int,
+        block_size: int,
+        *,
+        threads: int = 12,
+        seed: int = 0,
+        beta1: float = 0.9,
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        grad_clip: float = 1.0,
+    ) -> None: ...
+    def num_parameters(self) -> int: ...
+    def parameters(self) -> dict[str, F32]: ...
+    def optimizer_state(self) -> tuple[dict[str, F32], dict[str, F32]]: ...
+    def step(self, batch: Ids, lr: float) -> dict:
+        """One AdamW step on batch [B, T+1]; raises FloatingPointError on a NaN/inf loss."""
+    def eval(self, batch: Ids) -> float: ...
+    def forward(self, tokens: Ids) -> F32: ...

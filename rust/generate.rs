@@ -1,0 +1,334 @@
+//! Inference: incremental decoding with a key/value cache, and sampling.
+//!
+//! Each decode step feeds one new token to each of a set of sequences and
+//! runs every layer on those rows only, attending to the keys and values
+//! cached for the earlier positions, so generating n tokens costs n steps,
+//! not n full passes over the context.
+
+use crate::kernels::encoder::encoder_forward;
+use crate::kernels::gelu::gelu_forward;
+use crate::kernels::layernorm::layernorm_forward;
+use crate::kernels::matmul::{matmul_forward, sgemm};
+use crate::kernels::vecmath;
+use crate::model::{named, residual_matmul_forward, Gpt2};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// Keys and values of every layer for B sequences of up to T_max positions.
+///
+/// k, v: [L, B, T_max, C]  (head h uses channels h*hs..(h+1)*hs)
+/// lens: [B]               (positions filled per sequence)
+pub struct KvCache {
+    pub b: usize,
+    pub lens: Vec<usize>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    t_max: usize,
+    c: usize,
+}
+
+impl KvCache {
+    pub fn new(model: &Gpt2, b: usize) -> Self {
+        let cfg = &model.config;
+        let size = cfg.n_layer * b * cfg.block_size * cfg.n_embd;
+        KvCache { b, lens: vec![0; b], k: vec![0.0; size], v: vec![0.0; size], t_max: cfg.block_size, c: cfg.n_embd }
+    }
+
+    fn at(&self, layer: usize, seq: usize, pos: usize) -> usize {
+        ((layer * self.b + seq) * self.t_max + pos) * self.c
+    }
+
+    /// Forget sequence `seq` (to refill it, e.g. with a slid window).
+    pub fn clear(&mut self, seq: usize) {
+        self.lens[seq] = 0;
+    }
+}
+
+/// Feed one token to each listed sequence and return their next-token logits.
+///
+/// seqs:   [M] distinct sequence indices into the cache
+/// tokens: [M] the token each of them receives, at position cache.lens[seq]
+/// returns [M, V] logits when `want_logits` (else empty: a prefill step)
+pub fn decode_step(
+    model: &Gpt2,
+    cache: &mut KvCache,
+    seqs: &[usize],
+    tokens: &[u32],
+    want_logits: bool,
+    threads: usize,
+) -> Result<Vec<f32>, String> {
+    let cfg = &model.config;
+    let (m, c, v, nh) = (seqs.len(), cfg.n_embd, cfg.vocab_size, cfg.n_head);
+    if tokens.len() != m {
+        return Err(format!("{} tokens for {m} sequences", tokens.len()));
+    }
+    for (&s, &tok) in seqs.iter().zip(tokens) {
+        if s >= cache.b {
+            return Err(format!("sequence {s} is outside the cache of {} sequences", cache.b));
+        }
+        if cache.lens[s] >= cache.t_max {
+            return Err(format!("sequence {s} has filled the block size {}; slide its window first", cache.t_max));
+        }
+        if tok as usize >= v {
+            return Err(format!("token {tok} is out of range for vocab_size {v}"));
+        }
+    }
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err("a sequence is listed twice in one step".into());
+    }
+    let p = named(model.layout.views(&model.params));
+    // x[m] = wte[token] + wpe[pos]
+    let mut x = vec![0.0f32; m * c];
+    for (i, (&s, &tok)) in seqs.iter().zip(tokens).enumerate() {
+        let pos = cache.lens[s];
+        encoder_forward(&mut x[i * c..(i + 1) * c], &[tok], p.wte, &p.wpe[pos * c..], 1, 1, c);
+    }
+    let (mut ln, mut mean, mut rstd) = (vec![0.0; m * c], vec![0.0; m], vec![0.0; m]);
+    let (mut qkv, mut atty, mut fch, mut fch_gelu) = (vec![0.0; m * 3 * c], vec![0.0; m * c], vec![0.0; m * 4 * c], vec![0.0; m * 4 * c]);
+    let mut x2 = vec![0.0f32; m * c];
+    for (l, w) in p.blocks.iter().enumerate() {
+        layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, w.ln1w, w.ln1b, m, c);
+        matmul_forward(&mut qkv, &ln, w.qkvw, Some(w.qkvb), m, c, 3 * c, threads);
+        for (i, &s) in seqs.iter().enumerate() {
+            let at = cache.at(l, s, cache.lens[s]);
+            cache.k[at..at + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
+            cache.v[at..at + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..(i + 1) * 3 * c]);
+        }
+        attend(cache, l, seqs, &qkv, &mut atty, nh, threads);
+        residual_matmul_forward(&mut x2, &x, &atty, w.attprojw, w.attprojb, m, c, c, threads);
+        layernorm_forward(&mut ln, &mut mean, &mut rstd, &x2, w.ln2w, w.ln2b, m, c);
+        matmul_forward(&mut fch, &ln, w.fcw, Some(w.fcb), m, c, 4 * c, threads);
+        gelu_forward(&mut fch_gelu, &fch);
+        residual_matmul_forward(&mut x, &x2, &fch_gelu, w.fcprojw, w.fcprojb, m, 4 * c, c, threads);
+    }
+    for &s in seqs {
+        cache.lens[s] += 1;
+    }
+    if !want_logits {
+        return Ok(Vec::new());
+    }
+    layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, p.lnfw, p.lnfb, m, c);
+    Ok(logits(p.wte, &ln, m, v, c, threads))
+}
+
+/// logits[m, V] = x[m, C] @ wte^T. With few rows this is a matrix-vector
+/// product bound by reading wte, so rows of wte are split across threads.
+fn logits(wte: &[f32], x: &[f32], m: usize, v: usize, c: usize, threads: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; m * v];
+    if m >= 16 || threads <= 1 {
+        sgemm(m, v, c, x, false, wte, true, &mut out, false, threads);
+        return out;
+    }
+    const ROWS: usize = 512;
+    let mut by_token = vec![0.0f32; v * m]; // [V, m]
+    by_token.par_chunks_mut(ROWS * m).enumerate().for_each(|(ci, chunk)| {
+        for (r, row) in chunk.chunks_mut(m).enumerate() {
+            let e = &wte[(ci * ROWS + r) * c..(ci * ROWS + r + 1) * c];
+            for (i, o) in row.iter_mut().enumerate() {
+                *o = dot(e, &x[i * c..(i + 1) * c]);
+            }
+        }
+    });
+    for tok in 0..v {
+        for i in 0..m {
+            out[i * v + tok] = by_token[tok * m + i];
+        }
+    }
+    out
+}
+
+vecmath::simd_dispatch! {
+    fn dot(a: &[f32], b: &[f32]) -> f32 => vecmath::dot
+}
+
+/// Causal attention of each listed sequence's newest position over its cache.
+///
+/// qkv:  [M, 3C] (the new rows; their k and v are already in the cache)
+/// atty: [M, C]  (written)
+fn attend(cache: &KvCache, layer: usize, seqs: &[usize], qkv: &[f32], atty: &mut [f32], nh: usize, threads: usize) {
+    let c = cache.c;
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let work = |(i, out): (usize, &mut [f32])| {
+        let s = seqs[i];
+        let len = cache.lens[s] + 1; // including the position just written
+        let mut scores = vec![0.0f32; len];
+        for h in 0..nh {
+            let q = &qkv[i * 3 * c + h * hs..i * 3 * c + (h + 1) * hs];
+            for (j, sc) in scores.iter_mut().enumerate() {
+                let at = cache.at(layer, s, j) + h * hs;
+                *sc = dot(q, &cache.k[at..at + hs]) * scale;
+            }
+            softmax(&mut scores);
+            let o = &mut out[h * hs..(h + 1) * hs];
+            o.fill(0.0);
+            for (j, &a) in scores.iter().enumerate() {
+                let at = cache.at(layer, s, j) + h * hs;
+                for (oo, vv) in o.iter_mut().zip(&cache.v[at..at + hs]) {
+                    *oo += a * vv;
+                }
+            }
+        }
+    };
+    if threads > 1 && seqs.len() > 1 {
+        atty.par_chunks_mut(c).enumerate().for_each(work);
+    } else {
+        atty.chunks_mut(c).enumerate().for_each(work);
+    }
+}
+
+vecmath::simd_dispatch! {
+    fn softmax(xs: &mut [f32]) => softmax_body
+}
+
+#[inline(always)]
+fn softmax_body(xs: &mut [f32]) {
+    let max = vecmath::max(xs);
+    let inv = 1.0 / vecmath::exp_shifted_sum(xs, max);
+    xs.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// How to pick the next token from logits.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the k most probable tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of most probable tokens whose probability
+    /// reaches top_p (1: all).
+    pub top_p: f32,
+}
+
+impl Sampling {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// The candidate tokens and their probabilities under `sampling`, most
+/// probable first (one token with probability 1 when greedy).
+pub fn candidates(logits: &[f32], sampling: &Sampling) -> Vec<(u32, f32)> {
+    let argmax = |xs: &[f32]| xs.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+    if sampling.temperature == 0.0 {
+        return vec![(argmax(logits) as u32, 1.0)];
+    }
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    // most probable first; ties by token id so the order is deterministic
+    order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    if sampling.top_k > 0 {
+        order.truncate(sampling.top_k);
+    }
+    let max = logits[order[0] as usize];
+    let mut probs: Vec<f32> = order.iter().map(|&t| ((logits[t as usize] - max) / sampling.temperature).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if sampling.top_p < 1.0 {
+        let mut cum = 0.0;
+        let keep = probs.iter().position(|&p| {
+            cum += p;
+            cum >= sampling.top_p
+        });
+        let keep = keep.map_or(probs.len(), |i| i + 1);
+        order.truncate(keep);
+        probs.truncate(keep);
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    order.into_iter().zip(probs).collect()
+}
+
+/// Draw the next token from `logits` [V].
+pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    let cands = candidates(logits, sampling);
+    if cands.len() == 1 {
+        return cands[0].0;
+    }
+    let r: f32 = rng.random();
+    let mut cum = 0.0;
+    for &(tok, p) in &cands {
+        cum += p;
+        if r < cum {
+            return tok;
+        }
+    }
+    cands.last().expect("at least one candidate").0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Activations, Config};
+    use rand::SeedableRng;
+
+    #[test]
+    fn cached_decoding_matches_the_full_forward_pass_at_every_position() {
+        let cfg = Config { vocab_size: 61, n_embd: 16, n_layer: 2, n_head: 2, block_size: 12 };
+        let m = Gpt2::new(cfg, 3).unwrap();
+        let seqs: Vec<Vec<u32>> = vec![(0..12).map(|i| (i * 7 + 1) % 61).collect(), (0..9).map(|i| (i * 5 + 3) % 61).collect()];
+        let mut cache = KvCache::new(&m, 2);
+        for (s, seq) in seqs.iter().enumerate() {
+            let mut acts = Activations::new(&cfg, 1, seq.len());
+            let full = m.forward_logits(&mut acts, seq, 1);
+            for (pos, &tok) in seq.iter().enumerate() {
+                let got = decode_step(&m, &mut cache, &[s], &[tok], true, 1).unwrap();
+                let want = &full[pos * 61..(pos + 1) * 61];
+                for (a, b) in got.iter().zip(want) {
+                    assert!((a - b).abs() < 1e-4, "seq {s} pos {pos}: {a} vs {b}");
+                }
+            }
+        }
+        assert!(decode_step(&m, &mut cache, &[0], &[1], true, 1).unwrap_err().contains("block size"));
+    }
+
+    #[test]
+    fn batched_and_threaded_steps_agree_with_single_ones() {
+        let cfg = Config { vocab_size: 700, n_embd: 32, n_layer: 2, n_head: 4, block_size: 16 };
+        let m = Gpt2::new(cfg, 1).unwrap();
+        let (mut a, mut b) = (KvCache::new(&m, 3), KvCache::new(&m, 3));
+        for step in 0..5u32 {
+            let toks = [step, step * 3 + 1, step * 7 + 2];
+            let together = decode_step(&m, &mut a, &[0, 1, 2], &toks, true, 4).unwrap();
+            for s in 0..3 {
+                let alone = decode_step(&m, &mut b, &[s], &[toks[s]], true, 1).unwrap();
+                for (x, y) in together[s * 700..(s + 1) * 700].iter().zip(&alone) {
+                    assert!((x - y).abs() < 1e-4);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_and_top_p_never_leave_their_set() {
+        // probabilities 0.5, 0.25, 0.125, 0.0625, ... over 8 tokens, shuffled
+        let logits: Vec<f32> = [3, 0, 6, 1, 5, 2, 7, 4].iter().map(|&r| -(r as f32) * std::f32::consts::LN_2).collect();
+        let top = |k: usize, p: f32| {
+            let c = candidates(&logits, &Sampling { temperature: 1.0, top_k: k, top_p: p });
+            let mut toks: Vec<u32> = c.iter().map(|x| x.0).collect();
+            toks.sort_unstable();
+            toks
+        };
+        assert_eq!(top(2, 1.0), vec![1, 3]);
+        assert_eq!(top(0, 0.5), vec![1]);
+        assert_eq!(top(0, 0.7), vec![1, 3]);
+        assert_eq!(top(0, 0.8), vec![1, 3, 5]);
+        assert_eq!(top(3, 0.9), vec![1, 3, 5]);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for _ in 0..2000 {
+            let t = sample(&logits, &Sampling { temperature: 1.0, top_k: 0, top_p: 0.8 }, &mut rng);
+            assert!([1, 3, 5].contains(&t));
+        }
+        assert_eq!(sample(&logits, &Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 }, &mut rng), 1);
+        assert!(Sampling { temperature: -1.0, top_k: 0, top_p: 1.0 }.validate().is_err());
+        assert!(Sampling { temperature: 1.0, top_k: 0, top_p: 0.0 }.validate().is_err());
+    }
+}
