@@ -21,8 +21,13 @@ import os
 import sys
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--repeats", type=int, default=15, help="timed runs per case (after 2 warm-up runs)")
-parser.add_argument("--pause", type=float, default=0.05, help="seconds of sleep before each timed call")
+parser.add_argument("--repeats", type=int, default=15, help="timed runs per library and shape")
+# OpenBLAS's idle worker threads keep spinning for roughly 0.1 s after a
+# call; a crystalline call started inside that window gets half the cores
+# (measured: ~250 instead of ~470 GFLOP/s at 2048^3 on 2 cores). Each block
+# of timed calls therefore starts with a pause and an untimed call.
+parser.add_argument("--pause", type=float, default=0.3, help="seconds of sleep before each block of calls")
+parser.add_argument("--blocks", type=int, default=3, help="alternating blocks per library (repeats split among them)")
 parser.add_argument("--threads", type=int, default=2, help="threads for both libraries unless the env already sets them")
 args = parser.parse_args()
 
@@ -111,15 +116,19 @@ def main() -> int:
         for _ in range(2):  # warm-up: pools started, pages touched
             run_np()
             run_cr()
-        # Interleave the two libraries (alternating which goes first) so any
-        # load from other processes falls on both alike; a short pause lets
-        # each library's worker threads go idle before the other one runs.
+        # Alternate blocks of the two libraries (switching which goes first)
+        # so load from other processes falls on both alike. Each block
+        # starts with a pause and an untimed call, so the other library's
+        # worker threads have gone idle and this one's pool is awake before
+        # its timed calls run back to back.
         t_np, t_cr = [], []
-        for r in range(args.repeats):
+        per_block = max(1, args.repeats // args.blocks)
+        for blk in range(args.blocks):
             order = [(run_np, t_np), (run_cr, t_cr)]
-            for fn, out in order if r % 2 == 0 else order[::-1]:
+            for fn, out in order if blk % 2 == 0 else order[::-1]:
                 time.sleep(args.pause)
-                out.append(timed(fn))
+                fn()
+                out.extend(timed(fn) for _ in range(per_block))
         rows.append((label, flops / statistics.median(t_np) / 1e9, flops / statistics.median(t_cr) / 1e9,
                      flops / min(t_np) / 1e9, flops / min(t_cr) / 1e9))
     wall = time.perf_counter() - wall0
@@ -132,7 +141,7 @@ def main() -> int:
 
     print()
     threads = f"BLAS {os.environ['OPENBLAS_NUM_THREADS']} / rayon {os.environ['RAYON_NUM_THREADS']} threads"
-    print(f"## float32 matmul, {threads}, {args.repeats} interleaved runs (GFLOP/s = 2*m*n*k / time)")
+    print(f"## float32 matmul, {threads}, {max(1, args.repeats // args.blocks) * args.blocks} runs in {args.blocks} alternating blocks (GFLOP/s = 2*m*n*k / time)")
     print()
     print("| shape | numpy median | crystalline median | crystalline / numpy (median) "
           "| numpy best | crystalline best | crystalline / numpy (best) |")
