@@ -7,7 +7,8 @@ package holds configs, tokenization, the command line and checkpoint files.
 
 from crystalline._core import Model
 from crystalline.config import ModelConfig
+from crystalline.inference import LoadedModel, load
 from crystalline.train import Run, TrainConfig, Trainer, resume, train
 
-__all__ = ["Model", "ModelConfig", "Run", "TrainConfig", "Trainer", "resume", "train"]
+__all__ = ["LoadedModel", "Model", "ModelConfig", "Run", "TrainConfig", "Trainer", "load", "resume", "train"]
 __version__ = "0.1.0"

@@ -1,0 +1,291 @@
+"""Using a trained model: `crystalline.load(path)` gives a `LoadedModel` that
+generates text with the Rust key/value cache, scores token ids and saves
+itself as a new run.
+
+Generation feeds each prompt through the cache one position at a time
+(sequences at the same position share one call), then runs one decode step
+per new token for every unfinished sequence and samples from its logits.
+A sequence stops at end-of-text or after `max_tokens` new tokens. When a
+sequence's context reaches the model's block size, the window slides: its
+cache is emptied and refilled with its last block_size // 2 tokens, so
+generation can go on past the block size (with a shorter memory).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from crystalline import _core, checkpoint
+from crystalline.config import ModelConfig
+from crystalline.data.corpus import file_hash
+from crystalline.data.tokenizer import Tokenizer
+from crystalline.errors import UserError
+from crystalline.train import TrainConfig
+
+# Called with (sequence index, text that became stable since the last call).
+StreamCallback = Callable[[int, str], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is drawn: temperature 0 is greedy; top_k 0 and
+    top_p 1 mean no cut-off."""
+
+    max_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed
+
+    def validate(self) -> None:
+        if self.max_tokens < 0:
+            raise UserError(f"--max-tokens must not be negative, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+class TextStream:
+    """Turns a growing list of token ids into the text not shown yet.
+
+    Byte-level tokens can end inside a UTF-8 character, which decodes to
+    U+FFFD until the rest arrives, so trailing U+FFFD is held back until a
+    later token (or `finish`) settles it."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.shown = 0
+
+    def push(self, ids: Sequence[int]) -> str:
+        text = self.tokenizer.decode(ids)
+        stable = len(text.rstrip("\ufffd"))
+        new = text[self.shown : stable]
+        self.shown = max(self.shown, stable)
+        return new
+
+    def finish(self, ids: Sequence[int]) -> str:
+        text = self.tokenizer.decode(ids)
+        new = text[self.shown :]
+        self.shown = len(text)
+        return new
+
+
+class LoadedModel:
+    """A model, its tokenizer and where it came from."""
+
+    def __init__(self, model: _core.Model, tokenizer: Tokenizer, config: ModelConfig, state: dict,
+                 path: Path) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.state = state
+        self.path = path
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def set_threads(self, threads: int) -> None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        self.model.set_threads(threads)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return self.model.parameters()
+
+    # -- scoring -----------------------------------------------------------
+
+    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Next-token logits after each position: ids [T] -> [T, V], or [B, T] -> [B, T, V]."""
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.ndim not in (1, 2) or arr.shape[-1] == 0:
+            raise UserError("logits() takes a non-empty list of token ids, or a [batch, time] array")
+        if arr.shape[-1] > self.block_size:
+            raise UserError(f"{arr.shape[-1]} tokens are more than the model's block size {self.block_size}")
+        out = self.model.forward(np.ascontiguousarray(arr.reshape(-1, arr.shape[-1])))
+        return out[0] if arr.ndim == 1 else out
+
+    # -- generation --------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a prompt, refused when empty or longer than the block size."""
+        if not prompt:
+            raise UserError("the prompt is empty; give some text to continue")
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) > self.block_size:
+            raise UserError(
+                f"the prompt is {len(ids)} tokens, longer than the model's block size of {self.block_size} "
+                "tokens; shorten it"
+            )
+        return ids
+
+    def generate(self, prompt: str, max_tokens: int = 200, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 1.0, seed: int | None = None, stream: Callable[[str], None] | None = None) -> str:
+        """The text the model writes after `prompt` (without the prompt).
+        `stream` receives the text piece by piece as it is produced."""
+        each = (lambda _i, text: stream(text)) if stream else None
+        return self.generate_batch([prompt], max_tokens, temperature, top_k, top_p, seed, each)[0]
+
+    def generate_batch(self, prompts: Sequence[str], max_tokens: int = 200, temperature: float = 0.8,
+                       top_k: int = 40, top_p: float = 1.0, seed: int | None = None,
+                       stream: StreamCallback | None = None) -> list[str]:
+        """Continue several prompts at once (one batched decode step per
+        token); `stream(i, text)` receives sequence i's text as it grows."""
+        if not prompts:
+            return []
+        prompt_ids = [self.encode_prompt(p) for p in prompts]
+        sampling = Sampling(max_tokens, temperature, top_k, top_p, seed)
+        streams = [TextStream(self.tokenizer) for _ in prompts]
+        on_token = None
+        if stream is not None:
+            def on_token(i: int, ids: list[int]) -> None:
+                text = streams[i].push(ids)
+                if text:
+                    stream(i, text)
+        outs = self.generate_ids(prompt_ids, sampling, on_token)
+        if stream is not None:
+            for i, ids in enumerate(outs):
+                rest = streams[i].finish(ids)
+                if rest:
+                    stream(i, rest)
+        return [self.tokenizer.decode(ids) for ids in outs]
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: Sampling,
+                     on_token: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+        """New token ids for each prompt of ids (end-of-text not included)."""
+        sampling.validate()
+        for ids in prompts:
+            if not 0 < len(ids) <= self.block_size:
+                raise UserError(f"a prompt must have 1 to {self.block_size} tokens, got {len(ids)}")
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
+        model, eot, window = self.model, self.tokenizer.eot_id, max(1, self.block_size // 2)
+        model.reset_cache(len(prompts), seed)
+        context = [list(ids) for ids in prompts]
+        filled = [0] * len(prompts)  # positions in each sequence's cache
+        outs: list[list[int]] = [[] for _ in prompts]
+        self._prefill({i: ids[:-1] for i, ids in enumerate(context)}, filled)
+        active = list(range(len(prompts))) if sampling.max_tokens > 0 else []
+        while active:
+            full = [i for i in active if filled[i] >= self.block_size]
+            if full:  # slide the window: keep the last `window` tokens, the pending one included
+                for i in full:
+                    model.clear_sequence(i)
+                    filled[i] = 0
+                self._prefill({i: context[i][-window:-1] for i in full}, filled)
+            logits = model.decode(active, np.array([context[i][-1] for i in active], dtype=np.int64))
+            logits[:, self.tokenizer.vocab_size :] = -np.inf  # ids the tokenizer cannot decode
+            for i in active:
+                filled[i] += 1
+            picks = model.sample(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+            still = []
+            for i, tok in zip(active, picks):
+                if tok == eot:
+                    continue
+                outs[i].append(tok)
+                context[i].append(tok)
+                if on_token is not None:
+                    on_token(i, outs[i])
+                if len(outs[i]) < sampling.max_tokens:
+                    still.append(i)
+            active = still
+        return outs
+
+    def _prefill(self, pending: dict[int, Sequence[int]], filled: list[int]) -> None:
+        """Feed each sequence its tokens without computing logits; sequences
+        at the same step share one decode call."""
+        longest = max((len(ids) for ids in pending.values()), default=0)
+        for step in range(longest):
+            seqs = [i for i, ids in pending.items() if step < len(ids)]
+            toks = np.array([pending[i][step] for i in seqs], dtype=np.int64)
+            self.model.decode(seqs, toks, want_logits=False)
+            for i in seqs:
+                filled[i] += 1
+
+    # -- saving ------------------------------------------------------------
+
+    def save(self, run_dir: Path | str) -> Path:
+        """Write the weights and tokenizer as a new run directory (one
+        checkpoint at step 0, fresh optimizer state) that `load` and
+        `crystalline train --resume RUN_DIR` accept. Returns the checkpoint."""
+        return write_run(Path(run_dir), self.parameters(), self.config, self.path / checkpoint.TOKENIZER,
+                         self.state.get("config", {}))
+
+
+def load(path: Path | str, threads: int | None = None) -> LoadedModel:
+    """Load a checkpoint directory, or a run directory's latest checkpoint,
+    after checking that its tokenizer is the one the model was trained with."""
+    ckpt = checkpoint.resolve(Path(path))
+    state = checkpoint.read_state(ckpt)
+    tok_path = ckpt / checkpoint.TOKENIZER
+    if not tok_path.is_file():
+        raise UserError(f"checkpoint {ckpt} has no tokenizer: {tok_path} is missing (copy back the "
+                        "tokenizer.json the model was trained with)")
+    if state.get("tokenizer_hash") != file_hash(tok_path):
+        raise UserError(f"tokenizer {tok_path} is not the one the model was trained with "
+                        f"(its sha256 differs from tokenizer_hash in {ckpt / checkpoint.STATE})")
+    ck = checkpoint.load(ckpt, with_optimizer=False)
+    try:
+        cfg = ModelConfig(**state["model"])
+        cfg.validate()
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{ckpt / checkpoint.STATE} has no valid model config ({err})") from None
+    tokenizer = Tokenizer.load(tok_path)
+    model = _core.Model(cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.block_size)
+    for name, view in model.parameters().items():
+        src = ck.params.get(name)
+        if src is None or src.shape != view.shape:
+            raise UserError(f"checkpoint {ckpt} does not match its model config (tensor {name})")
+        view[...] = src
+    loaded = LoadedModel(model, tokenizer, cfg, state, ckpt)
+    if threads is not None:
+        loaded.set_threads(threads)
+    return loaded
+
+
+def write_run(run_dir: Path, params: dict[str, np.ndarray], cfg: ModelConfig, tokenizer_path: Path,
+              train_config: dict) -> Path:
+    """Create `run_dir` holding the tokenizer and one checkpoint at step 0
+    with zero optimizer moments, so `crystalline train --resume RUN_DIR`
+    fine-tunes from these weights with this tokenizer. The directory is
+    built under a temporary name and renamed into place."""
+    run_dir = run_dir.expanduser().absolute()
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UserError(f"{run_dir} already exists and is not an empty directory; choose a new --out")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{run_dir.name}-", dir=run_dir.parent))
+    try:
+        shutil.copyfile(tokenizer_path, tmp / checkpoint.TOKENIZER)
+        base = {k: v for k, v in train_config.items() if k in TrainConfig.__dataclass_fields__}
+        train_cfg = replace(TrainConfig(**base), vocab_size=cfg.vocab_size, embed_dim=cfg.n_embd,
+                            num_layers=cfg.n_layer, num_heads=cfg.n_head, seq_len=cfg.block_size,
+                            checkpoint_dir=str(run_dir), tokenizer=str(run_dir / checkpoint.TOKENIZER))
+        zeros = {k: np.zeros_like(a) for k, a in params.items()}
+        state = {
+            "config": asdict(train_cfg),
+            "model": asdict(cfg),
+            "epoch": 0,
+            "epoch_step": 0,
+            "optimizer_step": 0,
+            "dealt": 0,
+            "tokenizer_hash": file_hash(tmp / checkpoint.TOKENIZER),
+            "train_loss": None,
+            "val_loss": None,
+        }
+        checkpoint.save(tmp, 0, params, zeros, zeros, state, tmp / checkpoint.TOKENIZER, keep=0)
+        if run_dir.exists():
+            run_dir.rmdir()
+        os.rename(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return checkpoint.list_checkpoints(run_dir)[-1]
