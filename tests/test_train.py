@@ -242,3 +242,42 @@ def test_plot_draws_the_loss_curves(tmp_path, env):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     missing = cli(["plot", str(tmp_path)], env)
     assert missing.returncode == 2 and "has no metrics.jsonl" in missing.stderr
+
+
+def wait_for(path: Path, pattern: str, timeout: float = 90) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} never appeared in {path}:\n{text}")
+
+
+def test_watch_waits_for_data_then_picks_up_a_file_added_while_it_runs(tmp_path, env):
+    watched = tmp_path / "incoming"
+    watched.mkdir()
+    log = tmp_path / "log.txt"
+    args = ["train", "--watch", str(watched), "--watch-interval", "2", "--vocab-size", "300", "--embed-dim", "32",
+            "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--seq-len", "32", "--val-fraction", "0",
+            "--no-progress", "--sample-tokens", "0", "--checkpoint-dir", str(tmp_path / "run")]
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "crystalline", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        try:
+            wait_for(log, r"waiting for data in")
+            (watched / "first.txt").write_text((STDLIB / "json" / "decoder.py").read_text())
+            before = wait_for(log, r"Distribution by symmetry group")
+            first_tokens = int(re.search(r"data: ([\d,]+) training tokens", before)[1].replace(",", ""))
+            (watched / "second.txt").write_text((STDLIB / "json" / "encoder.py").read_text())
+            text = wait_for(log, r"watch: 1 new or changed file\(s\); now ([\d,]+) training tokens")
+            now = int(re.search(r"watch: 1 new or changed file\(s\); now ([\d,]+)", text)[1].replace(",", ""))
+            assert now > first_tokens
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    assert proc.returncode == 130, log.read_text()
+    # the run goes on from its weights: one metrics line per step, steps never restart
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
+    assert checkpoint.list_checkpoints(tmp_path / "run")

@@ -45,7 +45,11 @@ PRESETS: dict[str, dict] = {
 # What may change when a run is resumed: how it is watched, saved and how
 # far it goes. Its shape, data and schedule stay as saved.
 RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
-                     "progress", "sample_tokens", "checkpoint_dir", "threads"}
+                     "progress", "sample_tokens", "checkpoint_dir", "threads", "watch_interval"}
+# Epochs of a --watch run when none are asked for: in effect until Ctrl-C.
+WATCH_EPOCHS = 1_000_000_000
+# Seconds between looks at a --watch directory that holds too little data to train.
+WATCH_POLL_S = 2.0
 
 
 @dataclass
@@ -76,6 +80,8 @@ class TrainConfig:
     extensions: list[str] | None = None  # only files with these extensions
     tokenizer: str | None = None  # use this tokenizer.json instead of training one
     sample_tokens: int = 120  # tokens sampled after training (0: none)
+    watch: str | None = None  # keep training on this directory, picking up new and changed files
+    watch_interval: int | None = None  # steps between checks of --watch (default: each epoch boundary)
     verbose: bool = False  # a line per sphere per step
     progress: bool = True  # the rich progress bar
 
@@ -114,8 +120,11 @@ def build_config(overrides: dict, config_file: Path | None = None, preset: str |
     values.update(from_file)
     given = {k: v for k, v in overrides.items() if v is not None}
     values.update(given)
-    if ("epochs" in given or "epochs" in from_file) and "max_steps" not in given and "max_steps" not in from_file:
-        values.pop("max_steps", None)  # asking for epochs means all of them, not the preset's step cap
+    explicit = set(given) | set(from_file)
+    if ("epochs" in explicit or "watch" in explicit) and "max_steps" not in explicit:
+        values.pop("max_steps", None)  # asking for epochs (or to watch) means all of them, not the preset's cap
+    if "watch" in explicit and "epochs" not in explicit:
+        values["epochs"] = WATCH_EPOCHS  # watching goes on until Ctrl-C
     values["preset"] = preset
     try:
         return TrainConfig(**values)
@@ -136,6 +145,10 @@ def validate(cfg: TrainConfig) -> None:
             f"--embed-dim {cfg.embed_dim} is not divisible by --num-heads {cfg.num_heads}; "
             f"pick a head count that divides it"
         )
+    if cfg.watch_interval is not None and (cfg.watch is None or cfg.watch_interval < 1):
+        raise UserError("--watch-interval needs --watch DIR and a positive number of steps")
+    if cfg.watch is not None and not Path(cfg.watch).is_dir():
+        raise UserError(f"--watch {cfg.watch} is not a directory")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserError(f"--max-steps must be at least 1, got {cfg.max_steps}")
     if not (0 < cfg.learning_rate < 10) or not math.isfinite(cfg.learning_rate):
@@ -160,11 +173,15 @@ def check_writable(run_dir: Path) -> None:
         raise UserError(f"--checkpoint-dir {run_dir} is not writable ({probe_dir} denies writing)")
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio * peak."""
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio *
+    peak at total_steps; constant after warmup when the end is unknown
+    (a --watch run)."""
     peak = cfg.learning_rate
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
+    if total_steps is None:
+        return peak
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = peak * cfg.min_lr_ratio
@@ -229,45 +246,45 @@ class Trainer:
                 "or choose another --checkpoint-dir"
             )
         # Absolute data paths, so a resumed run finds its data from any directory.
-        cfg = self.cfg = replace(self.cfg, data=[str(Path(p).expanduser().resolve()) for p in self.cfg.data])
-        paths = [Path(p) for p in cfg.data] if cfg.data else corpus.builtin_corpus_paths()
-        if not cfg.data:
+        cfg = self.cfg = replace(self.cfg, data=[str(Path(p).expanduser().resolve()) for p in self.cfg.data],
+                                 watch=str(Path(self.cfg.watch).resolve()) if self.cfg.watch else None)
+        paths = [Path(p) for p in cfg.data] + ([Path(cfg.watch)] if cfg.watch else [])
+        if not paths:
+            paths = corpus.builtin_corpus_paths()
             where = os.path.commonpath([str(p) for p in paths])
             self.console.print(f"[Node Zero] No data given: training on the built-in corpus, "
                                f"the {len(paths):,} .py files of the standard library in {where}")
-        extensions = cfg.extensions or ([".py"] if not cfg.data else None)
+        self.paths = paths
+        self.extensions = cfg.extensions or ([".py"] if not cfg.data and not cfg.watch else None)
         if cfg.preset == "auto":
             # The vocabulary must be known before the tokenizer is trained:
             # take it from the design table's row for the data size.
-            files, _ = corpus.walk(paths, extensions)
+            files, _ = corpus.walk(paths, self.extensions)
             data_bytes = sum(f.size for f in files)
             cfg = self.cfg = replace(cfg, vocab_size=sizing.table_row(data_bytes).config.vocab_size)
-        self.dataset: Dataset = prepare_for_training(
-            paths,
-            cfg.vocab_size,
-            tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None,
-            val_fraction=cfg.val_fraction,
-            progress=cfg.progress,
-            extensions=extensions,
-        )
-        ds = self.dataset
-        self.train_tokens = ds.train_tokens()
-        self.val_tokens = ds.val_tokens()
+        while cfg.watch and not self._has_text():
+            self._wait(f"no text files in {cfg.watch} yet")
+        self._load_data(progress=cfg.progress)
         if cfg.preset == "auto":
             rec = sizing.recommend(len(self.train_tokens), data_bytes)
             cfg = self.cfg = replace(cfg, embed_dim=rec.n_embd, num_layers=rec.n_layer, num_heads=rec.n_head)
+        ds = self.dataset
         if ds.vocab_size > cfg.vocab_size:
             raise UserError(
                 f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {ds.vocab_size} tokens; "
                 f"use --vocab-size {ds.vocab_size} or another tokenizer"
             )
         mc = cfg.model_config()
-        for warning in sizing.check_data(mc, len(self.train_tokens), cfg.batch_size, cfg.seq_len):
+        while True:
+            try:
+                warnings = sizing.check_data(mc, len(self.train_tokens), cfg.batch_size, cfg.seq_len)
+                break
+            except UserError as err:
+                if not cfg.watch:
+                    raise
+                self._wait_for_data(err)
+        for warning in warnings:
             self.console.print(f"[yellow]warning:[/] {warning}")
-        self.sequences = (len(self.train_tokens) - 1) // cfg.seq_len
-        self.steps_per_epoch = self.sequences // cfg.batch_size
-        planned = self.steps_per_epoch * cfg.epochs
-        self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
         if resume:
             state = checkpoint.read_state(self.resume_from)
             if state.get("tokenizer_hash") != ds.tokenizer_hash:
@@ -279,7 +296,7 @@ class Trainer:
             mc.vocab_size, mc.n_embd, mc.n_layer, mc.n_head, mc.block_size,
             threads=cfg.threads, seed=cfg.seed, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
         )
-        self.step = 0
+        self.step, self.epoch, self.pos = 0, 0, 0
         if self.resume_from is not None:
             self._restore(self.resume_from)
         c = self.console
@@ -287,14 +304,75 @@ class Trainer:
             f"[Node Zero] model: {mc.num_parameters():,} parameters (V={mc.vocab_size}, C={mc.n_embd}, "
             f"L={mc.n_layer}, NH={mc.n_head}, T={mc.block_size})"
         )
+        planned = "until stopped" if self.total_steps is None else f"{self.total_steps:,} steps planned"
         c.print(
             f"[Node Zero] data: {len(self.train_tokens):,} training tokens, {len(self.val_tokens):,} validation; "
-            f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {self.steps_per_epoch:,} steps per epoch, "
-            f"{self.total_steps:,} steps planned"
+            f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {self.steps_per_epoch:,} steps per epoch, {planned}"
         )
         mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers); "
                 f"estimated memory {mem / 2**20:,.0f} MiB")
+
+    def _load_data(self, progress: bool) -> bool:
+        """(Re)prepare the data, incrementally; True when the training split changed."""
+        cfg = self.cfg
+        self.dataset: Dataset = prepare_for_training(
+            self.paths,
+            cfg.vocab_size,
+            tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None,
+            val_fraction=cfg.val_fraction,
+            progress=progress,
+            extensions=self.extensions,
+        )
+        old = len(getattr(self, "train_tokens", ()))
+        self.train_tokens = self.dataset.train_tokens()
+        self.val_tokens = self.dataset.val_tokens()
+        self.sequences = max(0, (len(self.train_tokens) - 1) // cfg.seq_len)
+        self.steps_per_epoch = self.sequences // cfg.batch_size
+        if cfg.watch:
+            self.total_steps = cfg.max_steps  # None: until stopped
+        else:
+            planned = self.steps_per_epoch * cfg.epochs
+            self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        return len(self.train_tokens) != old
+
+    def _has_text(self) -> bool:
+        try:
+            corpus.walk(self.paths, self.extensions)
+        except UserError:
+            return False
+        return True
+
+    def _wait(self, why: str) -> None:
+        """A --watch run without enough data: say so once, look again soon."""
+        if not getattr(self, "_waiting", False):
+            self.console.print(f"[Node Zero] waiting for data in {self.cfg.watch}: {why}")
+            self._waiting = True
+        time.sleep(WATCH_POLL_S)
+
+    def _wait_for_data(self, why: UserError) -> None:
+        self._wait(str(why))
+        self._load_data(progress=False)
+
+    def _refresh_watched(self) -> bool:
+        """Pick up files added to or changed in the watched directory."""
+        changed = self._load_data(progress=False)
+        while self.steps_per_epoch == 0:  # files were removed: wait until one step fits again
+            self._wait_for_data(UserError(f"{len(self.train_tokens):,} tokens are fewer than one step"))
+            changed = True
+        if changed:
+            report = self.dataset.report
+            files = report.files_encoded if report else 0
+            self.console.print(
+                f"[Node Zero] watch: {files} new or changed file(s); now {len(self.train_tokens):,} training tokens, "
+                f"{self.steps_per_epoch:,} steps per epoch"
+            )
+        return changed
+
+    def _finished(self) -> bool:
+        if self.total_steps is not None and self.step >= self.total_steps:
+            return True
+        return self.epoch >= self.cfg.epochs
 
     def _restore(self, ckpt_path: Path) -> None:
         ck = checkpoint.load(ckpt_path)
@@ -307,17 +385,16 @@ class Trainer:
                 store[...] = src[name]
         st = ck.state
         self.trainer.step_count = st["optimizer_step"]
-        self.step = st["step"]
+        self.step, self.epoch, self.pos = st["step"], st["epoch"], st["epoch_step"]
         self.trainer.dealt = st["dealt"]
         self.console.print(f"[Node Zero] resumed from {ck.path} at step {self.step}")
 
     # -- data --------------------------------------------------------------
 
-    def batch(self, step: int) -> np.ndarray:
-        """The [B, T+1] windows of `step`: epoch e visits the sequences in a
-        permutation seeded by (seed, e)."""
+    def batch(self, epoch: int, i: int) -> np.ndarray:
+        """The [B, T+1] windows of step i of `epoch`, which visits the
+        sequences in a permutation seeded by (seed, epoch)."""
         cfg = self.cfg
-        epoch, i = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
         picks = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         starts = picks.astype(np.int64) * cfg.seq_len
@@ -325,10 +402,10 @@ class Trainer:
 
     def _order(self, epoch: int) -> np.ndarray:
         cached = getattr(self, "_order_cache", None)
-        if cached is None or cached[0] != epoch:
+        if cached is None or cached[:2] != (epoch, self.sequences):
             perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.sequences)
-            self._order_cache = (epoch, perm)
-        return self._order_cache[1]
+            self._order_cache = (epoch, self.sequences, perm)
+        return self._order_cache[2]
 
     def val_loss(self) -> float | None:
         cfg, toks = self.cfg, self.val_tokens
@@ -349,10 +426,11 @@ class Trainer:
         tokens) per symmetry group, dealt in rotation so shares differ by at
         most one whatever the corpus."""
         cfg = self.cfg
-        first = epoch * self.steps_per_epoch
-        steps = min(self.steps_per_epoch, self.total_steps - first)
+        steps = self.steps_per_epoch
+        if self.total_steps is not None:
+            steps = min(steps, self.total_steps - self.step)
         n = steps * cfg.batch_size
-        self.console.print(f"[Node Zero] Distribution by symmetry group (epoch {epoch + 1}/{cfg.epochs}):")
+        self.console.print(f"[Node Zero] Distribution by symmetry group (epoch {self._epoch_name(epoch)}):")
         for g in range(GROUPS):
             share = n // GROUPS + (1 if g < n % GROUPS else 0)
             self.console.print(f"  Group {g:2d}: {share} batches ({100 * share / max(n, 1):.1f}%)")
@@ -365,15 +443,19 @@ class Trainer:
             loss = s["loss_sum"] / s["tokens"] if s["tokens"] else float("nan")
             self.console.print(f"[Sphere {i}] {s['micro_batches']} batches, busy {busy:.0f}%, loss={loss:.4f}")
         avg = sum(losses) / len(losses) if losses else float("nan")
-        self.console.print(f"Epoch {epoch + 1}/{self.cfg.epochs} complete, average loss: {avg:.4f}")
+        self.console.print(f"Epoch {self._epoch_name(epoch)} complete, average loss: {avg:.4f}")
+
+    def _epoch_name(self, epoch: int) -> str:
+        return f"{epoch + 1}" if self.cfg.epochs == WATCH_EPOCHS else f"{epoch + 1}/{self.cfg.epochs}"
 
     # -- the loop ----------------------------------------------------------
 
-    def _state(self, epoch: int, losses: list[float], val: float | None) -> dict:
+    def _state(self, losses: list[float], val: float | None) -> dict:
         return {
             "config": asdict(self.cfg),
             "model": asdict(self.cfg.model_config()),
-            "epoch": epoch,
+            "epoch": self.epoch,
+            "epoch_step": self.pos,
             "optimizer_step": self.trainer.step_count,
             "dealt": self.trainer.dealt,
             "tokenizer_hash": self.dataset.tokenizer_hash,
@@ -381,11 +463,11 @@ class Trainer:
             "val_loss": val,
         }
 
-    def save(self, epoch: int, losses: list[float], val: float | None) -> Path:
+    def save(self, losses: list[float], val: float | None) -> Path:
         m, v = self.trainer.optimizer_state()
         return checkpoint.save(
             self.run_dir, self.step, self.trainer.parameters(), m, v,
-            self._state(epoch, losses, val), self.dataset.tokenizer_path, self.cfg.keep,
+            self._state(losses, val), self.dataset.tokenizer_path, self.cfg.keep,
         )
 
     def run(self) -> Run:
@@ -404,22 +486,20 @@ class Trainer:
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
             console=c, disable=not cfg.progress, transient=False,
         )
-        epoch = self.step // self.steps_per_epoch
         totals = self._fresh_totals()
         epoch_losses: list[float] = []
         epoch_wall = 0.0
         try:
             with progress:
-                task = progress.add_task("train", total=self.total_steps, completed=self.step, epoch=epoch + 1,
-                                         loss="-", tps="-")
-                if self.step % self.steps_per_epoch == 0 and self.step < self.total_steps:
-                    self._epoch_start(epoch)
-                while self.step < self.total_steps and not self._stop:
-                    epoch = self.step // self.steps_per_epoch
-                    if self.step % self.steps_per_epoch == 0:
+                task = progress.add_task("train", total=self.total_steps, completed=self.step,
+                                         epoch=self.epoch + 1, loss="-", tps="-")
+                if self.pos == 0 and not self._finished():
+                    self._epoch_start(self.epoch)
+                while not self._finished() and not self._stop:
+                    if self.pos == 0:
                         self.trainer.dealt = 0
                     lr = lr_at(self.step, cfg, self.total_steps)
-                    batch = self.batch(self.step)
+                    batch = self.batch(self.epoch, self.pos)
                     t0 = time.perf_counter()
                     try:
                         r = self.trainer.step(batch, lr)
@@ -432,6 +512,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     epoch_wall += r["compute_s"]
                     self.step += 1
+                    self.pos += 1
                     losses.append(r["loss"])
                     epoch_losses.append(r["loss"])
                     for i, s in enumerate(r["spheres"]):
@@ -442,33 +523,43 @@ class Trainer:
                         if s["tokens"]:
                             t["loss_sum"] += s["loss"] * s["tokens"]
                     tps = cfg.batch_size * cfg.seq_len / dt
-                    record = {"step": self.step, "epoch": epoch + 1, "loss": r["loss"], "lr": lr,
+                    record = {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr,
                               "grad_norm": r["grad_norm"], "tokens_per_s": tps,
                               "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
                     if cfg.verbose:
                         for i, s in enumerate(r["spheres"]):
                             if s["micro_batches"]:
                                 c.print(f"[Sphere {i}] Forward pass complete, loss={s['loss']:.4f}")
-                    if self.step % cfg.eval_interval == 0 or self.step == self.total_steps:
+                    last = self.total_steps is not None and self.step >= self.total_steps
+                    if self.step % cfg.eval_interval == 0 or last:
                         val = self.val_loss()
                         if val is not None:
                             vals.append((self.step, val))
                             record["val_loss"] = val
                             c.print(f"[Node Zero] step {self.step}: train loss {r['loss']:.4f}, val loss {val:.4f}")
                     metrics.write(json.dumps(record) + "\n")
-                    progress.update(task, advance=1, epoch=epoch + 1, loss=f"{r['loss']:.4f}", tps=f"{tps:,.0f}")
-                    end_of_epoch = self.step % self.steps_per_epoch == 0
-                    if end_of_epoch or self.step == self.total_steps:
-                        self._epoch_end(epoch, totals, epoch_wall, epoch_losses)
+                    progress.update(task, advance=1, epoch=self.epoch + 1, loss=f"{r['loss']:.4f}",
+                                    tps=f"{tps:,.0f}")
+                    # A watched directory that grew ends the epoch early: the next
+                    # one runs over the larger dataset.
+                    grew = (cfg.watch is not None and cfg.watch_interval is not None
+                            and self.step % cfg.watch_interval == 0 and self._refresh_watched())
+                    if self.pos >= self.steps_per_epoch or last or grew:
+                        self._epoch_end(self.epoch, totals, epoch_wall, epoch_losses)
                         totals, epoch_losses, epoch_wall = self._fresh_totals(), [], 0.0
-                        if end_of_epoch and self.step < self.total_steps:
-                            self._epoch_start(epoch + 1)
-                    if self.step % cfg.save_interval == 0 or self.step == self.total_steps or self._stop:
-                        last_ckpt = self.save(epoch, losses, val)
+                        if not last:
+                            self.epoch, self.pos = self.epoch + 1, 0
+                            if cfg.watch is not None and not grew:
+                                self._refresh_watched()
+                            progress.update(task, total=self.total_steps)
+                            if not self._finished():
+                                self._epoch_start(self.epoch)
+                    if self.step % cfg.save_interval == 0 or self._finished() or self._stop:
+                        last_ckpt = self.save(losses, val)
         finally:
             signal.signal(signal.SIGINT, previous)
             metrics.close()
-        interrupted = self._stop and self.step < self.total_steps
+        interrupted = self._stop and not self._finished()
         if interrupted:
             c.print(f"[Node Zero] interrupted: saved {last_ckpt}; continue with "
                     f"`crystalline train --resume --checkpoint-dir {self.run_dir}`")

@@ -46,6 +46,11 @@ def train(
     config: Annotated[Optional[Path], Opt("--config", help="TOML file of settings; flags override it.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --checkpoint-dir (or the run directory "
                                                 "given as DATA) from its latest checkpoint.")] = False,
+    watch: Annotated[Optional[Path], Opt(help="Keep training on this directory: at each epoch boundary (or every "
+                                               "--watch-interval steps) pick up new and changed files, prepare only "
+                                               "those, and go on from the current weights. Runs until Ctrl-C unless "
+                                               "--epochs/--max-steps; the learning rate stays at its peak after warmup.")] = None,
+    watch_interval: Annotated[Optional[int], Opt(help="Steps between checks of --watch (default: each epoch).")] = None,
     verbose: Annotated[bool, Opt("--verbose", help="A line per sphere per step.")] = False,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
 ) -> None:
@@ -62,6 +67,7 @@ def train(
         weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval, val_fraction=val_fraction,
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
+        watch=str(watch) if watch else None, watch_interval=watch_interval,
     )
     console = Console(stderr=True)
     if resume:
