@@ -96,15 +96,24 @@ def save(
             os.fsync(f.fileno())
         _fsync(tmp)
         if final.exists():  # re-saving a step (e.g. after resume): replace it
-            shutil.rmtree(final)
+            discard(final)
         os.rename(tmp, final)
         _fsync(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return final
+
+
+def discard(ckpt: Path) -> None:
+    """Delete a checkpoint so that no crash leaves half of it looking
+    complete: rename it to a temporary name first, then remove it."""
+    doomed = ckpt.with_name(f"{TMP_PREFIX}{ckpt.name}")
+    os.rename(ckpt, doomed)
+    _fsync(ckpt.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
