@@ -248,34 +248,35 @@ fn gelu_forward<'py>(py: Python<'py>, inp: &Bound<'py, PyAny>) -> PyResult<Arr<'
     Ok(out(py, &shape, o))
 }
 
+/// Run an elementwise kernel `f(out, a, b)` over two same-shape arrays.
+fn elementwise2<'py>(
+    py: Python<'py>,
+    (a, a_name): (&Bound<'py, PyAny>, &str),
+    (b, b_name): (&Bound<'py, PyAny>, &str),
+    f: fn(&mut [f32], &[f32], &[f32]),
+) -> PyResult<Arr<'py>> {
+    let (a, b) = (f32_in(a, a_name, 0)?, f32_in(b, b_name, 0)?);
+    expect_shape(b_name, b.shape(), a.shape())?;
+    let shape = a.shape().to_vec();
+    let (x, y) = (a.as_slice()?, b.as_slice()?);
+    let o = py.detach(|| {
+        let mut o = vec![0.0; x.len()];
+        f(&mut o, x, y);
+        o
+    });
+    Ok(out(py, &shape, o))
+}
+
 /// dout, inp (same shape) -> dinp
 #[pyfunction]
 fn gelu_backward<'py>(py: Python<'py>, dout: &Bound<'py, PyAny>, inp: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
-    let (dout, inp) = (f32_in(dout, "dout", 0)?, f32_in(inp, "inp", 0)?);
-    expect_shape("dout", dout.shape(), inp.shape())?;
-    let shape = inp.shape().to_vec();
-    let (d, x) = (dout.as_slice()?, inp.as_slice()?);
-    let di = py.detach(|| {
-        let mut di = vec![0.0; x.len()];
-        gelu::gelu_backward(&mut di, x, d);
-        di
-    });
-    Ok(out(py, &shape, di))
+    elementwise2(py, (inp, "inp"), (dout, "dout"), gelu::gelu_backward)
 }
 
 /// a + b (same shape)
 #[pyfunction]
 fn residual_forward<'py>(py: Python<'py>, a: &Bound<'py, PyAny>, b: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
-    let (a, b) = (f32_in(a, "a", 0)?, f32_in(b, "b", 0)?);
-    expect_shape("b", b.shape(), a.shape())?;
-    let shape = a.shape().to_vec();
-    let (x, y) = (a.as_slice()?, b.as_slice()?);
-    let o = py.detach(|| {
-        let mut o = vec![0.0; x.len()];
-        residual::residual_forward(&mut o, x, y);
-        o
-    });
-    Ok(out(py, &shape, o))
+    elementwise2(py, (a, "a"), (b, "b"), residual::residual_forward)
 }
 
 /// dout -> (da, db)
