@@ -31,6 +31,15 @@ from crystalline import train_command  # noqa: E402
 app.command("train")(train_command.train)
 app.command("plot")(train_command.plot)
 
+from crystalline import inference_command  # noqa: E402
+
+app.command("generate")(inference_command.generate)
+app.command("chat")(inference_command.chat)
+app.command("eval")(inference_command.evaluate)
+app.add_typer(inference_command.models_app, name="models")
+app.command("export")(inference_command.export)
+app.command("import")(inference_command.import_model)
+
 
 def main() -> None:
     """Console-script entry point: typer reports usage errors itself (exit

@@ -1,0 +1,329 @@
+"""`crystalline generate`, `chat`, `eval`, `models`, `export` and `import`:
+using, inspecting and converting trained models from the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from typer.core import TyperGroup
+
+from crystalline import checkpoint, hf
+from crystalline.config import ModelConfig
+from crystalline.data import corpus
+from crystalline.errors import UserError
+from crystalline.inference import Sampling, load
+
+Opt = typer.Option
+Arg = typer.Argument
+
+CHECKPOINT_HELP = "A checkpoint directory, or a run directory (its latest checkpoint)."
+# Windows scored per call in `eval`.
+EVAL_BATCH = 8
+
+MaxTokens = Annotated[int, Opt(help="New tokens per sample, at most (stops earlier at end-of-text).")]
+Temperature = Annotated[float, Opt(help="Sampling temperature; 0 is greedy (always the likeliest token).")]
+TopK = Annotated[int, Opt(help="Sample among the K likeliest tokens only (0: all).")]
+TopP = Annotated[float, Opt(help="Nucleus sampling: the smallest set of likeliest tokens with this much "
+                                 "probability, in (0, 1] (1: all).")]
+Seed = Annotated[Optional[int], Opt(help="Seed for reproducible samples (default: a fresh one each run).")]
+Threads = Annotated[Optional[int], Opt(help="Threads for the model (default: one per core).")]
+
+
+def generate(
+    checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPOINT_HELP)],
+    prompt: Annotated[Optional[str], Opt(help="Text to continue (else --prompt-file, else stdin).")] = None,
+    prompt_file: Annotated[Optional[Path], Opt(help="Read the prompt from this file.")] = None,
+    max_tokens: MaxTokens = 200,
+    temperature: Temperature = 0.8,
+    top_k: TopK = 40,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+    num_samples: Annotated[int, Opt(help="Samples to draw from the prompt (generated together, as a batch).")] = 1,
+    threads: Threads = None,
+) -> None:
+    """Continue a prompt with a trained model, streaming the text as it is written.
+
+    When a sequence reaches the model's block size the window slides:
+    generation goes on from its last block_size/2 tokens."""
+    if prompt is not None and prompt_file is not None:
+        raise UserError("give either --prompt or --prompt-file, not both")
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    Sampling(max_tokens, temperature, top_k, top_p, seed).validate()
+    if prompt_file is not None:
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read --prompt-file {prompt_file} ({err})") from None
+    elif prompt is None:
+        if sys.stdin.isatty():
+            raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text to stdin")
+        prompt = sys.stdin.read()
+    model = load(checkpoint_path, threads=threads)
+    model.encode_prompt(prompt)  # refuse an empty or too long prompt before printing anything
+    args = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if num_samples == 1:
+        _write(prompt)
+        model.generate(prompt, stream=_write, **args)
+        _write("\n")
+        return
+    for i, text in enumerate(model.generate_batch([prompt] * num_samples, **args)):
+        _write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{prompt}{text}\n")
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def chat(
+    checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPOINT_HELP)],
+    max_tokens: MaxTokens = 200,
+    temperature: Temperature = 0.8,
+    top_k: TopK = 40,
+    top_p: TopP = 1.0,
+    seed: Seed = None,
+    threads: Threads = None,
+) -> None:
+    """Type prompts, read the model's continuations; Ctrl-D exits.
+
+    Each line is a prompt on its own (the model has no memory of earlier
+    turns). Ctrl-C stops a reply; Ctrl-D, or Ctrl-C at the prompt, exits.
+
+    When a reply reaches the model's block size the window slides: it goes on
+    from its last block_size/2 tokens."""
+    Sampling(max_tokens, temperature, top_k, top_p, seed).validate()
+    model = load(checkpoint_path, threads=threads)
+    err = Console(stderr=True)
+    err.print(f"[bold]{model.path}[/]: {model.config.num_parameters():,} parameters, context "
+              f"{model.block_size} tokens. Ctrl-D to quit.")
+    turn = 0
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            _write("\n")
+            return
+        if not prompt.strip():
+            continue
+        try:
+            model.encode_prompt(prompt)
+        except UserError as bad:
+            err.print(f"[red]error:[/] {bad}")
+            continue
+        turn_seed = None if seed is None else seed + turn
+        turn += 1
+        _write(prompt)
+        try:
+            model.generate(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=turn_seed, stream=_write)
+        except KeyboardInterrupt:
+            err.print("[dim](stopped)[/]")
+        _write("\n")
+
+
+def evaluate(
+    checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPOINT_HELP)],
+    data: Annotated[list[Path], Arg(help="Held-out text files or directories (recursive).")],
+    ext: Annotated[Optional[list[str]], Opt("--ext", help="Only files with this extension (repeatable).")] = None,
+    threads: Threads = None,
+    no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Loss, perplexity and bits per byte of a model on held-out text.
+
+    Documents are joined with end-of-text, as in training, and scored in
+    non-overlapping windows of the block size, so every token but the first
+    is predicted once. Bits per byte = total loss in nats / ln 2 / UTF-8 bytes
+    of the text; unlike the loss it compares models with different tokenizers."""
+    model = load(checkpoint_path, threads=threads)
+    files, _ = corpus.walk(list(data), ext)
+    tok = model.tokenizer
+    ids: list[int] = []
+    n_bytes = 0
+    for f in files:
+        text = "".join(corpus.read_chunks(f.path, corpus.FileRead()))
+        ids.extend(tok.encode(text))
+        ids.append(tok.eot_id)
+        n_bytes += len(text.encode())
+    tokens = np.asarray(ids, dtype=np.int64)
+    if len(tokens) < 2:
+        raise UserError("the data holds too little text to score (at least one token is needed)")
+    t = model.block_size
+    starts = list(range(0, len(tokens) - 1, t))
+    nats = 0.0
+    err = Console(stderr=True)
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=no_progress) as progress:
+        task = progress.add_task("eval", total=len(starts))
+        full = [s for s in starts if s + t + 1 <= len(tokens)]
+        for lo in range(0, len(full), EVAL_BATCH):
+            batch = np.stack([tokens[s : s + t + 1] for s in full[lo : lo + EVAL_BATCH]])
+            nats += model.model.loss(batch[:, :-1], batch[:, 1:]) * batch[:, 1:].size
+            progress.advance(task, len(batch))
+        if len(full) < len(starts):  # the shorter last window
+            tail = tokens[starts[-1] :][None, :]
+            nats += model.model.loss(tail[:, :-1], tail[:, 1:]) * (tail.shape[1] - 1)
+            progress.advance(task)
+    predicted = len(tokens) - 1
+    loss = nats / predicted
+    typer.echo(f"files       {len(files)}")
+    typer.echo(f"tokens      {predicted:,} scored ({n_bytes:,} bytes of text)")
+    typer.echo(f"loss        {loss:.4f} nats/token")
+    typer.echo(f"perplexity  {math.exp(loss):.2f}")
+    typer.echo(f"bits/byte   {nats / math.log(2) / max(n_bytes, 1):.4f}")
+
+
+# -- models ------------------------------------------------------------------
+
+
+class _ModelsGroup(TyperGroup):
+    """`crystalline models [DIR]` lists; `models info|delete ...` are subcommands.
+    A first argument that is not a subcommand is the directory to list."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+models_app = typer.Typer(cls=_ModelsGroup, help="List, inspect and delete trained models: `crystalline models "
+                                                "[DIR]` lists the runs under DIR (default runs).",
+                         no_args_is_help=False)
+
+
+def _runs_under(root: Path) -> list[Path]:
+    """Run directories (holding checkpoints) at or below `root`."""
+    if checkpoint.list_checkpoints(root):
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_dir() and checkpoint.list_checkpoints(p)
+                  and not p.name.startswith(checkpoint.PREFIX))
+
+
+def _summary(ckpt: Path) -> dict:
+    state = checkpoint.read_state(ckpt)
+    cfg = ModelConfig(**state["model"])
+    return dict(state=state, cfg=cfg, params=cfg.num_parameters(),
+                bytes=sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()))
+
+
+def _shape(cfg: ModelConfig) -> str:
+    return f"V={cfg.vocab_size} C={cfg.n_embd} L={cfg.n_layer} H={cfg.n_head} T={cfg.block_size}"
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@models_app.command("list")
+def list_models(
+    directory: Annotated[Path, Arg(metavar="DIR", help="Where to look (recursively).")] = Path("runs"),
+) -> None:
+    """List runs and their checkpoints: config, parameters, step, last validation loss."""
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory; pass the directory that holds your runs")
+    runs = _runs_under(directory)
+    if not runs:
+        typer.echo(f"no runs under {directory}")
+        return
+    table = Table("config", "parameters", "step", "train loss", "val loss", "saved")
+    table.add_column("checkpoint", overflow="fold")
+    for run in runs:
+        for ckpt in checkpoint.list_checkpoints(run):
+            try:
+                s = _summary(ckpt)
+            except (UserError, KeyError, TypeError, ValueError):
+                table.add_row("[red]unreadable state.json[/]", "", "", "", "", "", str(ckpt))
+                continue
+            st = s["state"]
+            saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((ckpt / checkpoint.STATE).stat().st_mtime))
+            table.add_row(_shape(s["cfg"]), f"{s['params']:,}", str(st.get("step", "?")),
+                          _loss(st.get("train_loss")), _loss(st.get("val_loss")), saved, str(ckpt))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: no wrapping
+
+
+@models_app.command("info")
+def info(checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPOINT_HELP)]) -> None:
+    """Everything a checkpoint's state.json records, readably."""
+    ckpt = checkpoint.resolve(checkpoint_path)
+    try:
+        s = _summary(ckpt)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{ckpt / checkpoint.STATE} has no valid model config ({err})") from None
+    st, cfg = s["state"], s["cfg"]
+    lines = [
+        ("checkpoint", str(ckpt)),
+        ("model", _shape(cfg)),
+        ("parameters", f"{s['params']:,}"),
+        ("step", str(st.get("step"))),
+        ("train loss", _loss(st.get("train_loss"))),
+        ("val loss", _loss(st.get("val_loss"))),
+        ("tokenizer sha256", str(st.get("tokenizer_hash"))),
+        ("size on disk", f"{s['bytes'] / 2**20:,.1f} MiB"),
+        ("other checkpoints", ", ".join(p.name for p in checkpoint.list_checkpoints(ckpt.parent) if p != ckpt)
+         or "none"),
+    ]
+    for key, value in lines:
+        typer.echo(f"{key:18} {value}")
+    typer.echo("training config:")
+    typer.echo(json.dumps(st.get("config", {}), indent=2))
+
+
+@models_app.command("delete")
+def delete(
+    path: Annotated[Path, Arg(metavar="CHECKPOINT", help="A checkpoint directory, or a run directory (all of it).")],
+    yes: Annotated[bool, Opt("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete a checkpoint, or a whole run; asks first unless --yes."""
+    if (path / checkpoint.STATE).is_file():
+        what = f"checkpoint {path}"
+    elif path.is_dir() and checkpoint.list_checkpoints(path):
+        what = f"run {path} ({len(checkpoint.list_checkpoints(path))} checkpoint(s) and its metrics)"
+    else:
+        raise UserError(f"{path} is neither a checkpoint nor a run directory; nothing deleted")
+    if not yes and not typer.confirm(f"Delete {what}?", default=False):
+        raise UserError("nothing deleted", exit_code=1)
+    shutil.rmtree(path)
+    typer.echo(f"deleted {what}")
+
+
+# -- export / import ---------------------------------------------------------
+
+
+def export(
+    checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPOINT_HELP)],
+    out: Annotated[Path, Opt(help="Directory to create.")],
+    fmt: Annotated[str, Opt("--format", help="Only hf: a transformers GPT2LMHeadModel directory.")] = "hf",
+) -> None:
+    """Write a model in the Hugging Face format (config.json, model.safetensors, tokenizer).
+
+    GPT2LMHeadModel.from_pretrained(OUT) and AutoTokenizer.from_pretrained(OUT)
+    load the directory as it is."""
+    if fmt != "hf":
+        raise UserError(f"unknown --format {fmt!r}; the only format is hf")
+    typer.echo(str(hf.export(checkpoint_path, out)))
+
+
+def import_model(
+    source: Annotated[Path, Arg(metavar="DIR", help="A Hugging Face GPT-2 directory (config.json + weights "
+                                                     "+ tokenizer).")],
+    out: Annotated[Path, Opt(help="Run directory to create.")],
+    data: Annotated[Optional[list[str]], Opt("--data", help="What `crystalline train --resume OUT` fine-tunes "
+                                                            "on (repeatable; default: the built-in corpus).")] = None,
+) -> None:
+    """Turn a Hugging Face GPT-2 model into a Crystalline run, to generate with or fine-tune.
+
+    OUT gets one checkpoint with fresh optimizer state and the model's
+    tokenizer; `crystalline train --resume OUT` fine-tunes it on --data."""
+    typer.echo(str(hf.import_hf(source, out, data=[str(Path(d).resolve()) for d in data or []])))
