@@ -1,0 +1,328 @@
+"""The crawl loop: fetch pages concurrently but politely, store their text.
+
+Politeness: at most one request in flight per host, and `delay` seconds (or
+the host's robots.txt crawl-delay, if longer) between the end of one request
+and the start of the next; robots.txt is read once per host per run and its
+disallow rules are honoured; 429 and 5xx answers are retried with backoff,
+waiting as long as Retry-After asks (up to MAX_RETRY_WAIT).
+
+Every page ends in one state with a reason, recorded in the store: nothing a
+page or a server does stops the crawl. Links are followed breadth first, up
+to `max_depth`, within the scope (same domain, --allow/--deny), and each host
+gets at most `max_per_host` URLs, which bounds link traps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from urllib.parse import urljoin
+from urllib.robotparser import RobotFileParser
+
+import httpx
+
+from crystalline.crawl import extract
+from crystalline.crawl.store import Link, Page, Store, content_hash
+from crystalline.crawl.urls import Scope, UnsupportedScheme, host_key, normalize
+
+MAX_RETRY_WAIT = 60.0  # seconds; a longer Retry-After is cut to this
+READ_CHUNK = 64 << 10
+
+
+@dataclass
+class CrawlConfig:
+    data_dir: Path
+    start_urls: list[str] = field(default_factory=list)
+    user_agent: str = "Crystalline-crawler (+crystalline)"
+    delay: float = 1.0
+    timeout: float = 10.0
+    max_redirects: int = 5
+    retries: int = 2
+    max_pages: int | None = None
+    max_depth: int = 5
+    max_per_host: int = 1000
+    max_page_bytes: int = 2 << 20
+    concurrency: int = 4
+    same_domain: bool = True  # follow links only to the start URLs' domains
+    allow: tuple[re.Pattern[str], ...] = ()
+    deny: tuple[re.Pattern[str], ...] = ()
+
+
+class Outcome(Exception):
+    """Why a URL ends without a stored page: `state` is failed or skipped."""
+
+    def __init__(self, state: str, reason: str, http_status: int | None = None) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.reason = reason
+        self.http_status = http_status
+
+
+def failed(reason: str, http_status: int | None = None) -> Outcome:
+    return Outcome("failed", reason, http_status)
+
+
+def skipped(reason: str) -> Outcome:
+    return Outcome("skipped", reason)
+
+
+@dataclass
+class Fetched:
+    url: str  # the URL answered, after redirects
+    status: int
+    content_type: str
+    charset: str | None
+    body: bytes
+    truncated: bool
+    location: str | None = None  # of a redirect
+
+
+@dataclass
+class RunStats:
+    """What this run did, for the progress line."""
+
+    started: float = field(default_factory=time.monotonic)
+    fetched: int = 0
+    bytes: int = 0
+
+    def pages_per_second(self) -> float:
+        return self.fetched / max(time.monotonic() - self.started, 1e-9)
+
+
+class Crawler:
+    def __init__(
+        self, config: CrawlConfig, store: Store, client: httpx.AsyncClient, on_change: Callable[[], None]
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.client = client
+        self.scope = Scope(store.start_domains() if config.same_domain else (), config.allow, config.deny)
+        self.on_change = on_change
+        self.stats = RunStats()
+        self.stored = store.stored_pages()[0]
+        self.in_flight = 0
+        self.busy: set[str] = set()  # hosts with a request in flight
+        self.next_time: dict[str, float] = {}  # host -> earliest start of its next request
+        self.robots: dict[str, RobotFileParser] = {}
+        self.changed = asyncio.Event()
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._worker() for _ in range(self.config.concurrency)))
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+        self.on_change()
+
+    async def _worker(self) -> None:
+        limit = self.config.max_pages
+        while True:
+            now = time.monotonic()
+            self.next_time = {h: t for h, t in self.next_time.items() if t > now}
+            job = None
+            if limit is None or self.stored + self.in_flight < limit:
+                job = self.store.claim(self.busy | set(self.next_time))
+            if job is None:
+                if self.in_flight == 0 and not self.next_time:
+                    self._notify()  # let the other workers see the end too
+                    return
+                wait = min(self.next_time.values(), default=now + 3600) - now
+                try:
+                    await asyncio.wait_for(self.changed.wait(), timeout=wait)
+                except TimeoutError:
+                    pass
+                continue
+            url, depth = job
+            host = host_key(url)
+            self.busy.add(host)
+            self.in_flight += 1
+            try:
+                await self._process(url, depth)
+            finally:
+                self.busy.discard(host)
+                self.in_flight -= 1
+                self._notify()
+
+    async def _process(self, url: str, depth: int) -> None:
+        try:
+            fetched = await self._fetch(url)
+            page, links = self._read(url, fetched)
+            digest = content_hash(page.text)
+            if self.store.has_content(digest):
+                raise skipped("duplicate content")
+            if fetched.url != url and self.store.has_url(fetched.url):
+                raise skipped("duplicate url")
+        except Outcome as outcome:
+            self.store.finish(url, outcome.state, outcome.reason, outcome.http_status)
+            return
+        self.stats.bytes += self.store.save(page, digest, self._links(links, depth), self.config.max_per_host)
+        self.stats.fetched += 1
+        self.stored += 1
+
+    def _links(self, found: list[str], depth: int) -> list[Link]:
+        links = []
+        for raw in found:
+            try:
+                url = normalize(raw)
+            except UnsupportedScheme:
+                links.append(Link(raw, depth + 1, "unsupported scheme"))
+                continue
+            except ValueError:
+                links.append(Link(raw, depth + 1, "invalid url"))
+                continue
+            skip = "depth" if depth + 1 > self.config.max_depth else self.scope.reason_out(url)
+            links.append(Link(url, depth + 1, skip))
+        return links
+
+    def _read(self, url: str, fetched: Fetched) -> tuple[Page, list[str]]:
+        is_html = fetched.content_type in extract.HTML_TYPES
+        text = extract.decode(fetched.body, fetched.charset, is_html)
+        links: list[str] = []
+        if is_html:
+            text, links = extract.html_to_text(text, fetched.url)
+        text = text.strip()
+        if not text:
+            raise skipped("no text")
+        page = Page(url, fetched.url, fetched.status, fetched.content_type, text + "\n", fetched.truncated)
+        return page, links
+
+    async def _fetch(self, url: str) -> Fetched:
+        """GET `url`, following redirects within the scope and robots.txt."""
+        chain = {url}
+        current = url
+        while True:
+            if not (await self._robots(current)).can_fetch(self.config.user_agent, current):
+                raise skipped("robots")
+            fetched = await self._get(current)
+            if fetched.status not in (301, 302, 303, 307, 308):
+                return fetched
+            try:
+                target = normalize(urljoin(current, fetched.location or ""))
+            except UnsupportedScheme:
+                raise skipped("unsupported scheme") from None
+            except ValueError:
+                raise failed("invalid redirect", fetched.status) from None
+            if target in chain:
+                raise failed("redirect loop", fetched.status)
+            if len(chain) > self.config.max_redirects:
+                raise failed("redirect limit", fetched.status)
+            reason = self.scope.reason_out(target)
+            if reason:
+                raise skipped(reason)
+            chain.add(target)
+            current = target
+
+    async def _robots(self, url: str) -> RobotFileParser:
+        """The robots.txt rules of `url`'s host, fetched once per run. A host
+        whose robots.txt cannot be reached fails the page with that reason
+        (and is asked again for its next page)."""
+        host = host_key(url)
+        if host in self.robots:
+            return self.robots[host]
+        parser = RobotFileParser()
+        robots_url = url.split("/", 3)[0] + "//" + host + "/robots.txt"
+        try:
+            fetched = await self._get(robots_url, robots=True)
+        except Outcome as outcome:
+            if outcome.reason != "http error":
+                raise
+            fetched = Fetched(robots_url, outcome.http_status or 500, "", None, b"", False)
+        if fetched.status in (401, 403) or fetched.status >= 500:
+            parser.disallow_all = True
+        elif fetched.status >= 300:  # missing (404) or redirected: no rules
+            parser.allow_all = True
+        else:
+            parser.parse(extract.decode(fetched.body, fetched.charset, False).splitlines())
+        self.robots[host] = parser
+        return parser
+
+    async def _get(self, url: str, robots: bool = False) -> Fetched:
+        """One polite GET (with retries on 429 and 5xx). A redirect comes back
+        unfollowed; a page of a type we do not read is skipped before its body
+        is downloaded."""
+        host = host_key(url)
+        for attempt in range(self.config.retries + 1):
+            await self._wait_turn(host)
+            retry_wait = None
+            try:
+                async with asyncio.timeout(self.config.timeout):
+                    async with self.client.stream("GET", url) as response:
+                        status = response.status_code
+                        if (status == 429 or status >= 500) and attempt < self.config.retries:
+                            retry_wait = _retry_after(response, attempt, self.config.delay)
+                        else:
+                            return await self._answer(url, response, robots)
+            except httpx.TimeoutException:
+                raise failed("timeout") from None
+            except TimeoutError:
+                raise failed("timeout") from None
+            except httpx.ConnectError as err:
+                raise failed("dns failure" if _is_dns(err) else "connection error") from None
+            except httpx.TooManyRedirects:
+                raise failed("redirect limit") from None
+            except (httpx.TransportError, httpx.DecodingError):
+                raise failed("connection error") from None
+            finally:
+                self.next_time[host] = time.monotonic() + self._delay(host)
+            await asyncio.sleep(retry_wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _answer(self, url: str, response: httpx.Response, robots: bool) -> Fetched:
+        status = response.status_code
+        if response.is_redirect:
+            return Fetched(url, status, "", None, b"", False, location=response.headers["location"])
+        if status >= 400:
+            raise failed("http error", status)
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not robots and content_type not in extract.HTML_TYPES + extract.TEXT_TYPES:
+            raise skipped("content type")
+        body, truncated = bytearray(), False
+        async for chunk in response.aiter_bytes(READ_CHUNK):
+            body += chunk
+            if len(body) > self.config.max_page_bytes:
+                del body[self.config.max_page_bytes :]
+                truncated = True
+                break
+        return Fetched(url, status, content_type, response.charset_encoding, bytes(body), truncated)
+
+    async def _wait_turn(self, host: str) -> None:
+        wait = self.next_time.get(host, 0.0) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _delay(self, host: str) -> float:
+        parser = self.robots.get(host)
+        crawl_delay = parser.crawl_delay(self.config.user_agent) if parser is not None else None
+        return max(self.config.delay, float(crawl_delay or 0))
+
+
+def _retry_after(response: httpx.Response, attempt: int, delay: float) -> float:
+    """Seconds to wait before retrying: Retry-After (seconds or an HTTP
+    date) when given, else exponential backoff; at most MAX_RETRY_WAIT."""
+    value = response.headers.get("retry-after", "").strip()
+    wait = None
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        wait = float(value)
+    elif value:
+        try:
+            wait = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            wait = None
+    if wait is None:
+        wait = max(delay, 0.5) * 2**attempt
+    return min(max(wait, 0.0), MAX_RETRY_WAIT)
+
+
+def _is_dns(err: BaseException) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -1,0 +1,308 @@
+"""`crystalline crawl` against a generated site served on 127.0.0.1 by a
+server the tests start themselves; nothing here touches the outside network
+(the DNS-failure case uses the `.invalid` TLD, which never resolves)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from crystalline import cli
+from crystalline.crawl import CrawlConfig, page_files, run
+from crystalline.crawl.urls import normalize
+from crystalline.data import corpus
+
+
+def prose(topic: str, sentences: int = 6) -> str:
+    """A few distinct sentences, enough for the main-content extractor."""
+    return " ".join(
+        f"Sentence {i} of the article about {topic} explains one more detail of {topic} in plain words."
+        for i in range(sentences)
+    )
+
+
+def html(title: str, body: str, links: list[str] = (), charset: str = "utf-8") -> bytes:
+    anchors = "".join(f'<li><a href="{href}">link</a></li>' for href in links)
+    return (
+        f"<!doctype html><html><head><meta charset='{charset}'><title>{title}</title>"
+        f"<script>var tracking = 'script text must not appear';</script><style>p {{color: red}}</style></head>"
+        f"<body><nav><a href='/'>Home</a> navigation menu</nav><article><h1>{title}</h1><p>{body}</p></article>"
+        f"<ul>{anchors}</ul><footer>footer text</footer></body></html>"
+    ).encode(charset)
+
+
+class Site:
+    """Routes of the test site: path -> handler(request) setting the answer."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, object] = {}
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        self.robots = "User-agent: *\nDisallow: /private/\n"
+        self.page_sleep = 0.0
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def fetched(self) -> Counter[str]:
+        with self.lock:
+            return Counter(self.requests)
+
+
+def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def send(self, status: int, body: bytes, ctype: str = "text/html; charset=utf-8", **headers: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                self.send_header(name.replace("_", "-"), value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802
+            with site.lock:
+                site.requests.append(self.path)
+            if self.path == "/robots.txt":
+                return self.send(200, site.robots.encode(), "text/plain")
+            route = site.routes.get(self.path.split("?")[0])
+            if route is None and self.path.startswith("/trap/"):
+                route = site.routes.get("/trap/")
+            if route is None:
+                return self.send(404, b"not found", "text/plain")
+            time.sleep(site.page_sleep)
+            try:
+                route(self)
+            except (BrokenPipeError, ConnectionResetError):  # the crawler gave up waiting
+                pass
+
+    return Handler
+
+
+@pytest.fixture
+def site():
+    s = Site()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(s))
+    server.daemon_threads = True
+    s.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield s
+    server.shutdown()
+    server.server_close()
+
+
+def page(title: str, links: list[str] = (), body: str | None = None):
+    return lambda h: h.send(200, html(title, body or prose(title), links))
+
+
+def config(tmp_path: Path, *starts: str, **kw) -> CrawlConfig:
+    kw.setdefault("delay", 0.0)
+    kw.setdefault("timeout", 2.0)
+    return CrawlConfig(data_dir=tmp_path / "crawl", start_urls=list(starts), **kw)
+
+
+def db_rows(data_dir: Path, sql: str) -> list[tuple]:
+    conn = sqlite3.connect(data_dir / "crawl.sqlite3")
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_normalize_url_variants():
+    assert normalize("HTTP://Example.COM:80/a?b=2&a=1#frag") == "http://example.com/a?a=1&b=2"
+    assert normalize("https://example.com:443") == "https://example.com/"
+    assert normalize("https://example.com:8443/x") == "https://example.com:8443/x"
+
+
+def test_site_crawl_robots_dedup_and_text(site, tmp_path):
+    site.routes["/"] = page(
+        "Home",
+        [
+            "/a",
+            "/private/secret",
+            "/dup-1",
+            "/dup-2",
+            "/a?y=2&x=1",
+            "/a?x=1&y=2#part",
+            f"HTTP://127.0.0.1:{site.port}/a?y=2&x=1#top",
+            "/plain.txt",
+        ],
+    )
+    site.routes["/a"] = lambda h: h.send(200, html("Apples", prose(f"Apples at {h.path}")))
+    site.routes["/private/secret"] = page("Secret")
+    site.routes["/dup-1"] = page("Same", body=prose("duplicates"))
+    site.routes["/dup-2"] = page("Same", body=prose("duplicates"))
+    site.routes["/plain.txt"] = lambda h: h.send(200, b"plain text kept as it is\n", "text/plain")
+    summary = run(config(tmp_path, site.url("/")))
+    fetched = site.fetched()
+    assert "/private/secret" not in fetched
+    assert summary.reasons["robots"] == 1
+    assert fetched["/a?x=1&y=2"] == 1 and fetched["/a"] == 1
+    assert max(fetched.values()) == 1
+    assert summary.reasons["duplicate content"] == 1
+    assert summary.stored == 5  # /, /a, /a?x=1&y=2, one of the dups, plain.txt
+    texts = {p.name: p.read_text() for p in page_files(tmp_path / "crawl")}
+    assert len(texts) == 5 and all(name.endswith(".txt") for name in texts)
+    joined = "".join(texts.values())
+    assert "Sentence 3 of the article about Apples" in joined
+    assert "plain text kept as it is\n" in texts.values()
+    assert "script text must not appear" not in joined and "navigation menu" not in joined
+    # the trainer's walker sees exactly the page files (the database is binary, the lock hidden)
+    files, _ = corpus.walk([tmp_path / "crawl"])
+    assert sorted(f.path.name for f in files) == sorted(texts)
+
+
+def test_depth_and_page_limits(site, tmp_path):
+    for i in range(10):
+        site.routes[f"/chain/{i}"] = page(f"Chain {i}", [f"/chain/{i + 1}"])
+    summary = run(config(tmp_path, site.url("/chain/0"), max_depth=2))
+    assert summary.stored == 3 and summary.reasons["depth"] == 1
+    assert "/chain/3" not in site.fetched()
+
+    summary = run(config(tmp_path / "b", site.url("/chain/0"), max_pages=4, concurrency=3))
+    assert summary.stored == 4 and summary.states["queued"] == 1
+
+
+def test_hostile_pages_are_counted_not_fatal(site, tmp_path):
+    links = [
+        "/malformed", "/latin1", "/big", "/trap/0", "/loop-a", "/hang", "/image.png", "/missing",
+        "/flaky", "/error", "mailto:someone@example.com", "ftp://example.com/file", "javascript:alert(1)",
+        "/redirect", "/empty",
+    ]  # fmt: skip
+    site.routes["/"] = page("Hostile home", links)
+    site.routes["/malformed"] = lambda h: h.send(
+        200, b"<html><body><div><p>" + prose("broken markup").encode() + b"<b><i></p></div></span><table><tr><td>"
+    )
+    site.routes["/latin1"] = lambda h: h.send(
+        200, html("Caf\u00e9", prose("caf\u00e9 cr\u00e8me br\u00fbl\u00e9e"), charset="latin-1"), "text/html"
+    )
+    site.routes["/big"] = lambda h: h.send(200, ("big page line\n" * 20000).encode(), "text/plain")
+    site.routes["/trap/"] = lambda h: h.send(200, html("Trap", prose(h.path), [h.path + "/0", h.path + "/1"]))
+    site.routes["/loop-a"] = lambda h: h.send(302, b"", Location="/loop-b")
+    site.routes["/loop-b"] = lambda h: h.send(302, b"", Location="/loop-a")
+    site.routes["/redirect"] = lambda h: h.send(301, b"", Location="/target")
+    site.routes["/target"] = page("Redirect target")
+    site.routes["/hang"] = lambda h: (time.sleep(5), h.send(200, b"late"))
+    site.routes["/image.png"] = lambda h: h.send(200, b"\x89PNG\r\n\x1a\n\0\0", "image/png")
+    flaky = iter([503, 200])
+    site.routes["/flaky"] = lambda h: (
+        h.send(503, b"busy", Retry_After="0") if next(flaky) == 503 else page("Flaky")(h)
+    )
+    site.routes["/error"] = lambda h: h.send(500, b"boom", "text/plain", Retry_After="0")
+    site.routes["/empty"] = lambda h: h.send(200, b"<html><body><script>x()</script></body></html>")
+    start = time.monotonic()
+    summary = run(
+        config(
+            tmp_path, site.url("/"), "http://nonexistent.invalid/", timeout=0.5, retries=1,
+            max_page_bytes=10_000, max_per_host=25, max_depth=8,
+        )
+    )  # fmt: skip
+    assert time.monotonic() - start < 15
+    reasons = summary.reasons
+    assert reasons["timeout"] == 1
+    assert reasons["dns failure"] == 1
+    assert reasons["redirect loop"] == 1
+    assert reasons["unsupported scheme"] == 3
+    assert reasons["content type"] == 1
+    assert reasons["truncated"] == 1
+    assert reasons["http error"] == 2  # /missing (404) and /error (500 after a retry)
+    assert reasons["page cap"] >= 1
+    fetched = site.fetched()
+    assert fetched["/flaky"] == 2 and fetched["/error"] == 2 and fetched["/target"] == 1
+    assert sum(n for path, n in fetched.items() if path.startswith("/trap/")) <= 25
+    texts = "".join(p.read_text() for p in page_files(tmp_path / "crawl"))
+    assert "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e" in texts
+    assert "broken markup" in texts and "Redirect target" in texts and "Flaky" in texts
+    big = [p for p in page_files(tmp_path / "crawl") if p.read_text().startswith("big page line")]
+    assert len(big) == 1 and big[0].stat().st_size <= 10_001
+
+
+def test_resume_after_kill_stores_each_page_once(site, tmp_path):
+    count = 40
+    site.routes["/"] = page("Index", [f"/p/{i}" for i in range(count)])
+    for i in range(count):
+        site.routes[f"/p/{i}"] = page(f"Page number {i}")
+    site.page_sleep = 0.03
+    data_dir = tmp_path / "crawl"
+    args = [sys.executable, "-m", "crystalline", "crawl", site.url("/"), "--data-dir", str(data_dir)]
+    args += ["--delay", "0", "--timeout", "2", "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if (data_dir / "crawl.sqlite3").exists() and len(page_files(data_dir)) >= 8:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = site.fetched()
+    done = {url for (url,) in db_rows(data_dir, "SELECT url FROM pages")}
+    in_flight = {url for (url,) in db_rows(data_dir, "SELECT url FROM frontier WHERE state = 'fetching'")}
+    assert 8 <= len(done) < count + 1
+
+    with site.lock:
+        site.requests.clear()
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    after = site.fetched()
+    assert not {site.url(path) for path in after} & done  # nothing stored was fetched again
+    twice = {path for path in before if path in after and path != "/robots.txt"}
+    assert {site.url(path) for path in twice} <= in_flight  # only what was in flight at the kill
+    rows = db_rows(data_dir, "SELECT url, path FROM pages")
+    assert len(rows) == count + 1 and len({p for _, p in rows}) == count + 1
+    assert sorted(p.name for p in page_files(data_dir)) == sorted(p.name for p in (data_dir / "pages").rglob("*.txt"))
+    assert db_rows(data_dir, "SELECT count(*) FROM frontier WHERE state != 'done'") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "no start URL"),
+        (["not a url"], "not a valid URL"),
+        (["http://"], "not a valid URL"),
+        (["ftp://example.com/"], "unsupported scheme"),
+        (["http://example.com/", "--max-pages", "0"], "--max-pages must be at least 1"),
+        (["http://example.com/", "--delay", "-1"], "--delay must be at least 0"),
+        (["http://example.com/", "--concurrency", "0"], "--concurrency must be at least 1"),
+        (["http://example.com/", "--deny", "("], "not a valid regular expression"),
+        (["--resume"], "holds no crawl to resume"),
+    ],
+)
+def test_bad_input_is_one_message(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["crystalline", "crawl", *argv, "--data-dir", str(tmp_path / "d")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_data_dir_that_is_a_file(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    monkeypatch.setattr(sys, "argv", ["crystalline", "crawl", "http://example.com/", "--data-dir", str(target)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+def test_existing_crawl_needs_resume(site, tmp_path):
+    site.routes["/"] = page("Only page")
+    run(config(tmp_path, site.url("/")))
+    with pytest.raises(Exception, match="--resume"):
+        run(config(tmp_path, site.url("/")))
+    assert run(config(tmp_path), resume=True).fetched == 0
