@@ -170,11 +170,13 @@ def evaluate(
         full = [s for s in starts if s + t + 1 <= len(tokens)]
         for lo in range(0, len(full), EVAL_BATCH):
             batch = np.stack([tokens[s : s + t + 1] for s in full[lo : lo + EVAL_BATCH]])
-            nats += model.model.loss(batch[:, :-1], batch[:, 1:]) * batch[:, 1:].size
+            inputs, targets = np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
+            nats += model.model.loss(inputs, targets) * targets.size
             progress.advance(task, len(batch))
         if len(full) < len(starts):  # the shorter last window
             tail = tokens[starts[-1] :][None, :]
-            nats += model.model.loss(tail[:, :-1], tail[:, 1:]) * (tail.shape[1] - 1)
+            inputs, targets = np.ascontiguousarray(tail[:, :-1]), np.ascontiguousarray(tail[:, 1:])
+            nats += model.model.loss(inputs, targets) * targets.size
             progress.advance(task)
     predicted = len(tokens) - 1
     loss = nats / predicted

@@ -1,0 +1,276 @@
+"""Inference: KV-cache decoding against the full forward pass, greedy and
+seeded sampling, top-k/top-p sets, streaming text, the Hugging Face round
+trip (and `transformers` itself when installed), the commands, and each
+refusal. One tiny trained checkpoint serves the whole module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crystalline import _core, checkpoint, hf, load
+from crystalline.inference import Sampling, TextStream
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TINY = ["--vocab-size", "300", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
+        "--batch-size", "8", "--seq-len", "32", "--no-progress", "--sample-tokens", "0", "--ext", ".py"]
+PROMPT = "def load(path):\n"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("xdg")
+    return dict(os.environ, XDG_CACHE_HOME=str(cache), PYTHONUNBUFFERED="1")
+
+
+def cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crystalline", *args], env=env, capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, env) -> Path:
+    run = tmp_path_factory.mktemp("run") / "tiny"
+    r = cli(["train", str(STDLIB / "json"), *TINY, "--max-steps", "20", "--checkpoint-dir", str(run)], env)
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return load(run_dir)
+
+
+def test_kv_cache_decoding_matches_the_full_forward_at_every_position(model):
+    ids = model.tokenizer.encode("import json\n\ndef dump(obj, fp):\n    return json.dumps(obj)\n" * 2)
+    a, b = ids[: model.block_size], ids[3 : 3 + model.block_size - 5]
+    full_a, full_b = model.logits(a), model.logits(b)
+    m = model.model
+    m.reset_cache(2, 0)
+    for t in range(len(a)):
+        seqs, toks = ([0, 1], [a[t], b[t]]) if t < len(b) else ([0], [a[t]])
+        got = m.decode(seqs, np.array(toks))
+        np.testing.assert_allclose(got[0], full_a[t], atol=1e-4, rtol=1e-4)
+        if t < len(b):
+            np.testing.assert_allclose(got[1], full_b[t], atol=1e-4, rtol=1e-4)
+    assert m.cache_lengths() == [len(a), len(b)]
+
+
+def test_greedy_generation_is_deterministic_and_follows_the_argmax(model):
+    first = model.generate(PROMPT, max_tokens=12, temperature=0)
+    assert model.generate(PROMPT, max_tokens=12, temperature=0, seed=99) == first
+    ids = model.tokenizer.encode(PROMPT)
+    for _ in range(5):
+        nxt = int(np.argmax(model.logits(ids)[-1][: model.tokenizer.vocab_size]))
+        if nxt == model.tokenizer.eot_id:
+            break
+        ids.append(nxt)
+    expected = model.tokenizer.decode(ids[len(model.tokenizer.encode(PROMPT)) :])
+    assert first.startswith(expected)
+
+
+def test_the_window_slides_past_the_block_size(model):
+    ids = model.generate_ids([model.tokenizer.encode(PROMPT)], Sampling(max_tokens=3 * model.block_size,
+                                                                       temperature=1.0, top_k=0, seed=1))
+    assert len(ids[0]) > model.block_size or model.tokenizer.eot_id not in ids[0]
+    assert max(model.model.cache_lengths()) <= model.block_size
+
+
+def test_batched_generation_matches_one_prompt_at_a_time_when_greedy(model):
+    prompts = [PROMPT, "class Encoder:\n    def", "x"]
+    batch = model.generate_batch(prompts, max_tokens=40, temperature=0)
+    assert batch == [model.generate(p, max_tokens=40, temperature=0) for p in prompts]
+
+
+def crafted_logits(v: int = 10) -> np.ndarray:
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.02, 0.01, 0.01, 0.005, 0.005])[:v]
+    perm = np.random.default_rng(0).permutation(v)  # the likeliest tokens are not the lowest ids
+    logits = np.empty(v, dtype=np.float32)
+    logits[perm] = np.log(probs)
+    return np.repeat(logits[None, :], 4000, axis=0), perm
+
+
+@pytest.mark.parametrize(("top_k", "top_p", "allowed"), [(3, 1.0, 3), (0, 0.6, 2), (0, 0.66, 3),
+                                                         (1, 1.0, 1), (4, 0.5, 2)])
+def test_top_k_and_top_p_never_pick_outside_their_set(top_k, top_p, allowed):
+    logits, perm = crafted_logits()
+    m = _core.Model(10, 8, 1, 2, 4)
+    m.reset_cache(1, seed=7)
+    picks = set(m.sample(logits, temperature=1.0, top_k=top_k, top_p=top_p))
+    assert picks == set(perm[:allowed].tolist())
+
+
+def test_text_stream_holds_back_a_partial_utf8_character(model):
+    tok = model.tokenizer
+    byte_ids = [tok.inner.token_to_id(c) for c in ("Ã", "©")]
+    assert None not in byte_ids  # the byte-level symbols of "é" = b"\xc3\xa9"
+    stream = TextStream(tok)
+    assert stream.push(byte_ids[:1]) == ""
+    assert stream.push(byte_ids) == "é"
+    assert stream.finish(byte_ids) == ""
+    dangling = TextStream(tok)
+    assert dangling.push(byte_ids[:1]) == ""
+    assert dangling.finish(byte_ids[:1]) == "\ufffd"
+
+
+def test_streamed_text_is_the_returned_text(model):
+    pieces: list[str] = []
+    text = model.generate(PROMPT, max_tokens=30, temperature=1.0, seed=4, stream=pieces.append)
+    assert "".join(pieces) == text
+
+
+def test_seeded_cli_samples_are_reproducible_and_seeds_differ(run_dir, env):
+    args = ["generate", str(run_dir), "--prompt", PROMPT, "--max-tokens", "30", "--temperature", "1.0",
+            "--top-k", "0", "--num-samples", "2"]
+    a, b, c = (cli([*args, "--seed", s], env) for s in ("5", "5", "6"))
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout != c.stdout
+    assert a.stdout.count("--- sample") == 2
+    single = cli(["generate", str(run_dir), "--prompt", PROMPT, "--max-tokens", "30", "--seed", "5"], env)
+    api = load(run_dir).generate(PROMPT, max_tokens=30, seed=5)
+    assert single.stdout == PROMPT + api + "\n"
+
+
+def test_prompt_from_stdin_and_from_a_file(run_dir, env, tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text(PROMPT)
+    base = ["generate", str(run_dir), "--max-tokens", "8", "--seed", "1"]
+    from_file = cli([*base, "--prompt-file", str(f)], env)
+    from_stdin = cli(base, env, input=PROMPT)
+    assert from_file.returncode == 0, from_file.stderr
+    assert from_file.stdout == from_stdin.stdout and from_file.stdout.startswith(PROMPT)
+
+
+def test_chat_answers_each_line_and_exits_cleanly_at_end_of_input(run_dir, env):
+    r = cli(["chat", str(run_dir), "--max-tokens", "5", "--seed", "2"], env, input="def\n\nclass\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 4 and "def" in r.stdout and "class" in r.stdout
+
+
+def test_eval_reports_loss_perplexity_and_bits_per_byte(run_dir, env, model):
+    r = cli(["eval", str(run_dir), str(STDLIB / "json" / "encoder.py"), "--no-progress"], env)
+    assert r.returncode == 0, r.stderr
+    values = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()}
+    loss, ppl, bpb = float(values["loss"]), float(values["perplexity"]), float(values["bits/byte"])
+    assert abs(np.exp(loss) - ppl) < 0.01 * ppl
+    text = (STDLIB / "json" / "encoder.py").read_text()
+    ids = model.tokenizer.encode(text) + [model.tokenizer.eot_id]
+    assert abs(bpb - loss * (len(ids) - 1) / np.log(2) / len(text.encode())) < 1e-3
+    assert 0 < loss < 10
+
+
+def test_export_import_round_trip_is_bit_identical(run_dir, model, tmp_path, env):
+    r = cli(["export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")], env)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == model.block_size
+    r = cli(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "back")], env)
+    assert r.returncode == 0, r.stderr
+    back = load(tmp_path / "back")
+    ours, theirs = model.parameters(), back.parameters()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert np.array_equal(ours[name], theirs[name]), name
+    assert back.generate(PROMPT, max_tokens=10, temperature=0) == model.generate(PROMPT, max_tokens=10, temperature=0)
+    saved = back.save(tmp_path / "saved")
+    assert checkpoint.load(saved).m.keys() == ours.keys()
+
+
+def test_an_imported_run_resumes_training(model, tmp_path, env):
+    hf.export(model.path, tmp_path / "hf")
+    hf.import_hf(tmp_path / "hf", tmp_path / "run", data=[str(STDLIB / "json")])
+    r = cli(["train", "--resume", str(tmp_path / "run"), "--max-steps", "2", "--no-progress",
+             "--sample-tokens", "0"], env)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint.list_checkpoints(tmp_path / "run")[-1].name == "ckpt-00000002"
+
+
+def test_transformers_loads_the_export_with_the_same_logits_and_tokens(model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    out = hf.export(model.path, tmp_path / "hf")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "import json\n\nclass Décodeur:\n    pass  # ünïcode → ok\n"
+    ids = model.tokenizer.encode(text)[: model.block_size]
+    assert tok(text)["input_ids"] == model.tokenizer.encode(text)
+    with torch.no_grad():
+        logits = theirs(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(logits, model.logits(ids), atol=1e-4, rtol=0)
+    theirs.save_pretrained(tmp_path / "saved")  # transformers' own layout imports too
+    tok.save_pretrained(tmp_path / "saved")
+    back = load(hf.import_hf(tmp_path / "saved", tmp_path / "run"))
+    for name, value in model.parameters().items():
+        assert np.array_equal(value, back.parameters()[name]), name
+
+
+def test_models_lists_shows_info_and_deletes_only_when_asked(run_dir, env, tmp_path):
+    copy = tmp_path / "runs" / "copy"
+    shutil.copytree(run_dir, copy)
+    listed = cli(["models", str(tmp_path / "runs")], env)
+    assert listed.returncode == 0, listed.stderr
+    assert "ckpt-00000020" in listed.stdout and "V=300 C=32 L=2 H=2 T=32" in listed.stdout
+    info = cli(["models", "info", str(copy)], env)
+    assert info.returncode == 0 and "parameters" in info.stdout and "ckpt-00000020" in info.stdout
+    kept = cli(["models", "delete", str(copy)], env, input="n\n")
+    assert kept.returncode != 0 and copy.is_dir()
+    gone = cli(["models", "delete", str(copy), "--yes"], env)
+    assert gone.returncode == 0 and not copy.exists()
+    refused = cli(["models", "delete", str(tmp_path), "--yes"], env)
+    assert refused.returncode == 2 and tmp_path.is_dir()
+
+
+def broken_tokenizer_checkpoints(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    missing, changed = tmp_path / "missing", tmp_path / "changed"
+    ckpt = checkpoint.resolve(run_dir)
+    shutil.copytree(ckpt, missing)
+    shutil.copytree(ckpt, changed)
+    (missing / "tokenizer.json").unlink()
+    with open(changed / "tokenizer.json", "a") as f:
+        f.write(" ")
+    return missing, changed
+
+
+def test_bad_input_gets_one_clear_message_and_a_nonzero_exit(run_dir, env, tmp_path):
+    missing, changed = broken_tokenizer_checkpoints(run_dir, tmp_path)
+    long_prompt = "x = [" + ", ".join(str(i) for i in range(200)) + "]"
+    cases = [
+        (["generate", str(tmp_path), "--prompt", "x"], "neither a checkpoint"),
+        (["generate", str(missing), "--prompt", "x"], "tokenizer.json is missing"),
+        (["generate", str(changed), "--prompt", "x"], "not the one the model was trained with"),
+        (["generate", str(run_dir), "--prompt", ""], "prompt is empty"),
+        (["generate", str(run_dir), "--prompt", long_prompt], "longer than the model's block size"),
+        (["generate", str(run_dir), "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["generate", str(run_dir), "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["generate", str(run_dir), "--prompt", "x", "--temperature", "-1"], "--temperature"),
+        (["generate", str(run_dir), "--prompt", "x", "--num-samples", "0"], "--num-samples"),
+        (["chat", str(missing)], "tokenizer.json is missing"),
+        (["eval", str(changed), str(STDLIB / "json")], "not the one the model was trained with"),
+        (["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")], "unknown --format"),
+        (["export", str(run_dir), "--out", str(run_dir)], "not an empty directory"),
+        (["import", str(run_dir), "--out", str(tmp_path / "y")], "no config.json"),
+    ]
+    for args, message in cases:
+        r = cli(args, env)
+        assert r.returncode != 0, args
+        assert message in r.stderr and r.stderr.startswith("error:"), (args, r.stderr)
+        assert "Traceback" not in r.stderr, args
+
+
+def test_import_refuses_models_it_cannot_run(tmp_path, model):
+    out = hf.export(model.path, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    for change, message in [({"model_type": "llama"}, "only GPT-2"), ({"activation_function": "relu"}, "relu"),
+                            ({"tie_word_embeddings": False}, "untied")]:
+        (out / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(Exception, match=message):
+            hf.import_hf(out, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
