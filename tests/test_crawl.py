@@ -4,6 +4,7 @@ server the tests start themselves; nothing here touches the outside network
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sqlite3
@@ -47,6 +48,7 @@ class Site:
     def __init__(self) -> None:
         self.routes: dict[str, object] = {}
         self.requests: list[str] = []
+        self.times: list[float] = []
         self.lock = threading.Lock()
         self.robots = "User-agent: *\nDisallow: /private/\n"
         self.page_sleep = 0.0
@@ -76,6 +78,7 @@ def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:  # noqa: N802
             with site.lock:
                 site.requests.append(self.path)
+            site.times.append(time.monotonic())
             if self.path == "/robots.txt":
                 return self.send(200, site.robots.encode(), "text/plain")
             route = site.routes.get(self.path.split("?")[0])
@@ -167,6 +170,16 @@ def test_site_crawl_robots_dedup_and_text(site, tmp_path):
     assert sorted(f.path.name for f in files) == sorted(texts)
 
 
+def test_robots_crawl_delay(site, tmp_path):
+    site.robots = "User-agent: crystalline\nCrawl-delay: 1\nDisallow: /no/\n"
+    site.routes["/"] = page("Slow home", ["/next", "/no/page"])
+    site.routes["/next"] = page("Slow next")
+    summary = run(config(tmp_path, site.url("/")))
+    assert summary.stored == 2 and summary.reasons["robots"] == 1
+    assert site.requests == ["/robots.txt", "/", "/next"]
+    assert site.times[2] - site.times[1] >= 0.95
+
+
 def test_depth_and_page_limits(site, tmp_path):
     for i in range(10):
         site.routes[f"/chain/{i}"] = page(f"Chain {i}", [f"/chain/{i + 1}"])
@@ -182,7 +195,7 @@ def test_hostile_pages_are_counted_not_fatal(site, tmp_path):
     links = [
         "/malformed", "/latin1", "/big", "/trap/0", "/loop-a", "/hang", "/image.png", "/missing",
         "/flaky", "/error", "mailto:someone@example.com", "ftp://example.com/file", "javascript:alert(1)",
-        "/redirect", "/empty",
+        "/redirect", "/empty", "/hop?n=0", "/target",
     ]  # fmt: skip
     site.routes["/"] = page("Hostile home", links)
     site.routes["/malformed"] = lambda h: h.send(
@@ -197,6 +210,8 @@ def test_hostile_pages_are_counted_not_fatal(site, tmp_path):
     site.routes["/loop-b"] = lambda h: h.send(302, b"", Location="/loop-a")
     site.routes["/redirect"] = lambda h: h.send(301, b"", Location="/target")
     site.routes["/target"] = page("Redirect target")
+    hops = itertools.count(1)
+    site.routes["/hop"] = lambda h: h.send(302, b"", Location=f"/hop?n={next(hops)}")
     site.routes["/hang"] = lambda h: (time.sleep(5), h.send(200, b"late"))
     site.routes["/image.png"] = lambda h: h.send(200, b"\x89PNG\r\n\x1a\n\0\0", "image/png")
     flaky = iter([503, 200])
@@ -217,9 +232,11 @@ def test_hostile_pages_are_counted_not_fatal(site, tmp_path):
     assert reasons["timeout"] == 1
     assert reasons["dns failure"] == 1
     assert reasons["redirect loop"] == 1
+    assert reasons["redirect limit"] == 1 and site.fetched()["/hop?n=0"] == 1
     assert reasons["unsupported scheme"] == 3
     assert reasons["content type"] == 1
     assert reasons["truncated"] == 1
+    assert reasons["no text"] == 1
     assert reasons["http error"] == 2  # /missing (404) and /error (500 after a retry)
     assert reasons["page cap"] >= 1
     fetched = site.fetched()

@@ -156,8 +156,6 @@ class Crawler:
             digest = content_hash(page.text)
             if self.store.has_content(digest):
                 raise skipped("duplicate content")
-            if fetched.url != url and self.store.has_url(fetched.url):
-                raise skipped("duplicate url")
         except Outcome as outcome:
             self.store.finish(url, outcome.state, outcome.reason, outcome.http_status)
             return
@@ -215,6 +213,8 @@ class Crawler:
             reason = self.scope.reason_out(target)
             if reason:
                 raise skipped(reason)
+            if self.store.has_url(target):  # fetched or queued on its own
+                raise skipped("duplicate url")
             chain.add(target)
             current = target
 

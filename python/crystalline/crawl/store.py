@@ -186,8 +186,9 @@ class Store:
             )
 
     def save(self, page: Page, digest: str, links: list[Link], host_cap: int) -> int:
-        """Store a page: its file atomically, then its row, its URL's `done`
-        state and its links in one transaction. Returns the bytes written."""
+        """Store a page: its file atomically, then in one transaction its row,
+        its URL (and the URL it redirected to) marked `done`, and its links.
+        Returns the bytes written."""
         data = page.text.encode("utf-8")
         rel = Path(PAGES_DIR) / _safe_host(host_key(page.url)) / (hashlib.sha1(page.url.encode()).hexdigest() + ".txt")
         _write_atomic(self.root / rel, data)
@@ -210,6 +211,12 @@ class Store:
                 "UPDATE frontier SET state = 'done', reason = ?, http_status = ? WHERE url = ?",
                 ("truncated" if page.truncated else None, page.http_status, page.url),
             )
+            if page.final_url != page.url:  # so that links to it are not fetched again
+                self.conn.execute(
+                    "INSERT OR IGNORE INTO frontier (url, host, depth, state, reason)"
+                    " SELECT ?, ?, depth, 'done', 'redirect target' FROM frontier WHERE url = ?",
+                    (page.final_url, host_key(page.final_url), page.url),
+                )
             self._add(links, host_cap)
         return len(data)
 
