@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -153,6 +154,17 @@ def test_chat_answers_each_line_and_exits_cleanly_at_end_of_input(run_dir, env):
     r = cli(["chat", str(run_dir), "--max-tokens", "5", "--seed", "2"], env, input="def\n\nclass\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("> ") == 4 and "def" in r.stdout and "class" in r.stdout
+
+
+def test_chat_exits_cleanly_on_ctrl_c_at_the_prompt(run_dir, env):
+    proc = subprocess.Popen([sys.executable, "-m", "crystalline", "chat", str(run_dir)], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert "Ctrl-D to quit" in proc.stderr.readline()
+    assert proc.stdout.read(2) == "> "  # waiting in input()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
 
 
 def test_eval_reports_loss_perplexity_and_bits_per_byte(run_dir, env, model):

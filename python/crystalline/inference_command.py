@@ -108,7 +108,7 @@ def chat(
     model = load(checkpoint_path, threads=threads)
     err = Console(stderr=True)
     err.print(f"[bold]{model.path}[/]: {model.config.num_parameters():,} parameters, context "
-              f"{model.block_size} tokens. Ctrl-D to quit.")
+              f"{model.block_size} tokens. Ctrl-D to quit.", soft_wrap=True)
     turn = 0
     while True:
         try:
