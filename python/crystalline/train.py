@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from crystalline import _core, checkpoint
-from crystalline.config import ModelConfig
+from crystalline.config import ModelConfig, available_cores
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
@@ -256,7 +256,8 @@ class Trainer:
                                f"the {len(paths):,} .py files of the standard library in {where}")
         self.paths = paths
         self.extensions = cfg.extensions or ([".py"] if not cfg.data and not cfg.watch else None)
-        if cfg.preset == "auto":
+        auto = cfg.preset == "auto" and not resume  # a resumed run keeps the shape it chose
+        if auto:
             # The vocabulary must be known before the tokenizer is trained:
             # take it from the design table's row for the data size.
             files, _ = corpus.walk(paths, self.extensions)
@@ -265,7 +266,7 @@ class Trainer:
         while cfg.watch and not self._has_text():
             self._wait(f"no text files in {cfg.watch} yet")
         self._load_data(progress=cfg.progress)
-        if cfg.preset == "auto":
+        if auto:
             rec = sizing.recommend(len(self.train_tokens), data_bytes)
             cfg = self.cfg = replace(cfg, embed_dim=rec.n_embd, num_layers=rec.n_layer, num_heads=rec.n_head)
         ds = self.dataset
@@ -564,8 +565,8 @@ class Trainer:
             c.print(f"[Node Zero] interrupted: saved {last_ckpt}; continue with "
                     f"`crystalline train --resume --checkpoint-dir {self.run_dir}`")
         sample = None
-        if not interrupted and cfg.sample_tokens > 0:
-            sample = self.sample(cfg.sample_tokens)
+        if not interrupted and cfg.sample_tokens > 0 and last_ckpt is not None:
+            sample = self.sample(last_ckpt, cfg.sample_tokens)
         return Run(self.run_dir, self.step, losses, vals, last_ckpt, interrupted, sample)
 
     def _fresh_totals(self) -> list[dict]:
@@ -576,21 +577,12 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop = True
 
-    def sample(self, n_tokens: int, prompt: str = "def ", temperature: float = 0.8, top_k: int = 40) -> str:
-        """A short text from the trained model (full-context sampling)."""
-        tok = self.dataset.tokenizer()
-        ids = tok.encode(prompt) or [tok.eot_id]
-        rng = np.random.default_rng(self.cfg.seed)
-        for _ in range(n_tokens):
-            ctx = np.array([ids[-self.cfg.seq_len :]], dtype=np.int64)
-            logits = self.trainer.forward(ctx)[0, -1].astype(np.float64) / temperature
-            top = np.argpartition(logits, -top_k)[-top_k:]
-            p = np.exp(logits[top] - logits[top].max())
-            nxt = int(top[rng.choice(len(top), p=p / p.sum())])
-            if nxt == tok.eot_id:
-                break
-            ids.append(nxt)
-        return tok.decode(ids)
+    def sample(self, checkpoint_path: Path, n_tokens: int, prompt: str = "def ") -> str:
+        """A short text from the trained model, with the KV-cache generator."""
+        from crystalline.inference import load
+
+        model = load(checkpoint_path, threads=min(self.cfg.threads, available_cores()))
+        return prompt + model.generate(prompt, max_tokens=n_tokens, temperature=0.8, top_k=40, seed=self.cfg.seed)
 
 
 def train(config: TrainConfig, console: Console | None = None) -> Run:
