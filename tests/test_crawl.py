@@ -270,6 +270,8 @@ def test_resume_after_kill_stores_each_page_once(site, tmp_path):
     done = {url for (url,) in db_rows(data_dir, "SELECT url FROM pages")}
     in_flight = {url for (url,) in db_rows(data_dir, "SELECT url FROM frontier WHERE state = 'fetching'")}
     assert 8 <= len(done) < count + 1
+    files, _ = corpus.walk([data_dir])  # the killed crawl's WAL files are binary: only pages are text
+    assert {f.path.suffix for f in files} == {".txt"}
 
     with site.lock:
         site.requests.clear()

@@ -158,11 +158,17 @@ def crawl(
     max_depth: Annotated[int, typer.Option(help="Links followed from a start URL, at most.")] = 5,
     max_per_host: Annotated[int, typer.Option(help="URLs queued per host, at most (bounds link traps).")] = 1000,
     same_domain: Annotated[bool, typer.Option(help="Follow links only to the start URLs' domains.")] = True,
-    allow: Annotated[Optional[list[str]], typer.Option(help="Follow only URLs matching this regex (repeatable).")] = None,
-    deny: Annotated[Optional[list[str]], typer.Option(help="Never follow URLs matching this regex (repeatable).")] = None,
+    allow: Annotated[Optional[list[str]], typer.Option(help="Follow only URLs matching this regex (repeatable).")] = (
+        None
+    ),
+    deny: Annotated[Optional[list[str]], typer.Option(help="Never follow URLs matching this regex (repeatable).")] = (
+        None
+    ),
     max_page_bytes: Annotated[int, typer.Option(help="Bytes read per page; longer pages are truncated.")] = 2 << 20,
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once (one per host).")] = 4,
-    user_agent: Annotated[str, typer.Option(help="User-Agent header, also matched against robots.txt.")] = DEFAULT_USER_AGENT,
+    user_agent: Annotated[str, typer.Option(help="User-Agent header, also matched against robots.txt.")] = (
+        DEFAULT_USER_AGENT
+    ),
     resume: Annotated[bool, typer.Option(help="Continue the crawl already in --data-dir.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress line.")] = True,
 ) -> None:
