@@ -79,7 +79,8 @@ def dataset(tmp_path_factory):
 
 
 def test_size_reports_parameters_memory_tokens_and_recommendation(dataset):
-    result = run_cli("size", "ds", "--n-embd", "32", "--n-layer", "1", "--n-head", "2", "--block-size", "64", cwd=dataset)
+    result = run_cli("size", "ds", "--embed-dim", "32", "--num-layers", "1", "--num-heads", "2", "--seq-len", "64",
+                     "--batch-size", "8", cwd=dataset)
     assert result.returncode == 0, result.stderr
     cfg = ModelConfig(vocab_size=300, n_embd=32, n_layer=1, n_head=2, block_size=64)
     assert f"parameters     {cfg.num_parameters():,}" in result.stdout
@@ -88,16 +89,17 @@ def test_size_reports_parameters_memory_tokens_and_recommendation(dataset):
 
 
 def test_size_exits_2_when_the_data_cannot_fill_one_step(dataset):
-    result = run_cli("size", "ds", "--batch-size", "512", "--block-size", "1024", cwd=dataset)
+    result = run_cli("size", "ds", "--batch-size", "512", "--seq-len", "1024", cwd=dataset)
     assert result.returncode == 2
     assert result.stderr.startswith("error: Dataset too small: need 524,289 tokens")
 
 
 def test_size_on_raw_text_and_a_toml_config(dataset):
-    (dataset / "model.toml").write_text("[model]\nn_embd = 48\nn_layer = 2\nn_head = 3\nblock_size = 32\n[train]\nbatch_size = 2\n")
+    # the same TOML `crystalline train --config` takes
+    (dataset / "model.toml").write_text("embed-dim = 48\nnum_layers = 2\nnum_heads = 3\nseq_len = 32\nbatch_size = 2\n")
     result = run_cli("size", "src", "--config", "model.toml", "--vocab-size", "300", "--no-progress", cwd=dataset)
     assert result.returncode == 0, result.stderr
     assert "embed 48, layers 2, heads 3, block 32" in result.stdout
     assert "batch 2 x seq 32" in result.stdout
-    bad = run_cli("size", "ds", "--n-embd", "50", "--n-head", "3", cwd=dataset)
-    assert bad.returncode == 2 and "not divisible by num heads" in bad.stderr
+    bad = run_cli("size", "ds", "--embed-dim", "50", "--num-heads", "3", cwd=dataset)
+    assert bad.returncode == 2 and "--embed-dim 50 is not divisible by --num-heads 3" in bad.stderr

@@ -11,14 +11,12 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import fields, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
 
-from crystalline.config import ModelConfig
 from crystalline.data import corpus
 from crystalline.data import prepare as prep
 from crystalline.data import sizing
@@ -173,46 +171,46 @@ def _print_stats(tok: Tokenizer, pieces, json_out: bool, top: int) -> None:
 def size(
     data: Annotated[list[Path], typer.Argument(help="A dataset directory, or text files and directories.")],
     config: Annotated[
-        Optional[Path], typer.Option(help="TOML with model fields (top level or [model]) and batch_size/seq_len.")
+        Optional[Path], typer.Option(help="The TOML settings file `crystalline train --config` takes.")
     ] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size (default: the tokenizer's).")] = None,
-    n_embd: Annotated[Optional[int], typer.Option(help="Embedding width.")] = None,
-    n_layer: Annotated[Optional[int], typer.Option(help="Transformer blocks.")] = None,
-    n_head: Annotated[Optional[int], typer.Option(help="Attention heads.")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Longest context.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step (default 8).")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (default: block size).")] = None,
+    embed_dim: Annotated[Optional[int], typer.Option(help="Residual width C.")] = None,
+    num_layers: Annotated[Optional[int], typer.Option(help="Transformer blocks.")] = None,
+    num_heads: Annotated[Optional[int], typer.Option(help="Attention heads.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (the block size).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Sphere threads (for the memory estimate).")] = None,
     ext: Annotated[Optional[list[str]], typer.Option("--ext", help="Only files with this extension.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar while preparing raw text.")] = True,
 ) -> None:
-    """Parameter count, training memory, tokens available and a recommended model (exit 2 if untrainable)."""
+    """Parameter count, training memory, tokens available and a recommended model (exit 2 if untrainable).
+
+    With no shape flags and no --config it sizes the recommended model; with
+    them it sizes what `crystalline train` would build from the same flags."""
+    from crystalline.train import build_config, validate  # the train command's own settings logic
+
     ds, data_bytes = _dataset_for_size(data, vocab_size, ext, progress)
     num_tokens = ds.train_count
     rec = sizing.recommend(num_tokens, data_bytes)
-
-    settings = _read_config(config) if config is not None else {}
-    model_fields = {f.name for f in fields(ModelConfig)}
-    chosen = {k: v for k, v in settings.items() if k in model_fields}
-    overrides = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, n_head=n_head, block_size=block_size)
-    chosen.update({k: v for k, v in overrides.items() if v is not None})
-    base = replace(rec, vocab_size=ds.vocab_size) if config is None else ModelConfig(vocab_size=ds.vocab_size)
-    try:
-        cfg = replace(base, **chosen)
-        cfg.validate()
-    except (TypeError, ValueError) as err:
-        raise UserError(f"invalid model config: {err}") from None
+    flags = dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
+                 batch_size=batch_size, seq_len=seq_len, threads=threads)
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if config is None and not flags.keys() & {"embed_dim", "num_layers", "num_heads", "seq_len"}:
+        flags = dict(vocab_size=ds.vocab_size, embed_dim=rec.n_embd, num_layers=rec.n_layer, num_heads=rec.n_head,
+                     seq_len=rec.block_size, **{k: v for k, v in flags.items() if k in ("batch_size", "threads")})
+    flags.setdefault("vocab_size", ds.vocab_size)
+    train_cfg = build_config(flags, config, preset="quick")
+    validate(train_cfg)
+    cfg = train_cfg.model_config()
     if cfg.vocab_size < ds.vocab_size:
         raise UserError(
             f"vocab size {cfg.vocab_size} is smaller than the tokenizer's {ds.vocab_size}; "
             f"use --vocab-size {ds.vocab_size}"
         )
-    batch = batch_size or settings.get("batch_size", 8)
-    seq = seq_len or settings.get("seq_len", cfg.block_size)
-    if seq > cfg.block_size:
-        raise UserError(f"--seq-len {seq} is longer than the block size {cfg.block_size}; lower it or raise --block-size")
+    batch, seq = train_cfg.batch_size, train_cfg.seq_len
 
     params = cfg.num_parameters()
-    memory = cfg.training_memory_bytes(batch, seq)
+    memory = cfg.training_memory_bytes(batch, seq, train_cfg.threads)
     typer.echo(f"data           {data_bytes / 1e6:.1f} MB, {ds.train_count:,} train / {ds.val_count:,} validation tokens")
     typer.echo(
         f"config         vocab {cfg.vocab_size:,}, embed {cfg.n_embd}, layers {cfg.n_layer}, "
@@ -248,21 +246,6 @@ def _dataset_for_size(data: list[Path], vocab_size: int | None, ext: list[str] |
     data_bytes = sum(f.size for f in files)
     vocab = vocab_size or sizing.table_row(data_bytes).config.vocab_size
     return prep.prepare_for_training(data, vocab, extensions=ext, progress=progress), data_bytes
-
-
-def _read_config(path: Path) -> dict:
-    import tomllib  # Python 3.11+; only --config needs it
-
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except OSError as err:
-        raise UserError(f"cannot read --config {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"--config {path} is not valid TOML: {err}") from None
-    flat = {k: v for k, v in doc.items() if not isinstance(v, dict)}
-    for table in ("model", "train"):
-        flat.update(doc.get(table, {}))
-    return flat
 
 
 def _physical_memory() -> int | None:
