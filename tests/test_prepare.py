@@ -158,7 +158,7 @@ def test_half_written_dataset_is_never_trusted(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "_write_json_atomic", crash)
+    monkeypatch.setattr(prep, "write_json_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare([src], out, VOCAB, progress=False)
     monkeypatch.undo()

@@ -16,7 +16,6 @@ checkpoint intact; a leftover temporary directory is never read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from crystalline.atomic import fsync_path
+from crystalline.data.corpus import file_hash
 from crystalline.errors import UserError
 
 PREFIX = "ckpt-"
@@ -47,22 +48,6 @@ class Checkpoint:
     params: dict[str, np.ndarray]
     m: dict[str, np.ndarray]
     v: dict[str, np.ndarray]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(
@@ -87,18 +72,18 @@ def save(
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         files = {}
         for name in (MODEL, OPTIMIZER, TOKENIZER):
-            _fsync(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            fsync_path(tmp / name)
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_hash(tmp / name)}
         full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=files)
         with open(tmp / STATE, "w") as f:
             json.dump(full_state, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         if final.exists():  # re-saving a step (e.g. after resume): replace it
             discard(final)
         os.rename(tmp, final)
-        _fsync(run_dir)
+        fsync_path(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -112,7 +97,7 @@ def discard(ckpt: Path) -> None:
     complete: rename it to a temporary name first, then remove it."""
     doomed = ckpt.with_name(f"{TMP_PREFIX}{ckpt.name}")
     os.rename(ckpt, doomed)
-    _fsync(ckpt.parent)
+    fsync_path(ckpt.parent)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -168,7 +153,7 @@ def load(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
         want = state["files"].get(name, {})
         if not f.is_file():
             raise UserError(f"checkpoint file {f} is missing")
-        if f.stat().st_size != want.get("bytes") or _sha256(f) != want.get("sha256"):
+        if f.stat().st_size != want.get("bytes") or file_hash(f) != want.get("sha256"):
             raise UserError(f"checkpoint file {f} is corrupt or truncated (size or sha256 differs from {STATE})")
     try:
         params = load_file(str(ckpt / MODEL))

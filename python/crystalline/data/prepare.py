@@ -46,6 +46,7 @@ from crystalline.data.corpus import FileRead, SourceFile
 from crystalline.data.progress import Progress
 from crystalline.data.corpus import file_hash
 from crystalline.data.tokenizer import Tokenizer, check_vocab_size
+from crystalline.atomic import copy_atomic, write_atomic, write_json_atomic
 from crystalline.errors import UserError
 
 FORMAT_VERSION = 1
@@ -168,7 +169,7 @@ def prepare(
     else:
         _write_token_files(out_dir, shard_dir, entries, tok.eot_id, dtype, manifest)
     if manifest != old:
-        _write_json_atomic(out_dir / MANIFEST, manifest)
+        write_json_atomic(out_dir / MANIFEST, manifest)
     _remove_unreferenced(out_dir, manifest, shard_dir)
 
     report.files_with_replacements = sum(1 for e in entries if e["replaced"])
@@ -270,7 +271,7 @@ def _tokenizer_for(
                 f"was asked; drop --vocab-size or pass --vocab-size {tok.vocab_size}"
             )
         if not target.is_file() or file_hash(target) != file_hash(Path(given)):
-            _copy_atomic(Path(given), target)
+            copy_atomic(Path(given), target)
         return tok, tok.vocab_size, {}
 
     if not retrain and old is not None and target.is_file() and file_hash(target) == old["tokenizer_hash"]:
@@ -290,7 +291,7 @@ def _tokenizer_for(
             f"the corpus only supports {tok.vocab_size} tokens, fewer than --vocab-size {vocab_size}; "
             f"the model will use {tok.vocab_size}"
         )
-    _save_tokenizer_atomic(tok, target)
+    write_atomic(target, tok.save)
     report.tokenizer_trained = True
     return tok, vocab_size, hashes
 
@@ -551,35 +552,3 @@ def _remove_unreferenced(out_dir: Path, manifest: dict, shard_dir: Path) -> None
             path.unlink(missing_ok=True)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _save_tokenizer_atomic(tok: Tokenizer, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tok.save(tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, dst)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,43 @@
+"""Crash-safe file writes: write to a temporary name, fsync, rename, fsync the
+directory. A crash or kill -9 at any moment leaves either the old file or the
+new one, never half of either."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Have `write(tmp)` create the file at a temporary name beside `path`,
+    then make it `path` atomically and durably."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def write_json_atomic(path: Path, data: dict, indent: int = 1) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent)))
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
