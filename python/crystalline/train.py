@@ -33,7 +33,7 @@ GROUPS = _core.SYMMETRY_GROUPS
 PRESETS: dict[str, dict] = {
     # The default: about five minutes on a 2-core machine, built-in corpus.
     "quick": dict(vocab_size=4096, embed_dim=128, num_layers=4, num_heads=4, batch_size=16, seq_len=128,
-                  learning_rate=3e-3, warmup_steps=100, max_steps=1500, eval_interval=250, epochs=1),
+                  learning_rate=3e-3, warmup_steps=100, max_steps=4000, eval_interval=500, epochs=1),
     # The three shapes of benches/train_vs_torch.py.
     "tiny": dict(vocab_size=4096, embed_dim=128, num_layers=4, num_heads=4, batch_size=16, seq_len=128),
     "small": dict(vocab_size=8192, embed_dim=256, num_layers=4, num_heads=8, batch_size=16, seq_len=128),
@@ -212,7 +212,7 @@ class Trainer:
         if not config.checkpoint_dir:
             config = replace(config, checkpoint_dir=str(Path("runs") / time.strftime("%Y%m%d-%H%M%S")))
         self.cfg = config
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.run_dir = Path(config.checkpoint_dir)
         self.resume_from: Path | None = None
         self._stop = False
@@ -312,7 +312,7 @@ class Trainer:
         )
         mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers); "
-                f"estimated memory {mem / 2**20:,.0f} MiB")
+                f"training buffers need about {mem / 2**20:,.0f} MiB")
 
     def _load_data(self, progress: bool) -> bool:
         """(Re)prepare the data, incrementally; True when the training split changed."""
@@ -577,7 +577,7 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop = True
 
-    def sample(self, checkpoint_path: Path, n_tokens: int, prompt: str = "def ") -> str:
+    def sample(self, checkpoint_path: Path, n_tokens: int, prompt: str = "import os\nimport sys\n\n\ndef ") -> str:
         """A short text from the trained model, with the KV-cache generator."""
         from crystalline.inference import load
 

@@ -69,7 +69,7 @@ def train(
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
         watch=str(watch) if watch else None, watch_interval=watch_interval,
     )
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     if resume:
         if config is not None:
             raise UserError("--config cannot be used with --resume: a resumed run keeps its saved settings")
