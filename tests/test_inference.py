@@ -6,7 +6,6 @@ refusal. One tiny trained checkpoint serves the whole module."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,22 +18,12 @@ import pytest
 
 from crystalline import _core, checkpoint, hf, load
 from crystalline.inference import Sampling, TextStream
+from commandline import cli
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TINY = ["--vocab-size", "300", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
         "--batch-size", "8", "--seq-len", "32", "--no-progress", "--sample-tokens", "0", "--ext", ".py"]
 PROMPT = "def load(path):\n"
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xdg")
-    return dict(os.environ, XDG_CACHE_HOME=str(cache), PYTHONUNBUFFERED="1")
-
-
-def cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crystalline", *args], env=env, capture_output=True,
-                          text=True, timeout=120, **kw)
 
 
 @pytest.fixture(scope="module")

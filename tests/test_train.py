@@ -5,7 +5,6 @@ falling on real text, and each refusal. Tiny models keep it quick."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -20,22 +19,11 @@ import pytest
 from crystalline import checkpoint
 from crystalline.errors import UserError
 from crystalline.train import TrainConfig, Trainer, build_config, lr_at
+from commandline import cli
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TINY = ["--vocab-size", "300", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2",
         "--batch-size", "8", "--seq-len", "32", "--no-progress", "--sample-tokens", "0", "--ext", ".py"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A private prepare cache, shared by this module's runs."""
-    cache = tmp_path_factory.mktemp("xdg")
-    return dict(os.environ, XDG_CACHE_HOME=str(cache), PYTHONUNBUFFERED="1")
-
-
-def cli(args: list[str], env: dict, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crystalline", *args], env=env, capture_output=True,
-                          text=True, timeout=300, **kw)
 
 
 def losses(run_dir: Path) -> list[float]:

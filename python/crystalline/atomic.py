@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -41,3 +43,22 @@ def write_json_atomic(path: Path, data: dict, indent: int = 1) -> None:
 
 def copy_atomic(src: Path, dst: Path) -> None:
     write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+@contextmanager
+def new_directory(final: Path) -> Iterator[Path]:
+    """Build a directory under a temporary name beside `final` (yielded) and
+    rename it to `final` when the block succeeds; on failure remove it.
+    `final` may already exist only as an empty directory."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            final.rmdir()
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_path(final.parent)

@@ -11,7 +11,6 @@ epsilon 1e-5, inner width 4C, tied embeddings and the usual attention scaling.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from crystalline import checkpoint
+from crystalline.atomic import new_directory
 from crystalline.config import ModelConfig
 from crystalline.data.tokenizer import EOT, Tokenizer
 from crystalline.errors import UserError
@@ -73,19 +73,12 @@ def export(path: Path | str, out_dir: Path | str) -> Path:
         "clean_up_tokenization_spaces": False,
     }
     tensors = {PREFIX + name: np.ascontiguousarray(a) for name, a in loaded.parameters().items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with new_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(loaded.path / checkpoint.TOKENIZER, tmp / "tokenizer.json")
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "tokenizer_config.json", tokenizer_config)
         _write_json(tmp / "special_tokens_map.json", {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from crystalline import _core, checkpoint
+from crystalline.atomic import new_directory
 from crystalline.config import ModelConfig
 from crystalline.data.corpus import file_hash
 from crystalline.data.tokenizer import Tokenizer
@@ -261,9 +261,7 @@ def write_run(run_dir: Path, params: dict[str, np.ndarray], cfg: ModelConfig, to
     run_dir = run_dir.expanduser().absolute()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir} already exists and is not an empty directory; choose a new --out")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{run_dir.name}-", dir=run_dir.parent))
-    try:
+    with new_directory(run_dir) as tmp:
         shutil.copyfile(tokenizer_path, tmp / checkpoint.TOKENIZER)
         base = {k: v for k, v in train_config.items() if k in TrainConfig.__dataclass_fields__}
         train_cfg = replace(TrainConfig(**base), vocab_size=cfg.vocab_size, embed_dim=cfg.n_embd,
@@ -282,10 +280,4 @@ def write_run(run_dir: Path, params: dict[str, np.ndarray], cfg: ModelConfig, to
             "val_loss": None,
         }
         checkpoint.save(tmp, 0, params, zeros, zeros, state, tmp / checkpoint.TOKENIZER, keep=0)
-        if run_dir.exists():
-            run_dir.rmdir()
-        os.rename(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return checkpoint.list_checkpoints(run_dir)[-1]
