@@ -271,7 +271,7 @@ impl Activations {
     /// else reallocate. Buffers are used from their start, so a smaller
     /// batch runs in the memory of a larger one.
     pub fn fit(&mut self, config: &Config, b: usize, t: usize) {
-        let fits = b * t <= self.capacity_rows && b * t * t <= self.capacity_att && !self.blocks.is_empty() == (config.n_layer > 0);
+        let fits = b * t <= self.capacity_rows && b * t * t <= self.capacity_att;
         if fits {
             self.b = b;
             self.t = t;

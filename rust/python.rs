@@ -836,15 +836,6 @@ impl PyTrainer {
         let inner = &self.inner;
         py.detach(|| inner.eval(&ids, shape[0], shape[1] - 1)).map_err(PyValueError::new_err)
     }
-
-    /// tokens [B, T] -> logits [B, T, V]
-    fn forward<'py>(&self, py: Python<'py>, tokens: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
-        let v = self.inner.model.config.vocab_size;
-        let (ids, shape) = ids_in(tokens, "tokens", 2, Some(v))?;
-        let inner = &self.inner;
-        let logits = py.detach(|| inner.forward_logits(&ids, shape[0], shape[1])).map_err(PyValueError::new_err)?;
-        Ok(out(py, &[shape[0], shape[1], v], logits))
-    }
 }
 
 #[pymodule]

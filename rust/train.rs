@@ -394,13 +394,6 @@ impl Trainer {
         let reports = self.run_spheres(batch, b, t, false).reports;
         Ok(reports.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64)
     }
-
-    /// Logits for a [B, T] batch, computed by Node Zero with the whole pool.
-    pub fn forward_logits(&self, tokens: &[u32], b: usize, t: usize) -> Result<Vec<f32>, String> {
-        self.model.check_batch(tokens, None, b, t)?;
-        let mut acts = Activations::new(&self.model.config, b, t);
-        Ok(self.pool.install(|| self.model.forward_logits(&mut acts, tokens, self.threads)))
-    }
 }
 
 /// CPU affinity of sphere threads (Linux; elsewhere a no-op).
