@@ -224,10 +224,13 @@ pub fn candidates(logits: &[f32], sampling: &Sampling) -> Vec<(u32, f32)> {
     }
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
     // most probable first; ties by token id so the order is deterministic
-    order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    if sampling.top_k > 0 {
+    let cmp = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if sampling.top_k > 0 && sampling.top_k < order.len() {
+        // only the k best need sorting
+        order.select_nth_unstable_by(sampling.top_k - 1, cmp);
         order.truncate(sampling.top_k);
     }
+    order.sort_unstable_by(cmp);
     let max = logits[order[0] as usize];
     let mut probs: Vec<f32> = order.iter().map(|&t| ((logits[t as usize] - max) / sampling.temperature).exp()).collect();
     let total: f32 = probs.iter().sum();
