@@ -45,10 +45,11 @@ impl KvCache {
     }
 }
 
-/// Feed one token to each listed sequence and return their next-token logits.
+/// Feed tokens to sequences and return the next-token logits of each row.
 ///
-/// seqs:   [M] distinct sequence indices into the cache
-/// tokens: [M] the token each of them receives, at position cache.lens[seq]
+/// seqs:   [M] sequence indices into the cache; a sequence listed k times
+///         receives k consecutive positions in one step (a prompt's prefill)
+/// tokens: [M] the token of each row, at the sequence's next free position
 /// returns [M, V] logits when `want_logits` (else empty: a prefill step)
 pub fn decode_step(
     model: &Gpt2,
@@ -63,27 +64,27 @@ pub fn decode_step(
     if tokens.len() != m {
         return Err(format!("{} tokens for {m} sequences", tokens.len()));
     }
+    // The position of each row: its sequence's length plus the rows of the
+    // same sequence before it.
+    let mut next = cache.lens.clone();
+    let mut positions = Vec::with_capacity(m);
     for (&s, &tok) in seqs.iter().zip(tokens) {
         if s >= cache.b {
             return Err(format!("sequence {s} is outside the cache of {} sequences", cache.b));
         }
-        if cache.lens[s] >= cache.t_max {
+        if next[s] >= cache.t_max {
             return Err(format!("sequence {s} has filled the block size {}; slide its window first", cache.t_max));
         }
         if tok as usize >= v {
             return Err(format!("token {tok} is out of range for vocab_size {v}"));
         }
-    }
-    let mut sorted = seqs.to_vec();
-    sorted.sort_unstable();
-    if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err("a sequence is listed twice in one step".into());
+        positions.push(next[s]);
+        next[s] += 1;
     }
     let p = named(model.layout.views(&model.params));
     // x[m] = wte[token] + wpe[pos]
     let mut x = vec![0.0f32; m * c];
-    for (i, (&s, &tok)) in seqs.iter().zip(tokens).enumerate() {
-        let pos = cache.lens[s];
+    for (i, (&pos, &tok)) in positions.iter().zip(tokens).enumerate() {
         encoder_forward(&mut x[i * c..(i + 1) * c], &[tok], p.wte, &p.wpe[pos * c..], 1, 1, c);
     }
     let (mut ln, mut mean, mut rstd) = (vec![0.0; m * c], vec![0.0; m], vec![0.0; m]);
@@ -92,21 +93,19 @@ pub fn decode_step(
     for (l, w) in p.blocks.iter().enumerate() {
         layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, w.ln1w, w.ln1b, m, c);
         matmul_forward(&mut qkv, &ln, w.qkvw, Some(w.qkvb), m, c, 3 * c, threads);
-        for (i, &s) in seqs.iter().enumerate() {
-            let at = cache.at(l, s, cache.lens[s]);
+        for (i, (&s, &pos)) in seqs.iter().zip(&positions).enumerate() {
+            let at = cache.at(l, s, pos);
             cache.k[at..at + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
             cache.v[at..at + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..(i + 1) * 3 * c]);
         }
-        attend(cache, l, seqs, &qkv, &mut atty, nh, threads);
+        attend(cache, l, seqs, &positions, &qkv, &mut atty, nh, threads);
         residual_matmul_forward(&mut x2, &x, &atty, w.attprojw, w.attprojb, m, c, c, threads);
         layernorm_forward(&mut ln, &mut mean, &mut rstd, &x2, w.ln2w, w.ln2b, m, c);
         matmul_forward(&mut fch, &ln, w.fcw, Some(w.fcb), m, c, 4 * c, threads);
         gelu_forward(&mut fch_gelu, &fch);
         residual_matmul_forward(&mut x, &x2, &fch_gelu, w.fcprojw, w.fcprojb, m, 4 * c, c, threads);
     }
-    for &s in seqs {
-        cache.lens[s] += 1;
-    }
+    cache.lens = next;
     if !want_logits {
         return Ok(Vec::new());
     }
@@ -144,17 +143,29 @@ vecmath::simd_dispatch! {
     fn dot(a: &[f32], b: &[f32]) -> f32 => vecmath::dot
 }
 
-/// Causal attention of each listed sequence's newest position over its cache.
+/// Causal attention of each new row over its sequence's cache up to its own
+/// position.
 ///
-/// qkv:  [M, 3C] (the new rows; their k and v are already in the cache)
-/// atty: [M, C]  (written)
-fn attend(cache: &KvCache, layer: usize, seqs: &[usize], qkv: &[f32], atty: &mut [f32], nh: usize, threads: usize) {
+/// qkv:       [M, 3C] (the new rows; their k and v are already in the cache)
+/// positions: [M]     (each row's position in its sequence)
+/// atty:      [M, C]  (written)
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    cache: &KvCache,
+    layer: usize,
+    seqs: &[usize],
+    positions: &[usize],
+    qkv: &[f32],
+    atty: &mut [f32],
+    nh: usize,
+    threads: usize,
+) {
     let c = cache.c;
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
     let work = |(i, out): (usize, &mut [f32])| {
         let s = seqs[i];
-        let len = cache.lens[s] + 1; // including the position just written
+        let len = positions[i] + 1; // including the row's own position
         let mut scores = vec![0.0f32; len];
         for h in 0..nh {
             let q = &qkv[i * 3 * c + h * hs..i * 3 * c + (h + 1) * hs];
@@ -291,6 +302,26 @@ mod tests {
             }
         }
         assert!(decode_step(&m, &mut cache, &[0], &[1], true, 1).unwrap_err().contains("block size"));
+    }
+
+    #[test]
+    fn a_whole_prompt_in_one_step_matches_token_by_token() {
+        let cfg = Config { vocab_size: 61, n_embd: 16, n_layer: 2, n_head: 2, block_size: 12 };
+        let m = Gpt2::new(cfg, 5).unwrap();
+        let prompt: Vec<u32> = (0..7).map(|i| (i * 11 + 2) % 61).collect();
+        let (mut a, mut b) = (KvCache::new(&m, 2), KvCache::new(&m, 2));
+        // sequence 1 gets the whole prompt in one call, sequence 0 one token
+        let toks: Vec<u32> = std::iter::once(3).chain(prompt.iter().copied()).collect();
+        let together = decode_step(&m, &mut a, &[0, 1, 1, 1, 1, 1, 1, 1], &toks, true, 2).unwrap();
+        assert_eq!(a.lens, vec![1, 7]);
+        let mut last = Vec::new();
+        for &tok in &prompt {
+            last = decode_step(&m, &mut b, &[1], &[tok], true, 1).unwrap();
+        }
+        for (x, y) in together[7 * 61..].iter().zip(&last) {
+            assert!((x - y).abs() < 1e-4);
+        }
+        assert!(decode_step(&m, &mut a, &[1; 6], &[1; 6], false, 1).unwrap_err().contains("block size"));
     }
 
     #[test]

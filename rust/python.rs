@@ -640,8 +640,9 @@ impl PyModel {
         Ok(())
     }
 
-    /// Feed tokens[i] to sequence seqs[i] (one new position each) and return
-    /// their next-token logits [M, V], or None when `want_logits` is false.
+    /// Feed tokens[i] to sequence seqs[i] (a sequence listed k times takes k
+    /// consecutive positions) and return each row's next-token logits
+    /// [M, V], or None when `want_logits` is false.
     #[pyo3(signature = (seqs, tokens, want_logits=true))]
     fn decode<'py>(
         &mut self,

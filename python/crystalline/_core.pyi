@@ -82,7 +82,8 @@ class Model:
     def clear_sequence(self, seq: int) -> None:
         """Empty one sequence's cache (to refill it with a slid window)."""
     def decode(self, seqs: list[int], tokens: Ids, want_logits: bool = True) -> F32 | None:
-        """Feed tokens[i] to sequence seqs[i]; -> next-token logits [M, V] (None for a prefill step)."""
+        """Feed tokens[i] to sequence seqs[i] (a sequence listed k times takes k consecutive
+        positions: a whole prompt in one call); -> next-token logits [M, V] (None when not wanted)."""
     def sample(self, logits: F32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[int]:
         """One token per row of logits [M, V]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
 

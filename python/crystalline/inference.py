@@ -201,15 +201,14 @@ class LoadedModel:
         return outs
 
     def _prefill(self, pending: dict[int, Sequence[int]], filled: list[int]) -> None:
-        """Feed each sequence its tokens without computing logits; sequences
-        at the same step share one decode call."""
-        longest = max((len(ids) for ids in pending.values()), default=0)
-        for step in range(longest):
-            seqs = [i for i, ids in pending.items() if step < len(ids)]
-            toks = np.array([pending[i][step] for i in seqs], dtype=np.int64)
+        """Feed each sequence its tokens without computing logits, all in one
+        decode call (a sequence listed k times takes k positions)."""
+        seqs = [i for i, ids in pending.items() for _ in ids]
+        if seqs:
+            toks = np.array([t for ids in pending.values() for t in ids], dtype=np.int64)
             self.model.decode(seqs, toks, want_logits=False)
-            for i in seqs:
-                filled[i] += 1
+        for i, ids in pending.items():
+            filled[i] += len(ids)
 
     # -- saving ------------------------------------------------------------
 
