@@ -21,30 +21,26 @@ use crystalline::model::{Activations, Config, Gpt2, Optimizer};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-/// Deterministic pseudo-random floats in [-1, 1) (xorshift), so the benches
-/// need no RNG setup and every run sees the same data.
-fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+/// Deterministic pseudo-random 64-bit values (xorshift), so the benches need
+/// no RNG setup and every run sees the same data.
+fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    std::iter::repeat_with(move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    })
 }
 
+/// `n` floats in [-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    xorshift(seed).take(n).map(|s| ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0).collect()
+}
+
+/// `n` token ids below `v`.
 fn rand_ids(n: usize, v: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % v as u64) as u32
-        })
-        .collect()
+    xorshift(seed).take(n).map(|s| (s % v as u64) as u32).collect()
 }
 
 fn pool(threads: usize) -> rayon::ThreadPool {
