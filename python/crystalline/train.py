@@ -215,7 +215,9 @@ class Trainer:
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.run_dir = Path(config.checkpoint_dir)
         self.resume_from: Path | None = None
-        self._stop = False
+        self._stop = False  # set by Ctrl-C: save and stop after this step
+        self._waiting = False  # a --watch run has said it waits for data
+        self._order_cache: tuple[int, int, np.ndarray] | None = None  # (epoch, sequences, permutation)
 
     # -- setup -------------------------------------------------------------
 
@@ -346,7 +348,7 @@ class Trainer:
 
     def _wait(self, why: str) -> None:
         """A --watch run without enough data: say so once, look again soon."""
-        if not getattr(self, "_waiting", False):
+        if not self._waiting:
             self.console.print(f"[Node Zero] waiting for data in {self.cfg.watch}: {why}")
             self._waiting = True
         time.sleep(WATCH_POLL_S)
@@ -402,7 +404,7 @@ class Trainer:
         return self.train_tokens[starts[:, None] + np.arange(cfg.seq_len + 1)]
 
     def _order(self, epoch: int) -> np.ndarray:
-        cached = getattr(self, "_order_cache", None)
+        cached = self._order_cache
         if cached is None or cached[:2] != (epoch, self.sequences):
             perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.sequences)
             self._order_cache = (epoch, self.sequences, perm)
