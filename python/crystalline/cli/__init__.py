@@ -20,18 +20,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from crystalline.data import commands as data_commands  # noqa: E402
+from crystalline.cli import data as data_commands  # noqa: E402
 
 app.command("prepare")(data_commands.prepare)
 app.command("tokenize")(data_commands.tokenize)
 app.command("size")(data_commands.size)
 
-from crystalline import train_command  # noqa: E402
+from crystalline.cli import train as train_command  # noqa: E402
 
 app.command("train")(train_command.train)
 app.command("plot")(train_command.plot)
 
-from crystalline import inference_command  # noqa: E402
+from crystalline.cli import infer as inference_command  # noqa: E402
 
 app.command("generate")(inference_command.generate)
 app.command("chat")(inference_command.chat)
