@@ -9,7 +9,7 @@ use crate::kernels::attention::attention_decode_forward;
 use crate::kernels::encoder::encoder_forward;
 use crate::kernels::layernorm::layernorm_forward;
 use crate::kernels::matmul::matmul_transposed_forward;
-use crate::model::{block_forward, named, BlockActs, Gpt2};
+use crate::model::{block_forward, named, BlockActs, Config, Gpt2};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -28,6 +28,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Floats of the keys and values for `b` sequences (None on overflow).
+    pub fn floats(config: &Config, b: usize) -> Option<usize> {
+        crate::memory::product(&[2, config.n_layer, b, config.block_size, config.n_embd])
+    }
+
     pub fn new(model: &Gpt2, b: usize) -> Self {
         let cfg = &model.config;
         let size = cfg.n_layer * b * cfg.block_size * cfg.n_embd;
@@ -221,7 +226,7 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut ChaCha8Rng) -> u32 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Activations, Config};
+    use crate::model::Activations;
     use rand::SeedableRng;
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod kernels;
 pub mod generate;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod train;

@@ -31,6 +31,10 @@ pub struct Config {
     pub block_size: usize,
 }
 
+/// The most transformer blocks a model may have (GPT-3 has 96): a bound on
+/// the tensors a layout lists, so describing a config never exhausts memory.
+pub const MAX_LAYERS: usize = 1 << 16;
+
 /// Rows of logits computed at once by the loss: bounds the memory of the
 /// output layer to LOGIT_CHUNK x V floats whatever B*T is.
 pub const LOGIT_CHUNK: usize = 128;
@@ -55,6 +59,9 @@ impl Config {
                 self.n_head,
                 divisor_near(self.n_embd, self.n_head)
             ));
+        }
+        if self.n_layer > MAX_LAYERS {
+            return Err(format!("n_layer {} is more than {MAX_LAYERS}", self.n_layer));
         }
         if self.vocab_size > u32::MAX as usize {
             return Err(format!("vocab_size {} does not fit token ids in u32", self.vocab_size));
@@ -386,7 +393,7 @@ impl Gpt2 {
     pub fn new(config: Config, seed: u64) -> Result<Self, String> {
         config.validate()?;
         let layout = Layout::new(&config);
-        let mut params = vec![0.0f32; layout.total];
+        let mut params = crate::memory::zeros(&[layout.total], "the model's parameters").map_err(|e| e.to_string())?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let std = 0.02f32;
         let proj_std = std / ((2 * config.n_layer) as f32).sqrt();

@@ -20,11 +20,16 @@ use crate::kernels::adamw::AdamW;
 use crate::model::{Activations, Config, Gpt2};
 use crate::optim::{global_norm, Optimizer};
 use rayon::prelude::*;
-use std::sync::{Condvar, Mutex};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 /// Every token id belongs to symmetry group `id % SYMMETRY_GROUPS`.
 pub const SYMMETRY_GROUPS: usize = 12;
+
+/// The most threads a pool may have: far more than any machine's cores,
+/// few enough that their stacks fit in memory.
+pub const MAX_THREADS: usize = 1024;
 
 /// Elements per parallel chunk in the reduction, clipping and norm.
 const CHUNK: usize = 1 << 15;
@@ -185,6 +190,14 @@ impl Hyper {
     }
 }
 
+/// Refuse a thread count no pool can have.
+pub fn check_threads(threads: usize) -> Result<(), String> {
+    if !(1..=MAX_THREADS).contains(&threads) {
+        return Err(format!("threads must be between 1 and {MAX_THREADS}, got {threads}"));
+    }
+    Ok(())
+}
+
 /// Worker spheres of a pool of `threads` threads (Node Zero computes alone
 /// when it is the only thread).
 fn workers(threads: usize) -> usize {
@@ -226,6 +239,8 @@ pub enum StepError {
     BadBatch(String),
     /// The loss or gradient was NaN or infinite; the parameters are unchanged.
     NonFinite { loss: f64, grad_norm: f64 },
+    /// A sphere failed (a bug); the step ended without changing the parameters.
+    SphereFailed(String),
 }
 
 impl std::fmt::Display for StepError {
@@ -235,6 +250,7 @@ impl std::fmt::Display for StepError {
             StepError::NonFinite { loss, grad_norm } => {
                 write!(f, "non-finite loss ({loss}) or gradient norm ({grad_norm}); parameters left unchanged")
             }
+            StepError::SphereFailed(msg) => write!(f, "{msg}; parameters left unchanged"),
         }
     }
 }
@@ -250,6 +266,27 @@ pub struct Trainer {
     lanes: Vec<Lane>,
     /// Held while spheres run, so two calls never share the lanes.
     running: Mutex<()>,
+    /// The largest (micro-batch, T) whose activations were checked against
+    /// the memory available; larger ones are checked before they allocate.
+    planned: Mutex<(usize, usize)>,
+    /// A sphere that panics on purpose, to test that a panic ends the step.
+    #[cfg(test)]
+    panic_sphere: Option<usize>,
+}
+
+/// Lock a mutex even if a panicking sphere poisoned it: every buffer behind
+/// one is rewritten before it is read again.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 impl Trainer {
@@ -260,9 +297,7 @@ impl Trainer {
 
     /// A trainer with at most `lanes` lanes of working memory.
     pub fn with_lanes(model: Gpt2, hyper: Hyper, threads: usize, lanes: usize) -> Result<Self, String> {
-        if threads == 0 {
-            return Err("threads must be at least 1".into());
-        }
+        check_threads(threads)?;
         hyper.validate()?;
         let workers = workers(threads);
         let lanes = lanes_for(threads, lanes);
@@ -289,7 +324,19 @@ impl Trainer {
             })
             .collect();
         let opt = Optimizer::new(&model.layout);
-        Ok(Trainer { model, opt, hyper, dealt: 0, threads, pool, lanes, running: Mutex::new(()) })
+        Ok(Trainer {
+            model,
+            opt,
+            hyper,
+            dealt: 0,
+            threads,
+            pool,
+            lanes,
+            running: Mutex::new(()),
+            planned: Mutex::new((0, 0)),
+            #[cfg(test)]
+            panic_sphere: None,
+        })
     }
 
     pub fn threads(&self) -> usize {
@@ -300,7 +347,7 @@ impl Trainer {
     /// `backward`, the gradient buffer of each lane listed in the returned
     /// lane plan holds the sum over its spheres' micro-batches of
     /// d(mean batch loss)/dparams.
-    fn run_spheres(&self, batch: &[u32], b: usize, t: usize, backward: bool) -> SphereRun {
+    fn run_spheres(&self, batch: &[u32], b: usize, t: usize, backward: bool) -> Result<SphereRun, String> {
         let firsts: Vec<u32> = (0..b).map(|i| batch[i * (t + 1)]).collect();
         let mbs = deal(&firsts, self.dealt);
         let lanes = self.lanes.len();
@@ -318,57 +365,68 @@ impl Trainer {
         }
         let dloss = 1.0 / (b * t) as f32;
         let model = &self.model;
-        let _running = self.running.lock().expect("trainer lock");
+        let _running = lock(&self.running);
         for lane in &self.lanes {
-            *lane.turn.lock().expect("turn lock") = 0;
+            *lock(&lane.turn) = 0;
         }
-        let reports = self.pool.broadcast(|ctx| {
+        let results = self.pool.broadcast(|ctx| {
             let me = ctx.index();
-            let mut report = SphereReport::default();
-            let Some((l, k)) = slot[me] else { return report };
+            let Some((l, k)) = slot[me] else { return Ok(SphereReport::default()) };
             let lane = &self.lanes[l];
-            let mut turn = lane.turn.lock().expect("turn lock");
+            let mut turn = lock(&lane.turn);
             while *turn != k {
-                turn = lane.wake.wait(turn).expect("turn lock");
+                turn = lane.wake.wait(turn).unwrap_or_else(PoisonError::into_inner);
             }
             drop(turn);
             let start = Instant::now();
-            let mut mem = lane.mem.lock().expect("lane lock");
-            let LaneMem { grads, acts } = &mut *mem;
-            if backward && k == 0 {
-                grads.resize(model.layout.total, 0.0);
-                grads.fill(0.0);
-            }
-            for &i in &plan[me] {
-                let seqs = &mbs[i].sequences;
-                let m = seqs.len();
-                let mut x = Vec::with_capacity(m * t);
-                let mut y = Vec::with_capacity(m * t);
-                for &s in seqs {
-                    let row = &batch[s * (t + 1)..(s + 1) * (t + 1)];
-                    x.extend_from_slice(&row[..t]);
-                    y.extend_from_slice(&row[1..]);
+            // A panic must not leave the lane's later spheres waiting for a
+            // turn that never comes: catch it, pass the turn on, report it.
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                #[cfg(test)]
+                assert!(self.panic_sphere != Some(me), "sphere {me} panics as the test asked");
+                let mut report = SphereReport::default();
+                let mut mem = lock(&lane.mem);
+                let LaneMem { grads, acts } = &mut *mem;
+                if backward && k == 0 {
+                    grads.resize(model.layout.total, 0.0);
+                    grads.fill(0.0);
                 }
-                let acts = match acts {
-                    Some(a) => {
-                        a.fit(&model.config, m, t);
-                        a
+                for &i in &plan[me] {
+                    let seqs = &mbs[i].sequences;
+                    let m = seqs.len();
+                    let mut x = Vec::with_capacity(m * t);
+                    let mut y = Vec::with_capacity(m * t);
+                    for &s in seqs {
+                        let row = &batch[s * (t + 1)..(s + 1) * (t + 1)];
+                        x.extend_from_slice(&row[..t]);
+                        y.extend_from_slice(&row[1..]);
                     }
-                    None => acts.insert(Activations::new(&model.config, m, t)),
-                };
-                let g = if backward { Some(&mut grads[..]) } else { None };
-                report.loss_sum += model.loss_sum(acts, &x, &y, g, dloss, 1);
-                report.micro_batches += 1;
-                report.sequences += m;
-                report.tokens += m * t;
-            }
-            drop(mem);
-            report.busy_s = start.elapsed().as_secs_f64();
-            *lane.turn.lock().expect("turn lock") += 1;
+                    let acts = match acts {
+                        Some(a) => {
+                            a.fit(&model.config, m, t);
+                            a
+                        }
+                        None => acts.insert(Activations::new(&model.config, m, t)),
+                    };
+                    let g = if backward { Some(&mut grads[..]) } else { None };
+                    report.loss_sum += model.loss_sum(acts, &x, &y, g, dloss, 1);
+                    report.micro_batches += 1;
+                    report.sequences += m;
+                    report.tokens += m * t;
+                }
+                report
+            }));
+            *lock(&lane.turn) += 1;
             lane.wake.notify_all();
-            report
+            result
+                .map(|mut report| {
+                    report.busy_s = start.elapsed().as_secs_f64();
+                    report
+                })
+                .map_err(|payload| format!("sphere {me} failed: {}", panic_message(&*payload)))
         });
-        SphereRun { mbs, lane_plan, reports }
+        let reports = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(SphereRun { mbs, lane_plan, reports })
     }
 
     fn check(&self, batch: &[u32], b: usize, t: usize) -> Result<(), String> {
@@ -381,7 +439,25 @@ impl Trainer {
         // Inputs are columns 0..T and targets 1..T+1 of each row.
         let x: Vec<u32> = batch.chunks(t + 1).flat_map(|r| r[..t].to_vec()).collect();
         let y: Vec<u32> = batch.chunks(t + 1).flat_map(|r| r[1..].to_vec()).collect();
-        self.model.check_batch(&x, Some(&y), b, t)
+        self.model.check_batch(&x, Some(&y), b, t)?;
+        self.plan_memory(b, t)
+    }
+
+    /// Refuse a batch whose micro-batches need more activation memory than
+    /// the machine has, before any sphere allocates it. Checked once per
+    /// larger shape (the lanes keep their buffers for smaller ones).
+    fn plan_memory(&self, b: usize, t: usize) -> Result<(), String> {
+        let micro = b.div_ceil(SYMMETRY_GROUPS);
+        let mut planned = lock(&self.planned);
+        if micro <= planned.0 && t <= planned.1 {
+            return Ok(());
+        }
+        let lanes = self.lanes.len().min(SYMMETRY_GROUPS).min(b);
+        let floats = Activations::floats(&self.model.config, micro, t).and_then(|f| f.checked_mul(lanes));
+        let what = format!("the activations of {lanes} lane(s) for micro-batches of [{micro}, {t}]");
+        crate::memory::ensure(crate::memory::f32_bytes(floats), &what).map_err(|e| e.to_string())?;
+        *planned = (micro.max(planned.0), t.max(planned.1));
+        Ok(())
     }
 
     /// One optimizer step on a [B, T+1] batch (inputs are each row's first T
@@ -390,7 +466,7 @@ impl Trainer {
     pub fn step(&mut self, batch: &[u32], b: usize, t: usize, lr: f32) -> Result<StepReport, StepError> {
         self.check(batch, b, t).map_err(StepError::BadBatch)?;
         let t0 = Instant::now();
-        let SphereRun { mbs, lane_plan, reports: spheres } = self.run_spheres(batch, b, t, true);
+        let SphereRun { mbs, lane_plan, reports: spheres } = self.run_spheres(batch, b, t, true).map_err(StepError::SphereFailed)?;
         let compute_s = t0.elapsed().as_secs_f64();
         let loss = spheres.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64;
         let mut group_sequences = [0usize; SYMMETRY_GROUPS];
@@ -398,7 +474,7 @@ impl Trainer {
             group_sequences[mb.group] = mb.sequences.len();
         }
         // Node Zero: reduce the lanes' gradients in lane order.
-        let mut guards: Vec<_> = self.lanes.iter().map(|l| l.mem.lock().expect("lane lock")).collect();
+        let mut guards: Vec<_> = self.lanes.iter().map(|l| lock(&l.mem)).collect();
         let used: Vec<usize> = (0..self.lanes.len()).filter(|&l| !lane_plan[l].is_empty()).collect();
         let (first, others) = used.split_first().expect("a batch has work");
         let mut total = std::mem::take(&mut guards[*first].grads);
@@ -437,7 +513,7 @@ impl Trainer {
     /// Mean loss of a [B, T+1] batch, forward only, on the spheres.
     pub fn eval(&self, batch: &[u32], b: usize, t: usize) -> Result<f64, String> {
         self.check(batch, b, t)?;
-        let reports = self.run_spheres(batch, b, t, false).reports;
+        let reports = self.run_spheres(batch, b, t, false)?.reports;
         Ok(reports.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64)
     }
 }
@@ -531,8 +607,12 @@ mod tests {
         assert_eq!((lane_of(1, 12, 2), lane_of(2, 12, 2), lane_of(3, 12, 2)), (Some(0), Some(1), Some(0)));
     }
 
+    fn tiny_cfg() -> Config {
+        Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 8 }
+    }
+
     fn tiny_trainer(threads: usize, lanes: usize) -> Trainer {
-        let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 8 };
+        let cfg = tiny_cfg();
         let hyper = Hyper { adamw: AdamW { lr: 1e-2, ..Default::default() }, grad_clip: 1.0 };
         Trainer::with_lanes(Gpt2::new(cfg, 1).unwrap(), hyper, threads, lanes).unwrap()
     }
@@ -566,6 +646,34 @@ mod tests {
         assert_eq!(r.spheres[0].micro_batches, 0);
         assert!(r.spheres[1..].iter().all(|s| s.micro_batches >= 1));
         assert_eq!(r.group_sequences.iter().sum::<usize>(), 14);
+    }
+
+    #[test]
+    fn a_panicking_sphere_ends_the_step_with_an_error_instead_of_a_hang() {
+        // sphere 1 shares its lane with later spheres, which must not wait forever
+        let mut tr = tiny_trainer(12, 2);
+        tr.panic_sphere = Some(1);
+        let before = tr.model.params.clone();
+        let err = tr.step(&batch(0), 14, 8, 1e-2).unwrap_err();
+        assert!(matches!(&err, StepError::SphereFailed(m) if m.contains("sphere 1 failed")), "{err}");
+        assert!(tr.eval(&batch(0), 14, 8).unwrap_err().contains("sphere 1 failed"));
+        assert_eq!(tr.opt.step, 0);
+        assert!(before.iter().zip(&tr.model.params).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // the trainer still works once the fault is gone
+        tr.panic_sphere = None;
+        assert!(tr.step(&batch(0), 14, 8, 1e-2).is_ok());
+    }
+
+    #[test]
+    fn a_batch_too_large_for_memory_is_refused_before_it_allocates() {
+        let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 1 << 20 };
+        let hyper = Hyper { adamw: AdamW::default(), grad_clip: 1.0 };
+        let tr = Trainer::with_lanes(Gpt2::new(cfg, 1).unwrap(), hyper, 2, 1).unwrap();
+        let t = 1 << 20; // attention probabilities alone: 2 heads x T^2 floats = 8 TiB
+        let batch = vec![1u32; t + 1];
+        let err = tr.eval(&batch, 1, t).unwrap_err();
+        assert!(err.contains("needs") && err.contains("of memory is available"), "{err}");
+        assert!(Trainer::with_lanes(Gpt2::new(tiny_cfg(), 1).unwrap(), hyper, MAX_THREADS + 1, 1).is_err());
     }
 
     #[test]

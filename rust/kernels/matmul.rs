@@ -121,6 +121,9 @@ pub fn matmul_forward(
     oc: usize,
     threads: usize,
 ) {
+    if n == 0 || oc == 0 {
+        return;
+    }
     match bias {
         Some(bias) => {
             for row in out[..n * oc].chunks_exact_mut(oc) {
@@ -157,7 +160,7 @@ pub fn matmul_backward(
     sgemm(n, c, oc, dout, false, weight, true, dinp, true, threads);
     // dweight[C,OC] += inp^T @ dout
     sgemm(c, oc, n, inp, true, dout, false, dweight, true, threads);
-    if let Some(dbias) = dbias {
+    if let (Some(dbias), true) = (dbias, oc > 0) {
         for row in dout[..n * oc].chunks_exact(oc) {
             for (db, d) in dbias[..oc].iter_mut().zip(row) {
                 *db += d;
@@ -180,7 +183,7 @@ pub fn matmul_transposed_forward(out: &mut [f32], inp: &[f32], weight: &[f32], n
     const FEW_ROWS: usize = 16;
     /// Weight rows per parallel task on that path.
     const ROWS: usize = 512;
-    if n >= FEW_ROWS || threads <= 1 {
+    if n == 0 || n >= FEW_ROWS || threads <= 1 {
         sgemm(n, oc, c, inp, false, weight, true, out, false, threads);
         return;
     }
@@ -285,7 +288,7 @@ mod tests {
         let (c, oc) = (24, 1100);
         let w = rand_vec(oc * c, 7);
         let wt = transpose(oc, c, &w);
-        for (n, threads) in [(1, 1), (3, 4), (20, 4)] {
+        for (n, threads) in [(0, 4), (1, 1), (3, 4), (20, 4)] {
             let x = rand_vec(n * c, 8);
             let want = naive(n, oc, c, &x, &wt);
             let mut out = vec![0.0; n * oc];

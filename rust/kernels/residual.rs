@@ -43,6 +43,9 @@ pub fn residual_matmul_forward(
     oc: usize,
     threads: usize,
 ) {
+    if n == 0 || oc == 0 {
+        return;
+    }
     for (o, r) in out[..n * oc].chunks_exact_mut(oc).zip(residual.chunks_exact(oc)) {
         for j in 0..oc {
             o[j] = r[j] + bias[j];

@@ -3,13 +3,14 @@
 //! argument, handing results back without a copy, and zero-copy views of the
 //! flat buffers.
 
+use crate::memory::{self, Refusal};
 use crate::model::Layout;
 use numpy::ndarray::{ArrayD, ArrayView, IxDyn};
 use numpy::{
     IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
     PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -18,6 +19,55 @@ pub type Arr<'py> = Bound<'py, PyArrayDyn<f32>>;
 /// A Rust error message as a Python ValueError.
 pub fn value_error(msg: impl Into<String>) -> PyErr {
     PyValueError::new_err(msg.into())
+}
+
+/// A non-negative integer argument (`usize` or `u64`): like the plain type,
+/// but a negative or too large value is a ValueError naming the range, not
+/// an OverflowError.
+pub struct Int<T>(pub T);
+
+impl<'a, 'py, T: TryFrom<i128> + num_traits_max::Max> FromPyObject<'a, 'py> for Int<T> {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let range = || format!("an integer from 0 to {}", T::MAX_STR);
+        let wide: i128 = obj.extract().map_err(|e: PyErr| {
+            if e.is_instance_of::<PyOverflowError>(obj.py()) {
+                value_error(format!("expected {}, got {}", range(), obj.str().map(|s| s.to_string()).unwrap_or_default()))
+            } else {
+                e
+            }
+        })?;
+        T::try_from(wide).map(Int).map_err(|_| value_error(format!("expected {}, got {wide}", range())))
+    }
+}
+
+/// The largest value of an integer argument type, for messages.
+mod num_traits_max {
+    pub trait Max {
+        const MAX_STR: &'static str;
+    }
+    impl Max for usize {
+        const MAX_STR: &'static str = "2**64 - 1";
+    }
+    impl Max for u64 {
+        const MAX_STR: &'static str = "2**64 - 1";
+    }
+}
+
+/// A refused size as a Python exception: MemoryError when it is more than
+/// the machine has, ValueError when it cannot even be counted.
+pub fn refusal_error(r: Refusal) -> PyErr {
+    match r {
+        Refusal::Overflow(msg) => PyValueError::new_err(msg),
+        Refusal::TooLarge(msg) => PyMemoryError::new_err(msg),
+    }
+}
+
+/// A zeroed output buffer of shape `dims`, refused with MemoryError or
+/// ValueError instead of aborting the process.
+pub fn zeros(dims: &[usize], what: &str) -> PyResult<Vec<f32>> {
+    memory::zeros(dims, what).map_err(refusal_error)
 }
 
 fn describe(obj: &Bound<'_, PyAny>) -> String {
@@ -55,7 +105,13 @@ pub fn f32_in<'py>(obj: &Bound<'py, PyAny>, name: &str, ndim: usize) -> PyResult
         return Err(value_error(format!("{name} must have {ndim} dimensions, got shape {:?}", arr.shape())));
     }
     let array = arr.try_readonly().map_err(|e| value_error(format!("{name}: {e}")))?;
-    let copy = (!arr.is_c_contiguous()).then(|| array.as_array().iter().copied().collect());
+    let copy = if arr.is_c_contiguous() {
+        None
+    } else {
+        let what = format!("a C-ordered copy of {name}");
+        memory::ensure(memory::f32_bytes(Some(arr.len())), &what).map_err(refusal_error)?;
+        Some(array.as_array().iter().copied().collect())
+    };
     Ok(F32In { array, copy })
 }
 
@@ -78,20 +134,27 @@ pub fn f32_inout<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadwri
 /// Token ids of any integer dtype and layout, checked against `vocab` (when
 /// given), as u32 in C order, with their shape.
 pub fn ids_in(obj: &Bound<'_, PyAny>, name: &str, ndim: usize, vocab: Option<usize>) -> PyResult<(Vec<u32>, Vec<usize>)> {
-    fn take<T: numpy::Element + Copy + TryInto<i64>>(obj: &Bound<'_, PyAny>) -> Option<(Vec<i64>, Vec<usize>)> {
+    type Taken = PyResult<(Vec<i64>, Vec<usize>)>;
+    fn take<T: numpy::Element + Copy + TryInto<i64>>(obj: &Bound<'_, PyAny>, name: &str) -> Option<Taken> {
         let arr = obj.cast::<PyArrayDyn<T>>().ok()?;
         let ro = arr.try_readonly().ok()?;
+        // the ids as i64, then as u32
+        let bytes = (arr.len() as u64).checked_mul(12);
+        if let Err(e) = memory::ensure(bytes, &format!("the token ids of {name}")) {
+            return Some(Err(refusal_error(e)));
+        }
         let vals = ro.as_array().iter().map(|&x| x.try_into().unwrap_or(i64::MAX)).collect();
-        Some((vals, arr.shape().to_vec()))
+        Some(Ok((vals, arr.shape().to_vec())))
     }
-    let got = take::<i64>(obj)
-        .or_else(|| take::<i32>(obj))
-        .or_else(|| take::<u32>(obj))
-        .or_else(|| take::<u16>(obj))
-        .or_else(|| take::<u8>(obj))
-        .or_else(|| take::<u64>(obj))
-        .or_else(|| take::<i16>(obj))
-        .or_else(|| take::<i8>(obj));
+    let got = take::<i64>(obj, name)
+        .or_else(|| take::<i32>(obj, name))
+        .or_else(|| take::<u32>(obj, name))
+        .or_else(|| take::<u16>(obj, name))
+        .or_else(|| take::<u8>(obj, name))
+        .or_else(|| take::<u64>(obj, name))
+        .or_else(|| take::<i16>(obj, name))
+        .or_else(|| take::<i8>(obj, name))
+        .transpose()?;
     let Some((vals, shape)) = got else {
         return Err(PyTypeError::new_err(format!("{name} must be an integer numpy array of token ids, got {}", describe(obj))));
     };

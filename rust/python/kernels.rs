@@ -2,7 +2,7 @@
 //! runs the `crate::kernels` function with the GIL released on rayon's global
 //! pool, and returns new arrays.
 
-use super::convert::{expect_shape, f32_in, f32_inout, ids_in, out, value_error, Arr, F32In};
+use super::convert::{Int, expect_shape, f32_in, f32_inout, ids_in, out, value_error, zeros, Arr, F32In};
 use crate::kernels::adamw::AdamW;
 use crate::kernels::{adamw, attention, crossentropy, encoder, gelu, layernorm, matmul, residual};
 use pyo3::prelude::*;
@@ -29,11 +29,9 @@ pub fn matmul_forward<'py>(
         expect_shape("bias", b.shape(), &[oc])?;
     }
     let (x, w, b) = (inp.as_slice(), weight.as_slice(), bias.as_ref().map(|b| b.as_slice()));
-    let data = py.detach(|| {
-        let mut o = vec![0.0; n * oc];
-        matmul::matmul_forward(&mut o, x, w, b, n, c, oc, threads());
-        o
-    });
+    let mut o = zeros(&[n, oc], "out")?;
+    py.detach(|| matmul::matmul_forward(&mut o, x, w, b, n, c, oc, threads()));
+    let data = o;
     Ok(out(py, &[n, oc], data))
 }
 
@@ -51,11 +49,8 @@ pub fn matmul_backward<'py>(
     expect_shape("weight", weight.shape(), &[c, oc])?;
     expect_shape("dout", dout.shape(), &[n, oc])?;
     let (d, x, w) = (dout.as_slice(), inp.as_slice(), weight.as_slice());
-    let (di, dw, db) = py.detach(|| {
-        let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c * oc], vec![0.0; oc]);
-        matmul::matmul_backward(&mut di, &mut dw, Some(&mut db), d, x, w, n, c, oc, threads());
-        (di, dw, db)
-    });
+    let (mut di, mut dw, mut db) = (zeros(&[n, c], "dinp")?, zeros(&[c, oc], "dweight")?, zeros(&[oc], "dbias")?);
+    py.detach(|| matmul::matmul_backward(&mut di, &mut dw, Some(&mut db), d, x, w, n, c, oc, threads()));
     Ok((out(py, &[n, c], di), out(py, &[c, oc], dw), out(py, &[oc], db)))
 }
 
@@ -72,11 +67,8 @@ pub fn layernorm_forward<'py>(
     expect_shape("weight", weight.shape(), &[c])?;
     expect_shape("bias", bias.shape(), &[c])?;
     let (x, w, b) = (inp.as_slice(), weight.as_slice(), bias.as_slice());
-    let (o, m, r) = py.detach(|| {
-        let (mut o, mut m, mut r) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
-        layernorm::layernorm_forward(&mut o, &mut m, &mut r, x, w, b, n, c);
-        (o, m, r)
-    });
+    let (mut o, mut m, mut r) = (zeros(&[n, c], "out")?, zeros(&[n], "mean")?, zeros(&[n], "rstd")?);
+    py.detach(|| layernorm::layernorm_forward(&mut o, &mut m, &mut r, x, w, b, n, c));
     Ok((out(py, &[n, c], o), out(py, &[n], m), out(py, &[n], r)))
 }
 
@@ -98,11 +90,8 @@ pub fn layernorm_backward<'py>(
     expect_shape("mean", mean.shape(), &[n])?;
     expect_shape("rstd", rstd.shape(), &[n])?;
     let (d, x, w, m, r) = (dout.as_slice(), inp.as_slice(), weight.as_slice(), mean.as_slice(), rstd.as_slice());
-    let (di, dw, db) = py.detach(|| {
-        let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
-        layernorm::layernorm_backward(&mut di, &mut dw, &mut db, d, x, w, m, r, n, c);
-        (di, dw, db)
-    });
+    let (mut di, mut dw, mut db) = (zeros(&[n, c], "dinp")?, zeros(&[c], "dweight")?, zeros(&[c], "dbias")?);
+    py.detach(|| layernorm::layernorm_backward(&mut di, &mut dw, &mut db, d, x, w, m, r, n, c));
     Ok((out(py, &[n, c], di), out(py, &[c], dw), out(py, &[c], db)))
 }
 
@@ -112,11 +101,8 @@ pub fn gelu_forward<'py>(py: Python<'py>, inp: &Bound<'py, PyAny>) -> PyResult<A
     let inp = f32_in(inp, "inp", 0)?;
     let shape = inp.shape().to_vec();
     let x = inp.as_slice();
-    let o = py.detach(|| {
-        let mut o = vec![0.0; x.len()];
-        gelu::gelu_forward(&mut o, x);
-        o
-    });
+    let mut o = zeros(&[x.len()], "out")?;
+    py.detach(|| gelu::gelu_forward(&mut o, x));
     Ok(out(py, &shape, o))
 }
 
@@ -131,11 +117,8 @@ fn elementwise2<'py>(
     expect_shape(b_name, b.shape(), a.shape())?;
     let shape = a.shape().to_vec();
     let (x, y) = (a.as_slice(), b.as_slice());
-    let o = py.detach(|| {
-        let mut o = vec![0.0; x.len()];
-        f(&mut o, x, y);
-        o
-    });
+    let mut o = zeros(&[x.len()], "out")?;
+    py.detach(|| f(&mut o, x, y));
     Ok(out(py, &shape, o))
 }
 
@@ -157,11 +140,8 @@ pub fn residual_backward<'py>(py: Python<'py>, dout: &Bound<'py, PyAny>) -> PyRe
     let dout = f32_in(dout, "dout", 0)?;
     let shape = dout.shape().to_vec();
     let d = dout.as_slice();
-    let (da, db) = py.detach(|| {
-        let (mut da, mut db) = (vec![0.0; d.len()], vec![0.0; d.len()]);
-        residual::residual_backward(&mut da, &mut db, d);
-        (da, db)
-    });
+    let (mut da, mut db) = (zeros(&[d.len()], "da")?, zeros(&[d.len()], "dbias")?);
+    py.detach(|| residual::residual_backward(&mut da, &mut db, d));
     Ok((out(py, &shape, da), out(py, &shape, db)))
 }
 
@@ -184,11 +164,8 @@ pub fn encoder_forward<'py>(
         )));
     }
     let (e, p) = (wte.as_slice(), wpe.as_slice());
-    let o = py.detach(|| {
-        let mut o = vec![0.0; b * t * c];
-        encoder::encoder_forward(&mut o, &ids, e, p, b, t, c);
-        o
-    });
+    let mut o = zeros(&[b, t, c], "out")?;
+    py.detach(|| encoder::encoder_forward(&mut o, &ids, e, p, b, t, c));
     Ok(out(py, &[b, t, c], o))
 }
 
@@ -198,9 +175,10 @@ pub fn encoder_backward<'py>(
     py: Python<'py>,
     dout: &Bound<'py, PyAny>,
     tokens: &Bound<'py, PyAny>,
-    vocab_size: usize,
-    block_size: usize,
+    vocab_size: Int<usize>,
+    block_size: Int<usize>,
 ) -> PyResult<(Arr<'py>, Arr<'py>)> {
+    let (vocab_size, block_size) = (vocab_size.0, block_size.0);
     let dout = f32_in(dout, "dout", 3)?;
     let (ids, shape) = ids_in(tokens, "tokens", 2, Some(vocab_size))?;
     let (b, t, c) = (dout.shape()[0], dout.shape()[1], dout.shape()[2]);
@@ -209,11 +187,8 @@ pub fn encoder_backward<'py>(
         return Err(value_error(format!("T={t} exceeds block_size {block_size}")));
     }
     let d = dout.as_slice();
-    let (dwte, dwpe) = py.detach(|| {
-        let (mut dwte, mut dwpe) = (vec![0.0; vocab_size * c], vec![0.0; block_size * c]);
-        encoder::encoder_backward(&mut dwte, &mut dwpe, d, &ids, b, t, c);
-        (dwte, dwpe)
-    });
+    let (mut dwte, mut dwpe) = (zeros(&[vocab_size, c], "dwte")?, zeros(&[block_size, c], "dwpe")?);
+    py.detach(|| encoder::encoder_backward(&mut dwte, &mut dwpe, d, &ids, b, t, c));
     Ok((out(py, &[vocab_size, c], dwte), out(py, &[block_size, c], dwpe)))
 }
 
@@ -229,15 +204,13 @@ fn head_dims(qkv_shape: &[usize], n_head: usize) -> PyResult<(usize, usize, usiz
 
 /// qkv [B, T, 3C] -> (out [B, T, C], att [B, NH, T, T])
 #[pyfunction]
-pub fn attention_forward<'py>(py: Python<'py>, qkv: &Bound<'py, PyAny>, n_head: usize) -> PyResult<(Arr<'py>, Arr<'py>)> {
+pub fn attention_forward<'py>(py: Python<'py>, qkv: &Bound<'py, PyAny>, n_head: Int<usize>) -> PyResult<(Arr<'py>, Arr<'py>)> {
+    let n_head = n_head.0;
     let qkv = f32_in(qkv, "qkv", 3)?;
     let (b, t, c) = head_dims(qkv.shape(), n_head)?;
     let q = qkv.as_slice();
-    let (o, a) = py.detach(|| {
-        let (mut o, mut a) = (vec![0.0; b * t * c], vec![0.0; b * n_head * t * t]);
-        attention::attention_forward(&mut o, &mut a, q, b, t, c, n_head, threads());
-        (o, a)
-    });
+    let (mut o, mut a) = (zeros(&[b, t, c], "out")?, zeros(&[b, n_head, t, t], "att")?);
+    py.detach(|| attention::attention_forward(&mut o, &mut a, q, b, t, c, n_head, threads()));
     Ok((out(py, &[b, t, c], o), out(py, &[b, n_head, t, t], a)))
 }
 
@@ -248,18 +221,16 @@ pub fn attention_backward<'py>(
     dout: &Bound<'py, PyAny>,
     qkv: &Bound<'py, PyAny>,
     att: &Bound<'py, PyAny>,
-    n_head: usize,
+    n_head: Int<usize>,
 ) -> PyResult<Arr<'py>> {
+    let n_head = n_head.0;
     let (dout, qkv, att) = (f32_in(dout, "dout", 3)?, f32_in(qkv, "qkv", 3)?, f32_in(att, "att", 4)?);
     let (b, t, c) = head_dims(qkv.shape(), n_head)?;
     expect_shape("dout", dout.shape(), &[b, t, c])?;
     expect_shape("att", att.shape(), &[b, n_head, t, t])?;
     let (d, q, a) = (dout.as_slice(), qkv.as_slice(), att.as_slice());
-    let dq = py.detach(|| {
-        let mut dq = vec![0.0; b * t * 3 * c];
-        attention::attention_backward(&mut dq, d, q, a, b, t, c, n_head, threads());
-        dq
-    });
+    let mut dq = zeros(&[b, t, 3, c], "dqkv")?;
+    py.detach(|| attention::attention_backward(&mut dq, d, q, a, b, t, c, n_head, threads()));
     Ok(out(py, &[b, t, 3 * c], dq))
 }
 
@@ -279,11 +250,8 @@ fn logits_and_targets<'py>(
 pub fn crossentropy_forward<'py>(py: Python<'py>, logits: &Bound<'py, PyAny>, targets: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
     let (l, n, v, ids) = logits_and_targets(logits, targets)?;
     let x = l.as_slice();
-    let losses = py.detach(|| {
-        let mut losses = vec![0.0; n];
-        crossentropy::crossentropy_forward(&mut losses, x, &ids, n, v);
-        losses
-    });
+    let mut losses = zeros(&[n], "losses")?;
+    py.detach(|| crossentropy::crossentropy_forward(&mut losses, x, &ids, n, v));
     Ok(out(py, &[n], losses))
 }
 
@@ -299,11 +267,8 @@ pub fn crossentropy_backward<'py>(
     let dl = f32_in(dlosses, "dlosses", 1)?;
     expect_shape("dlosses", dl.shape(), &[n])?;
     let (x, d) = (l.as_slice(), dl.as_slice());
-    let g = py.detach(|| {
-        let mut g = vec![0.0; n * v];
-        crossentropy::crossentropy_backward(&mut g, x, &ids, d, n, v);
-        g
-    });
+    let mut g = zeros(&[n, v], "dlogits")?;
+    py.detach(|| crossentropy::crossentropy_backward(&mut g, x, &ids, d, n, v));
     Ok(out(py, &[n, v], g))
 }
 
@@ -312,9 +277,10 @@ pub fn crossentropy_backward<'py>(
 pub fn softmax_crossentropy<'py>(py: Python<'py>, logits: &Bound<'py, PyAny>, targets: &Bound<'py, PyAny>) -> PyResult<(f64, Arr<'py>)> {
     let (l, n, v, ids) = logits_and_targets(logits, targets)?;
     let x = l.as_slice();
-    let (loss, g) = py.detach(|| {
-        let mut g = x.to_vec();
-        (crossentropy::crossentropy_fused_mean(&mut g, &ids, n, v), g)
+    let mut g = zeros(&[n, v], "dlogits")?;
+    let loss = py.detach(|| {
+        g.copy_from_slice(x);
+        crossentropy::crossentropy_fused_mean(&mut g, &ids, n, v)
     });
     Ok((loss, out(py, &[n, v], g)))
 }
@@ -329,13 +295,14 @@ pub fn adamw_update(
     grads: &Bound<'_, PyAny>,
     m: &Bound<'_, PyAny>,
     v: &Bound<'_, PyAny>,
-    step: u64,
+    step: Int<u64>,
     lr: f32,
     beta1: f32,
     beta2: f32,
     eps: f32,
     weight_decay: f32,
 ) -> PyResult<()> {
+    let step = step.0;
     if step == 0 {
         return Err(value_error("step counts from 1, got 0"));
     }

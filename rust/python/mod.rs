@@ -21,6 +21,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SYMMETRY_GROUPS", crate::train::SYMMETRY_GROUPS)?;
     m.add("LOGIT_CHUNK", crate::model::LOGIT_CHUNK)?;
+    m.add("MAX_THREADS", crate::train::MAX_THREADS)?;
     m.add_class::<model::PyModel>()?;
     m.add_class::<trainer::PyTrainer>()?;
     m.add_function(wrap_pyfunction!(model::parameter_shapes, m)?)?;

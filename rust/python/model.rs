@@ -2,7 +2,9 @@
 //! decoding and sampling), and the checks of model shapes and sampling
 //! settings that Python asks before it builds anything.
 
-use super::convert::{expect_shape, f32_in, ids_in, out, tensor_views, value_error, Arr};
+use super::convert::{Int, expect_shape, f32_in, ids_in, out, refusal_error, tensor_views, value_error, zeros, Arr};
+use crate::memory;
+use crate::train::check_threads;
 use crate::generate::{decode_step, sample, KvCache, Sampling};
 use crate::model::{Activations, Config, Gpt2};
 use pyo3::prelude::*;
@@ -20,26 +22,29 @@ fn in_pool<R: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce(usize) -> R
 
 /// Refuse a model shape that cannot be built, saying what to change.
 #[pyfunction]
-pub fn validate_model(vocab_size: usize, n_embd: usize, n_layer: usize, n_head: usize, block_size: usize) -> PyResult<()> {
+pub fn validate_model(vocab_size: Int<usize>, n_embd: Int<usize>, n_layer: Int<usize>, n_head: Int<usize>, block_size: Int<usize>) -> PyResult<()> {
+    let (vocab_size, n_embd, n_layer, n_head, block_size) = (vocab_size.0, n_embd.0, n_layer.0, n_head.0, block_size.0);
     Config { vocab_size, n_embd, n_layer, n_head, block_size }.validate().map_err(value_error)
 }
 
 /// Refuse sampling settings that cannot draw a token.
 #[pyfunction]
-#[pyo3(signature = (temperature=1.0, top_k=0, top_p=1.0))]
-pub fn validate_sampling(temperature: f32, top_k: usize, top_p: f32) -> PyResult<()> {
+#[pyo3(signature = (temperature=1.0, top_k=Int(0), top_p=1.0))]
+pub fn validate_sampling(temperature: f32, top_k: Int<usize>, top_p: f32) -> PyResult<()> {
+    let top_k = top_k.0;
     Sampling { temperature, top_k, top_p }.validate().map_err(value_error)
 }
 
 /// (name, shape) of every parameter tensor of a GPT-2 config, in buffer order.
 #[pyfunction]
 pub fn parameter_shapes(
-    vocab_size: usize,
-    n_embd: usize,
-    n_layer: usize,
-    n_head: usize,
-    block_size: usize,
+    vocab_size: Int<usize>,
+    n_embd: Int<usize>,
+    n_layer: Int<usize>,
+    n_head: Int<usize>,
+    block_size: Int<usize>,
 ) -> PyResult<Vec<(String, Vec<usize>)>> {
+    let (vocab_size, n_embd, n_layer, n_head, block_size) = (vocab_size.0, n_embd.0, n_layer.0, n_head.0, block_size.0);
     let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
     cfg.validate().map_err(value_error)?;
     Ok(cfg.parameter_shapes())
@@ -65,11 +70,16 @@ impl PyModel {
         self.cache.as_mut().ok_or_else(|| value_error("call reset_cache(batch_size) before decoding"))
     }
 
-    fn acts_for(&mut self, b: usize, t: usize) -> &mut Activations {
+    /// Activations for a (b, t) batch, reallocated (after a memory check)
+    /// when the shape changes.
+    fn acts_for(&mut self, b: usize, t: usize) -> PyResult<&mut Activations> {
         if !matches!(&self.acts, Some(a) if a.b == b && a.t == t) {
+            self.acts = None;
+            let floats = Activations::floats(&self.model.config, b, t);
+            memory::ensure(memory::f32_bytes(floats), &format!("the activations of a [{b}, {t}] batch")).map_err(refusal_error)?;
             self.acts = Some(Activations::new(&self.model.config, b, t));
         }
-        self.acts.as_mut().expect("just set")
+        Ok(self.acts.as_mut().expect("just set"))
     }
 
     fn batch(&self, tokens: &Bound<'_, PyAny>, targets: Option<&Bound<'_, PyAny>>) -> PyResult<(Vec<u32>, Option<Vec<u32>>, usize, usize)> {
@@ -93,11 +103,16 @@ impl PyModel {
 #[pymethods]
 impl PyModel {
     #[new]
-    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, seed=0))]
-    fn new(vocab_size: usize, n_embd: usize, n_layer: usize, n_head: usize, block_size: usize, seed: u64) -> PyResult<Self> {
+    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, seed=Int(0)))]
+    fn new(vocab_size: Int<usize>, n_embd: Int<usize>, n_layer: Int<usize>, n_head: Int<usize>, block_size: Int<usize>, seed: Int<u64>) -> PyResult<Self> {
+        let (vocab_size, n_embd, n_layer, n_head, block_size, seed) = (vocab_size.0, n_embd.0, n_layer.0, n_head.0, block_size.0, seed.0);
         let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
+        cfg.validate().map_err(value_error)?;
+        // the parameters and their gradients
+        let floats = cfg.num_parameters().checked_mul(2);
+        memory::ensure(memory::f32_bytes(floats), "a model with its gradients").map_err(refusal_error)?;
         let model = Gpt2::new(cfg, seed).map_err(value_error)?;
-        let grads = vec![0.0; model.layout.total];
+        let grads = zeros(&[model.layout.total], "the gradients")?;
         Ok(PyModel { model, grads, acts: None, cache: None, rng: ChaCha8Rng::seed_from_u64(seed), pool: None })
     }
 
@@ -128,7 +143,8 @@ impl PyModel {
     fn forward<'py>(&mut self, py: Python<'py>, tokens: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
         let (ids, _, b, t) = self.batch(tokens, None)?;
         let v = self.model.config.vocab_size;
-        self.acts_for(b, t);
+        memory::ensure(memory::f32_bytes(memory::product(&[b, t, v])), "the logits").map_err(refusal_error)?;
+        self.acts_for(b, t)?;
         let PyModel { model, acts, pool, .. } = self;
         let acts = acts.as_mut().expect("allocated");
         let logits = py.detach(|| in_pool(pool, |th| model.forward_logits(acts, &ids, th)));
@@ -139,7 +155,7 @@ impl PyModel {
     fn loss(&mut self, py: Python<'_>, tokens: &Bound<'_, PyAny>, targets: &Bound<'_, PyAny>) -> PyResult<f64> {
         let (ids, tg, b, t) = self.batch(tokens, Some(targets))?;
         let tg = tg.expect("targets given");
-        self.acts_for(b, t);
+        self.acts_for(b, t)?;
         let PyModel { model, acts, pool, .. } = self;
         let acts = acts.as_mut().expect("allocated");
         Ok(py.detach(|| in_pool(pool, |th| model.mean_loss(acts, &ids, &tg, None, th))))
@@ -147,7 +163,9 @@ impl PyModel {
 
     /// Run this model's work on a private pool of `threads` threads (the
     /// default is rayon's global pool, one thread per core).
-    fn set_threads(&mut self, threads: usize) -> PyResult<()> {
+    fn set_threads(&mut self, threads: Int<usize>) -> PyResult<()> {
+        let threads = threads.0;
+        check_threads(threads).map_err(value_error)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -158,11 +176,15 @@ impl PyModel {
 
     /// Start incremental decoding of `batch_size` sequences (an empty key/value
     /// cache for each) and seed the sampler.
-    #[pyo3(signature = (batch_size, seed=0))]
-    fn reset_cache(&mut self, batch_size: usize, seed: u64) -> PyResult<()> {
+    #[pyo3(signature = (batch_size, seed=Int(0)))]
+    fn reset_cache(&mut self, batch_size: Int<usize>, seed: Int<u64>) -> PyResult<()> {
+        let (batch_size, seed) = (batch_size.0, seed.0);
         if batch_size == 0 {
             return Err(value_error("batch_size must be at least 1"));
         }
+        self.cache = None;
+        let floats = KvCache::floats(&self.model.config, batch_size);
+        memory::ensure(memory::f32_bytes(floats), &format!("a key/value cache for {batch_size} sequences")).map_err(refusal_error)?;
         self.cache = Some(KvCache::new(&self.model, batch_size));
         self.rng = ChaCha8Rng::seed_from_u64(seed);
         Ok(())
@@ -174,7 +196,8 @@ impl PyModel {
     }
 
     /// Empty sequence `seq`'s cache (to refill it with a slid window).
-    fn clear_sequence(&mut self, seq: usize) -> PyResult<()> {
+    fn clear_sequence(&mut self, seq: Int<usize>) -> PyResult<()> {
+        let seq = seq.0;
         let cache = self.cache_mut()?;
         if seq >= cache.b {
             return Err(value_error(format!("seq {seq} is outside the cache of {} sequences", cache.b)));
@@ -190,14 +213,19 @@ impl PyModel {
     fn decode<'py>(
         &mut self,
         py: Python<'py>,
-        seqs: Vec<usize>,
+        seqs: Vec<Int<usize>>,
         tokens: &Bound<'py, PyAny>,
         want_logits: bool,
     ) -> PyResult<Option<Arr<'py>>> {
+        let seqs: Vec<usize> = seqs.into_iter().map(|s| s.0).collect();
         let v = self.model.config.vocab_size;
         let (ids, _) = ids_in(tokens, "tokens", 1, Some(v))?;
         self.cache_ref()?;
         let m = seqs.len();
+        // the rows' logits and one block's buffers
+        let c = self.model.config.n_embd;
+        let floats = memory::product(&[m, v.saturating_add(c.saturating_mul(20))]);
+        memory::ensure(memory::f32_bytes(floats), &format!("decoding {m} rows")).map_err(refusal_error)?;
         let PyModel { model, cache, pool, .. } = self;
         let cache = cache.as_mut().expect("checked");
         let logits = py
@@ -207,8 +235,9 @@ impl PyModel {
     }
 
     /// Draw one token per row of logits [M, V] with the model's seeded sampler.
-    #[pyo3(signature = (logits, temperature=1.0, top_k=0, top_p=1.0))]
-    fn sample(&mut self, logits: &Bound<'_, PyAny>, temperature: f32, top_k: usize, top_p: f32) -> PyResult<Vec<u32>> {
+    #[pyo3(signature = (logits, temperature=1.0, top_k=Int(0), top_p=1.0))]
+    fn sample(&mut self, logits: &Bound<'_, PyAny>, temperature: f32, top_k: Int<usize>, top_p: f32) -> PyResult<Vec<u32>> {
+        let top_k = top_k.0;
         let sampling = Sampling { temperature, top_k, top_p };
         sampling.validate().map_err(value_error)?;
         let l = f32_in(logits, "logits", 2)?;
@@ -233,7 +262,7 @@ impl PyModel {
             let (ids, tg, b, t) = this.batch(tokens, Some(targets))?;
             let tg = tg.expect("targets given");
             let this = &mut *this;
-            this.acts_for(b, t);
+            this.acts_for(b, t)?;
             let PyModel { model, grads, acts, pool, .. } = this;
             let acts = acts.as_mut().expect("allocated");
             py.detach(|| {

@@ -2,11 +2,12 @@
 //! zero-copy parameter and optimizer views Python saves and restores), and
 //! the figures Python plans a run with: optimizer checks, lanes and memory.
 
-use super::convert::{ids_in, tensor_views, value_error};
+use super::convert::{Int, ids_in, refusal_error, tensor_views, value_error};
+use crate::memory;
 use crate::kernels::adamw::AdamW;
 use crate::model::{Config, Gpt2};
 use crate::train::{self, Hyper, StepError, Trainer};
-use pyo3::exceptions::PyFloatingPointError;
+use pyo3::exceptions::{PyFloatingPointError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -26,7 +27,8 @@ pub fn available_cores() -> usize {
 
 /// Lanes of working memory a Trainer of `threads` threads keeps here.
 #[pyfunction]
-pub fn lanes(threads: usize) -> usize {
+pub fn lanes(threads: Int<usize>) -> usize {
+    let threads = threads.0;
     train::lanes_for(threads, train::available_cores())
 }
 
@@ -36,15 +38,16 @@ pub fn lanes(threads: usize) -> usize {
 #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, batch_size, seq_len, threads))]
 #[allow(clippy::too_many_arguments)]
 pub fn training_memory_bytes(
-    vocab_size: usize,
-    n_embd: usize,
-    n_layer: usize,
-    n_head: usize,
-    block_size: usize,
-    batch_size: usize,
-    seq_len: usize,
-    threads: usize,
+    vocab_size: Int<usize>,
+    n_embd: Int<usize>,
+    n_layer: Int<usize>,
+    n_head: Int<usize>,
+    block_size: Int<usize>,
+    batch_size: Int<usize>,
+    seq_len: Int<usize>,
+    threads: Int<usize>,
 ) -> PyResult<u64> {
+    let (vocab_size, n_embd, n_layer, n_head, block_size, batch_size, seq_len, threads) = (vocab_size.0, n_embd.0, n_layer.0, n_head.0, block_size.0, batch_size.0, seq_len.0, threads.0);
     let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
     cfg.validate().map_err(value_error)?;
     train::training_bytes(&cfg, batch_size, seq_len, threads, train::available_cores())
@@ -61,26 +64,34 @@ pub struct PyTrainer {
 #[pymethods]
 impl PyTrainer {
     #[new]
-    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, threads=12, seed=0,
+    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, threads=Int(12), seed=Int(0),
                         beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        vocab_size: usize,
-        n_embd: usize,
-        n_layer: usize,
-        n_head: usize,
-        block_size: usize,
-        threads: usize,
-        seed: u64,
+        vocab_size: Int<usize>,
+        n_embd: Int<usize>,
+        n_layer: Int<usize>,
+        n_head: Int<usize>,
+        block_size: Int<usize>,
+        threads: Int<usize>,
+        seed: Int<u64>,
         beta1: f32,
         beta2: f32,
         eps: f32,
         weight_decay: f32,
         grad_clip: f32,
     ) -> PyResult<Self> {
+        let (vocab_size, n_embd, n_layer, n_head, block_size) = (vocab_size.0, n_embd.0, n_layer.0, n_head.0, block_size.0);
+        let (threads, seed) = (threads.0, seed.0);
         let hyper = Hyper { adamw: AdamW { lr: 0.0, beta1, beta2, eps, weight_decay }, grad_clip };
         hyper.validate().map_err(value_error)?;
         let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
+        cfg.validate().map_err(value_error)?;
+        train::check_threads(threads).map_err(value_error)?;
+        // the weights, two AdamW moments and a gradient buffer per lane
+        let copies = 3 + train::lanes_for(threads, train::available_cores());
+        let floats = cfg.num_parameters().checked_mul(copies);
+        memory::ensure(memory::f32_bytes(floats), "the model, its optimizer state and gradients").map_err(refusal_error)?;
         let model = Gpt2::new(cfg, seed).map_err(value_error)?;
         Ok(PyTrainer { inner: Trainer::new(model, hyper, threads).map_err(value_error)? })
     }
@@ -97,8 +108,8 @@ impl PyTrainer {
     }
 
     #[setter]
-    fn set_step_count(&mut self, value: u64) {
-        self.inner.opt.step = value;
+    fn set_step_count(&mut self, value: Int<u64>) {
+        self.inner.opt.step = value.0;
     }
 
     /// Sequences dealt to symmetry groups so far this epoch.
@@ -108,8 +119,8 @@ impl PyTrainer {
     }
 
     #[setter]
-    fn set_dealt(&mut self, value: u64) {
-        self.inner.dealt = value;
+    fn set_dealt(&mut self, value: Int<u64>) {
+        self.inner.dealt = value.0;
     }
 
     fn num_parameters(&self) -> usize {
@@ -148,6 +159,7 @@ impl PyTrainer {
         let report = py.detach(|| inner.step(&ids, b, t, lr)).map_err(|e| match e {
             StepError::BadBatch(msg) => value_error(msg),
             e @ StepError::NonFinite { .. } => PyFloatingPointError::new_err(e.to_string()),
+            e @ StepError::SphereFailed(_) => PyRuntimeError::new_err(e.to_string()),
         })?;
         let d = PyDict::new(py);
         d.set_item("loss", report.loss)?;
