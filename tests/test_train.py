@@ -18,7 +18,8 @@ import pytest
 
 from crystalline import checkpoint
 from crystalline.errors import UserError
-from crystalline.train import TrainConfig, Trainer, build_config, lr_at
+from crystalline.config import ModelConfig, TrainConfig, build_config
+from crystalline.train import Trainer, lr_at
 from commandline import cli
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -192,12 +193,23 @@ def test_config_layers_preset_file_and_flags(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('batch-size = 4\nlearning_rate = 0.01\npreset = "tiny"\n')
     cfg = build_config({"learning_rate": 0.02}, f)
-    assert (cfg.batch_size, cfg.learning_rate, cfg.embed_dim, cfg.preset) == (4, 0.02, 128, "tiny")
+    assert (cfg.batch_size, cfg.learning_rate, cfg.n_embd, cfg.preset) == (4, 0.02, 128, "tiny")
     quick = build_config({}, None, preset="quick")
     assert quick.max_steps is not None
     assert build_config({"epochs": 3}, None, preset="quick").max_steps is None
     with pytest.raises(UserError, match="unknown preset"):
         build_config({"preset": "huge"})
+
+
+def test_legacy_names_in_toml_and_saved_state_map_to_the_model_names(tmp_path):
+    f = tmp_path / "old.toml"
+    f.write_text("embed-dim = 48\nnum_layers = 2\nnum_heads = 3\n")
+    cfg = build_config({}, f)
+    assert (cfg.n_embd, cfg.n_layer, cfg.n_head) == (48, 2, 3)
+    saved = {"embed_dim": 64, "num_layers": 3, "num_heads": 8, "seq_len": 32, "a_setting_since_removed": 1}
+    old = TrainConfig.from_dict(saved)
+    assert (old.n_embd, old.n_layer, old.n_head, old.seq_len) == (64, 3, 8, 32)
+    assert old.model_config() == ModelConfig(4096, 64, 3, 8, 32)
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():
@@ -210,8 +222,8 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
 
 def test_python_api_trains_and_reports(tmp_path, monkeypatch, env):
     monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
-    cfg = TrainConfig(data=[str(STDLIB / "json")], extensions=[".py"], vocab_size=300, embed_dim=32, num_layers=1,
-                      num_heads=2, batch_size=8, seq_len=32, max_steps=5, threads=1, progress=False,
+    cfg = TrainConfig(data=[str(STDLIB / "json")], extensions=[".py"], vocab_size=300, n_embd=32, n_layer=1,
+                      n_head=2, batch_size=8, seq_len=32, max_steps=5, threads=1, progress=False,
                       sample_tokens=5, checkpoint_dir=str(tmp_path / "api"))
     run = Trainer(cfg).run()
     assert run.steps == 5 and len(run.losses) == 5 and run.last_checkpoint is not None

@@ -23,11 +23,10 @@ import numpy as np
 
 from crystalline import _core, checkpoint
 from crystalline.atomic import new_directory
-from crystalline.config import ModelConfig
+from crystalline.config import ModelConfig, TrainConfig
 from crystalline.data.corpus import file_hash
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
-from crystalline.train import TrainConfig
 
 # Called with (sequence index, text that became stable since the last call).
 StreamCallback = Callable[[int, str], None]
@@ -262,9 +261,8 @@ def write_run(run_dir: Path, params: dict[str, np.ndarray], cfg: ModelConfig, to
         raise UserError(f"{run_dir} already exists and is not an empty directory; choose a new --out")
     with new_directory(run_dir) as tmp:
         shutil.copyfile(tokenizer_path, tmp / checkpoint.TOKENIZER)
-        base = {k: v for k, v in train_config.items() if k in TrainConfig.__dataclass_fields__}
-        train_cfg = replace(TrainConfig(**base), vocab_size=cfg.vocab_size, embed_dim=cfg.n_embd,
-                            num_layers=cfg.n_layer, num_heads=cfg.n_head, seq_len=cfg.block_size,
+        train_cfg = replace(TrainConfig.from_dict(train_config), vocab_size=cfg.vocab_size, n_embd=cfg.n_embd,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, seq_len=cfg.block_size,
                             checkpoint_dir=str(run_dir), tokenizer=str(run_dir / checkpoint.TOKENIZER))
         zeros = {k: np.zeros_like(a) for k, a in params.items()}
         state = {

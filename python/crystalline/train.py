@@ -1,6 +1,7 @@
-"""Training: the run configuration, presets, and the `Trainer` that drives the
-Rust kissing-sphere trainer over a prepared dataset, with validation,
-metrics, checkpoints, resume and a sample at the end.
+"""Training: the `Trainer` that drives the Rust kissing-sphere trainer over a
+prepared dataset, with the learning-rate schedule, validation, metrics,
+checkpoints, resume and a sample at the end. Its settings are a
+`crystalline.config.TrainConfig`.
 
 `crystalline train` is a thin layer over `TrainConfig` and `Trainer.run()`;
 `crystalline.train(config)` runs one from Python.
@@ -13,8 +14,7 @@ import math
 import os
 import signal
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,144 +22,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from crystalline import _core, checkpoint
-from crystalline.config import ModelConfig, available_cores
+from crystalline.config import WATCH_EPOCHS, TrainConfig, available_cores, resume_config
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
 
 GROUPS = _core.SYMMETRY_GROUPS
-
-# Named shapes and schedules. Flags and --config override any field.
-PRESETS: dict[str, dict] = {
-    # The default: about five minutes on a 2-core machine, built-in corpus.
-    "quick": dict(vocab_size=4096, embed_dim=128, num_layers=4, num_heads=4, batch_size=16, seq_len=128,
-                  learning_rate=3e-3, warmup_steps=100, max_steps=4000, eval_interval=500, epochs=1),
-    # The three shapes of benches/train_vs_torch.py.
-    "tiny": dict(vocab_size=4096, embed_dim=128, num_layers=4, num_heads=4, batch_size=16, seq_len=128),
-    "small": dict(vocab_size=8192, embed_dim=256, num_layers=4, num_heads=8, batch_size=16, seq_len=128),
-    "seed": dict(vocab_size=30000, embed_dim=384, num_layers=6, num_heads=12, batch_size=32, seq_len=128,
-                 learning_rate=1e-4),
-}
-
-
-# What may change when a run is resumed: how it is watched, saved and how
-# far it goes. Its shape, data and schedule stay as saved.
-RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
-                     "progress", "sample_tokens", "checkpoint_dir", "threads", "watch_interval"}
-# Epochs of a --watch run when none are asked for: in effect until Ctrl-C.
-WATCH_EPOCHS = 1_000_000_000
 # Seconds between looks at a --watch directory that holds too little data to train.
 WATCH_POLL_S = 2.0
-
-
-@dataclass
-class TrainConfig:
-    data: list[str] = field(default_factory=list)  # files/directories of text; empty = built-in corpus
-    preset: str | None = None  # quick, tiny, small, seed or auto (from the data size)
-    vocab_size: int = 4096  # tokenizer and model vocabulary (V)
-    embed_dim: int = 128  # residual width (C)
-    num_layers: int = 4  # transformer blocks (L)
-    num_heads: int = 4  # attention heads (NH); must divide embed_dim
-    batch_size: int = 16  # sequences per optimizer step (B)
-    seq_len: int = 128  # tokens per sequence (T); also the model's block size
-    learning_rate: float = 3e-4  # peak learning rate, after warmup
-    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * this
-    warmup_steps: int = 100  # linear warmup from 0
-    weight_decay: float = 0.1  # AdamW decoupled decay on matrices
-    grad_clip: float = 1.0  # clip the gradient's global norm (0: off)
-    epochs: int = 1  # passes over the training split
-    max_steps: int | None = None  # stop after this many steps in all
-    threads: int = 12  # sphere threads: Node Zero + workers
-    seed: int = 0  # initialisation and data order
-    checkpoint_dir: str = ""  # the run directory (default: runs/<date-time>)
-    save_interval: int = 500  # steps between checkpoints (and one at the end)
-    keep: int = 3  # checkpoints kept
-    eval_interval: int = 200  # steps between validation losses
-    eval_batches: int = 8  # batches per validation
-    val_fraction: float = 0.05  # documents held out for validation
-    extensions: list[str] | None = None  # only files with these extensions
-    tokenizer: str | None = None  # use this tokenizer.json instead of training one
-    sample_tokens: int = 120  # tokens sampled after training (0: none)
-    watch: str | None = None  # keep training on this directory, picking up new and changed files
-    watch_interval: int | None = None  # steps between checks of --watch (default: each epoch boundary)
-    verbose: bool = False  # a line per sphere per step
-    progress: bool = True  # the rich progress bar
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(self.vocab_size, self.embed_dim, self.num_layers, self.num_heads, self.seq_len)
-
-
-def field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
-
-
-def load_toml(path: Path) -> dict:
-    """Read a --config TOML file of TrainConfig fields (dashes or underscores)."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"config file {path} is not valid TOML ({err})") from None
-    values = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - field_names())
-    if unknown:
-        raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return values
-
-
-def build_config(overrides: dict, config_file: Path | None = None, preset: str | None = None) -> TrainConfig:
-    """Defaults <- preset <- TOML file <- explicit overrides (flags)."""
-    from_file = load_toml(config_file) if config_file else {}
-    preset = overrides.get("preset") or from_file.get("preset") or preset
-    values: dict = {}
-    if preset and preset != "auto":
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join([*PRESETS, 'auto'])}")
-        values.update(PRESETS[preset])
-    values.update(from_file)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    values.update(given)
-    explicit = set(given) | set(from_file)
-    if ("epochs" in explicit or "watch" in explicit) and "max_steps" not in explicit:
-        values.pop("max_steps", None)  # asking for epochs (or to watch) means all of them, not the preset's cap
-    if "watch" in explicit and "epochs" not in explicit:
-        values["epochs"] = WATCH_EPOCHS  # watching goes on until Ctrl-C
-    values["preset"] = preset
-    try:
-        return TrainConfig(**values)
-    except TypeError as err:
-        raise UserError(f"bad setting: {err}") from None
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Refuse settings that cannot train, with what to change."""
-    positive = ["vocab_size", "embed_dim", "num_layers", "num_heads", "batch_size", "seq_len", "epochs",
-                "threads", "save_interval", "eval_interval", "eval_batches"]
-    for name in positive:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if cfg.embed_dim % cfg.num_heads:
-        raise UserError(
-            f"--embed-dim {cfg.embed_dim} is not divisible by --num-heads {cfg.num_heads}; "
-            f"pick a head count that divides it"
-        )
-    if cfg.watch_interval is not None and (cfg.watch is None or cfg.watch_interval < 1):
-        raise UserError("--watch-interval needs --watch DIR and a positive number of steps")
-    if cfg.watch is not None and not Path(cfg.watch).is_dir():
-        raise UserError(f"--watch {cfg.watch} is not a directory")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UserError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if not (0 < cfg.learning_rate < 10) or not math.isfinite(cfg.learning_rate):
-        raise UserError(f"--learning-rate must be in (0, 10), got {cfg.learning_rate}")
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    for name in ("weight_decay", "grad_clip", "warmup_steps", "keep", "sample_tokens"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise UserError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -227,20 +97,14 @@ class Trainer:
         checkpoint, with its saved settings; `overrides` may change only how
         the run is watched, saved and how far it goes."""
         ckpt = checkpoint.resolve(Path(run_dir))
-        saved = checkpoint.read_state(ckpt)["config"]
-        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        fixed = sorted(k for k, v in overrides.items() if k not in RESUME_ADJUSTABLE and v != saved.get(k))
-        if fixed:
-            names = ", ".join("--" + k.replace("_", "-") for k in fixed)
-            raise UserError(f"a resumed run keeps its settings; {names} cannot change (start a new run instead)")
-        merged = {**saved, **overrides, "checkpoint_dir": str(run_dir)}
-        trainer = cls(TrainConfig(**{k: v for k, v in merged.items() if k in field_names()}), console)
+        saved = TrainConfig.from_dict(checkpoint.read_state(ckpt)["config"])
+        trainer = cls(resume_config(saved, overrides or {}, run_dir), console)
         trainer.resume_from = ckpt
         return trainer
 
     def setup(self) -> None:
         resume = self.resume_from is not None
-        validate(self.cfg)
+        self.cfg.validate()
         check_writable(self.run_dir)
         if not resume and checkpoint.list_checkpoints(self.run_dir):
             raise UserError(
@@ -270,7 +134,7 @@ class Trainer:
         self._load_data(progress=cfg.progress)
         if auto:
             rec = sizing.recommend(len(self.train_tokens), data_bytes)
-            cfg = self.cfg = replace(cfg, embed_dim=rec.n_embd, num_layers=rec.n_layer, num_heads=rec.n_head)
+            cfg = self.cfg = replace(cfg, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head)
         ds = self.dataset
         if ds.vocab_size > cfg.vocab_size:
             raise UserError(

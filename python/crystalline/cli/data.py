@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from crystalline.config import build_config
 from crystalline.data import corpus
 from crystalline.data import prepare as prep
 from crystalline.data import sizing
@@ -187,20 +188,18 @@ def size(
 
     With no shape flags and no --config it sizes the recommended model; with
     them it sizes what `crystalline train` would build from the same flags."""
-    from crystalline.train import build_config, validate  # the train command's own settings logic
-
     ds, data_bytes = _dataset_for_size(data, vocab_size, ext, progress)
     num_tokens = ds.train_count
     rec = sizing.recommend(num_tokens, data_bytes)
-    flags = dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
+    flags = dict(vocab_size=vocab_size, n_embd=embed_dim, n_layer=num_layers, n_head=num_heads,
                  batch_size=batch_size, seq_len=seq_len, threads=threads)
     flags = {k: v for k, v in flags.items() if v is not None}
-    if config is None and not flags.keys() & {"embed_dim", "num_layers", "num_heads", "seq_len"}:
-        flags = dict(vocab_size=ds.vocab_size, embed_dim=rec.n_embd, num_layers=rec.n_layer, num_heads=rec.n_head,
+    if config is None and not flags.keys() & {"n_embd", "n_layer", "n_head", "seq_len"}:
+        flags = dict(vocab_size=ds.vocab_size, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head,
                      seq_len=rec.block_size, **{k: v for k, v in flags.items() if k in ("batch_size", "threads")})
     flags.setdefault("vocab_size", ds.vocab_size)
     train_cfg = build_config(flags, config, preset="quick")
-    validate(train_cfg)
+    train_cfg.validate()
     cfg = train_cfg.model_config()
     if cfg.vocab_size < ds.vocab_size:
         raise UserError(

@@ -12,7 +12,8 @@ from rich.console import Console
 
 from crystalline import checkpoint
 from crystalline.errors import UserError
-from crystalline.train import Trainer, build_config
+from crystalline.config import build_config
+from crystalline.train import Trainer
 
 Opt = typer.Option
 
@@ -61,8 +62,8 @@ def train(
     if resume and not checkpoint_dir:
         raise UserError("--resume needs the run: pass --checkpoint-dir RUN_DIR or `crystalline train --resume RUN_DIR`")
     overrides = dict(
-        data=[str(p) for p in data] or None, vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers,
-        num_heads=num_heads, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, epochs=epochs,
+        data=[str(p) for p in data] or None, vocab_size=vocab_size, n_embd=embed_dim, n_layer=num_layers,
+        n_head=num_heads, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, epochs=epochs,
         threads=threads, checkpoint_dir=checkpoint_dir, seed=seed, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval, val_fraction=val_fraction,
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
