@@ -82,7 +82,7 @@ def test_kill_9_during_saves_never_leaves_a_bad_checkpoint(tmp_path, env):
         assert found, "no checkpoint survived"
         for ck in found:  # every complete checkpoint directory verifies and loads
             loaded = checkpoint.load(ck)
-            assert loaded.state["step"] == int(ck.name.split("-")[1])
+            assert loaded.state.step == int(ck.name.split("-")[1])
 
 
 def sphere_lines(stderr: str) -> dict[int, int]:
@@ -179,9 +179,7 @@ def test_diverging_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, 
     # poison the latest weights (keeping the checkpoint's own hashes valid) and resume
     ck = checkpoint.load(run)
     ck.params["h.0.ln_1.weight"][:] = np.nan
-    m, v = ck.m, ck.v
-    state = {k: val for k, val in ck.state.items() if k not in ("files", "step", "format_version")}
-    checkpoint.save(run, ck.state["step"], ck.params, m, v, state, ck.path / "tokenizer.json", keep=3)
+    checkpoint.save(run, ck.params, ck.m, ck.v, ck.state, ck.path / "tokenizer.json", keep=3)
     before = sorted(p.name for p in checkpoint.list_checkpoints(run))
     err = refuse(["--resume", str(run), "--no-progress", "--max-steps", "8"], env,
                  r"training diverged at step 5: non-finite loss", code=3)

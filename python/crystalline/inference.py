@@ -82,7 +82,7 @@ class TextStream:
 class LoadedModel:
     """A model, its tokenizer and where it came from."""
 
-    def __init__(self, model: _core.Model, tokenizer: Tokenizer, config: ModelConfig, state: dict,
+    def __init__(self, model: _core.Model, tokenizer: Tokenizer, config: ModelConfig, state: checkpoint.State,
                  path: Path) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -216,7 +216,7 @@ class LoadedModel:
         checkpoint at step 0, fresh optimizer state) that `load` and
         `crystalline train --resume RUN_DIR` accept. Returns the checkpoint."""
         return write_run(Path(run_dir), self.parameters(), self.config, self.path / checkpoint.TOKENIZER,
-                         self.state.get("config", {}))
+                         self.state.config)
 
 
 def load(path: Path | str, threads: int | None = None) -> LoadedModel:
@@ -228,53 +228,34 @@ def load(path: Path | str, threads: int | None = None) -> LoadedModel:
     if not tok_path.is_file():
         raise UserError(f"checkpoint {ckpt} has no tokenizer: {tok_path} is missing (copy back the "
                         "tokenizer.json the model was trained with)")
-    if state.get("tokenizer_hash") != file_hash(tok_path):
+    if state.tokenizer_hash != file_hash(tok_path):
         raise UserError(f"tokenizer {tok_path} is not the one the model was trained with "
                         f"(its sha256 differs from tokenizer_hash in {ckpt / checkpoint.STATE})")
-    ck = checkpoint.load(ckpt, with_optimizer=False)
-    try:
-        cfg = ModelConfig(**state["model"])
-        cfg.validate()
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{ckpt / checkpoint.STATE} has no valid model config ({err})") from None
-    tokenizer = Tokenizer.load(tok_path)
-    model = _core.Model(cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.block_size)
-    for name, view in model.parameters().items():
-        src = ck.params.get(name)
-        if src is None or src.shape != view.shape:
-            raise UserError(f"checkpoint {ckpt} does not match its model config (tensor {name})")
-        view[...] = src
-    loaded = LoadedModel(model, tokenizer, cfg, state, ckpt)
+    model = _core.Model(**asdict(state.model))
+    checkpoint.restore_into(checkpoint.load(ckpt, with_optimizer=False), model)
+    loaded = LoadedModel(model, Tokenizer.load(tok_path), state.model, state, ckpt)
     if threads is not None:
         loaded.set_threads(threads)
     return loaded
 
 
 def write_run(run_dir: Path, params: dict[str, np.ndarray], cfg: ModelConfig, tokenizer_path: Path,
-              train_config: dict) -> Path:
+              train_config: TrainConfig | None = None) -> Path:
     """Create `run_dir` holding the tokenizer and one checkpoint at step 0
     with zero optimizer moments, so `crystalline train --resume RUN_DIR`
-    fine-tunes from these weights with this tokenizer. The directory is
-    built under a temporary name and renamed into place."""
+    fine-tunes from these weights with this tokenizer (and `train_config`'s
+    other settings). The directory is built under a temporary name and
+    renamed into place."""
     run_dir = run_dir.expanduser().absolute()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir} already exists and is not an empty directory; choose a new --out")
     with new_directory(run_dir) as tmp:
         shutil.copyfile(tokenizer_path, tmp / checkpoint.TOKENIZER)
-        train_cfg = replace(TrainConfig.from_dict(train_config), vocab_size=cfg.vocab_size, n_embd=cfg.n_embd,
+        train_cfg = replace(train_config or TrainConfig(), vocab_size=cfg.vocab_size, n_embd=cfg.n_embd,
                             n_layer=cfg.n_layer, n_head=cfg.n_head, seq_len=cfg.block_size,
                             checkpoint_dir=str(run_dir), tokenizer=str(run_dir / checkpoint.TOKENIZER))
         zeros = {k: np.zeros_like(a) for k, a in params.items()}
-        state = {
-            "config": asdict(train_cfg),
-            "model": asdict(cfg),
-            "epoch": 0,
-            "epoch_step": 0,
-            "optimizer_step": 0,
-            "dealt": 0,
-            "tokenizer_hash": file_hash(tmp / checkpoint.TOKENIZER),
-            "train_loss": None,
-            "val_loss": None,
-        }
-        checkpoint.save(tmp, 0, params, zeros, zeros, state, tmp / checkpoint.TOKENIZER, keep=0)
+        state = checkpoint.State(config=train_cfg, model=cfg, step=0, epoch=0, epoch_step=0, optimizer_step=0,
+                                 dealt=0, tokenizer_hash=file_hash(tmp / checkpoint.TOKENIZER))
+        checkpoint.save(tmp, params, zeros, zeros, state, tmp / checkpoint.TOKENIZER, keep=0)
     return checkpoint.list_checkpoints(run_dir)[-1]

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from crystalline.config import WATCH_EPOCHS, TrainConfig, available_cores, resum
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
+from crystalline.inference import load
 
 GROUPS = _core.SYMMETRY_GROUPS
 # Seconds between looks at a --watch directory that holds too little data to train.
@@ -97,7 +98,7 @@ class Trainer:
         checkpoint, with its saved settings; `overrides` may change only how
         the run is watched, saved and how far it goes."""
         ckpt = checkpoint.resolve(Path(run_dir))
-        saved = TrainConfig.from_dict(checkpoint.read_state(ckpt)["config"])
+        saved = checkpoint.read_state(ckpt).config
         trainer = cls(resume_config(saved, overrides or {}, run_dir), console)
         trainer.resume_from = ckpt
         return trainer
@@ -153,8 +154,7 @@ class Trainer:
         for warning in warnings:
             self.console.print(f"[yellow]warning:[/] {warning}")
         if resume:
-            state = checkpoint.read_state(self.resume_from)
-            if state.get("tokenizer_hash") != ds.tokenizer_hash:
+            if checkpoint.read_state(self.resume_from).tokenizer_hash != ds.tokenizer_hash:
                 raise UserError(
                     f"the tokenizer of {self.resume_from} differs from the one the data was prepared with; "
                     "resume with the same data and tokenizer"
@@ -243,17 +243,10 @@ class Trainer:
 
     def _restore(self, ckpt_path: Path) -> None:
         ck = checkpoint.load(ckpt_path)
-        params = self.trainer.parameters()
-        m, v = self.trainer.optimizer_state()
-        for name, view in params.items():
-            for store, src in ((view, ck.params), (m[name], ck.m), (v[name], ck.v)):
-                if name not in src or src[name].shape != store.shape:
-                    raise UserError(f"checkpoint {ck.path} does not match the model (tensor {name})")
-                store[...] = src[name]
+        checkpoint.restore_into(ck, self.trainer)
         st = ck.state
-        self.trainer.step_count = st["optimizer_step"]
-        self.step, self.epoch, self.pos = st["step"], st["epoch"], st["epoch_step"]
-        self.trainer.dealt = st["dealt"]
+        self.step, self.epoch, self.pos = st.step, st.epoch, st.epoch_step
+        self.trainer.dealt = st.dealt
         self.console.print(f"[Node Zero] resumed from {ck.path} at step {self.step}")
 
     # -- data --------------------------------------------------------------
@@ -317,25 +310,24 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------
 
-    def _state(self, losses: list[float], val: float | None) -> dict:
-        return {
-            "config": asdict(self.cfg),
-            "model": asdict(self.cfg.model_config()),
-            "epoch": self.epoch,
-            "epoch_step": self.pos,
-            "optimizer_step": self.trainer.step_count,
-            "dealt": self.trainer.dealt,
-            "tokenizer_hash": self.dataset.tokenizer_hash,
-            "train_loss": losses[-1] if losses else None,
-            "val_loss": val,
-        }
+    def _state(self, losses: list[float], val: float | None) -> checkpoint.State:
+        return checkpoint.State(
+            config=self.cfg,
+            model=self.cfg.model_config(),
+            step=self.step,
+            epoch=self.epoch,
+            epoch_step=self.pos,
+            optimizer_step=self.trainer.step_count,
+            dealt=self.trainer.dealt,
+            tokenizer_hash=self.dataset.tokenizer_hash,
+            train_loss=losses[-1] if losses else None,
+            val_loss=val,
+        )
 
     def save(self, losses: list[float], val: float | None) -> Path:
         m, v = self.trainer.optimizer_state()
-        return checkpoint.save(
-            self.run_dir, self.step, self.trainer.parameters(), m, v,
-            self._state(losses, val), self.dataset.tokenizer_path, self.cfg.keep,
-        )
+        return checkpoint.save(self.run_dir, self.trainer.parameters(), m, v, self._state(losses, val),
+                               self.dataset.tokenizer_path, self.cfg.keep)
 
     def run(self) -> Run:
         self.setup()
@@ -445,8 +437,6 @@ class Trainer:
 
     def sample(self, checkpoint_path: Path, n_tokens: int, prompt: str = "import os\nimport sys\n\n\ndef ") -> str:
         """A short text from the trained model, with the KV-cache generator."""
-        from crystalline.inference import load
-
         model = load(checkpoint_path, threads=min(self.cfg.threads, available_cores()))
         return prompt + model.generate(prompt, max_tokens=n_tokens, temperature=0.8, top_k=40, seed=self.cfg.seed)
 

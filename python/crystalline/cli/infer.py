@@ -8,6 +8,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -215,7 +216,7 @@ def _runs_under(root: Path) -> list[Path]:
 
 def _summary(ckpt: Path) -> dict:
     state = checkpoint.read_state(ckpt)
-    cfg = ModelConfig(**state["model"])
+    cfg = state.model
     return dict(state=state, cfg=cfg, params=cfg.num_parameters(),
                 bytes=sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()))
 
@@ -250,8 +251,8 @@ def list_models(
                 continue
             st = s["state"]
             saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((ckpt / checkpoint.STATE).stat().st_mtime))
-            table.add_row(_shape(s["cfg"]), f"{s['params']:,}", str(st.get("step", "?")),
-                          _loss(st.get("train_loss")), _loss(st.get("val_loss")), saved, str(ckpt))
+            table.add_row(_shape(s["cfg"]), f"{s['params']:,}", str(st.step),
+                          _loss(st.train_loss), _loss(st.val_loss), saved, str(ckpt))
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: no wrapping
 
 
@@ -268,10 +269,10 @@ def info(checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPO
         ("checkpoint", str(ckpt)),
         ("model", _shape(cfg)),
         ("parameters", f"{s['params']:,}"),
-        ("step", str(st.get("step"))),
-        ("train loss", _loss(st.get("train_loss"))),
-        ("val loss", _loss(st.get("val_loss"))),
-        ("tokenizer sha256", str(st.get("tokenizer_hash"))),
+        ("step", str(st.step)),
+        ("train loss", _loss(st.train_loss)),
+        ("val loss", _loss(st.val_loss)),
+        ("tokenizer sha256", st.tokenizer_hash),
         ("size on disk", f"{s['bytes'] / 2**20:,.1f} MiB"),
         ("other checkpoints", ", ".join(p.name for p in checkpoint.list_checkpoints(ckpt.parent) if p != ckpt)
          or "none"),
@@ -279,7 +280,7 @@ def info(checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPO
     for key, value in lines:
         typer.echo(f"{key:18} {value}")
     typer.echo("training config:")
-    typer.echo(json.dumps(st.get("config", {}), indent=2))
+    typer.echo(json.dumps(asdict(st.config), indent=2))
 
 
 @models_app.command("delete")
