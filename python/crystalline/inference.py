@@ -1,6 +1,7 @@
 """Using a trained model: `crystalline.load(path)` gives a `LoadedModel` that
-generates text with the Rust key/value cache, scores token ids and saves
-itself as a new run.
+generates text with the Rust key/value cache, scores token ids and held-out
+text (`evaluate`: loss, perplexity, bits per byte) and saves itself as a new
+run.
 
 Generation feeds each prompt through the cache one position at a time
 (sequences at the same position share one call), then runs one decode step
@@ -13,9 +14,10 @@ generation can go on past the block size (with a shorter memory).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,12 +26,15 @@ import numpy as np
 from crystalline import _core, checkpoint
 from crystalline.atomic import new_directory
 from crystalline.config import ModelConfig, TrainConfig
+from crystalline.data import corpus
 from crystalline.data.corpus import file_hash
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
 
 # Called with (sequence index, text that became stable since the last call).
 StreamCallback = Callable[[int, str], None]
+# Windows scored per call in `LoadedModel.evaluate`.
+EVAL_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,43 @@ class Sampling:
             raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A model's score on held-out text."""
+
+    files: int  # documents read
+    tokens: int  # tokens predicted: all but the first
+    bytes: int  # UTF-8 bytes of the text
+    nats: float  # summed cross-entropy of those predictions
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy, nats per token."""
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Total loss in bits over the bytes of text: unlike the loss, it
+        compares models with different tokenizers."""
+        return self.nats / math.log(2) / max(self.bytes, 1)
+
+
+def windows(tokens: np.ndarray, t: int, batch: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    """[B <= batch, t+1] batches of the full non-overlapping windows of
+    `tokens`: window i is tokens[i*t : i*t + t+1], so each token after the
+    first is a target once. At most `limit` windows."""
+    n = (len(tokens) - 1) // t
+    if limit is not None:
+        n = min(n, limit)
+    for lo in range(0, n, batch):
+        starts = np.arange(lo, min(lo + batch, n), dtype=np.int64) * t
+        yield tokens[starts[:, None] + np.arange(t + 1)]
 
 
 class TextStream:
@@ -113,6 +155,37 @@ class LoadedModel:
             raise UserError(f"{arr.shape[-1]} tokens are more than the model's block size {self.block_size}")
         out = self.model.forward(np.ascontiguousarray(arr.reshape(-1, arr.shape[-1])))
         return out[0] if arr.ndim == 1 else out
+
+    def evaluate(self, paths: Iterable[Path | str], extensions: list[str] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> EvalResult:
+        """Score the text files under `paths`. Documents are joined with
+        end-of-text, as in training, and scored in non-overlapping windows of
+        the block size (the last one shorter), so every token but the first
+        is predicted once. `progress(windows_done, windows)` hears of each batch."""
+        files, _ = corpus.walk([Path(p) for p in paths], extensions)
+        ids: list[int] = []
+        n_bytes = 0
+        for f in files:
+            text = "".join(corpus.read_chunks(f.path, corpus.FileRead()))
+            ids.extend(self.tokenizer.encode(text))
+            ids.append(self.tokenizer.eot_id)
+            n_bytes += len(text.encode())
+        tokens = np.asarray(ids, dtype=np.int64)
+        if len(tokens) < 2:
+            raise UserError("the data holds too little text to score (at least one token is needed)")
+        t = self.block_size
+        full, total = (len(tokens) - 1) // t, -(-(len(tokens) - 1) // t)
+        batches = list(windows(tokens, t, EVAL_BATCH))
+        if full < total:  # the shorter last window
+            batches.append(tokens[full * t :][None, :])
+        nats, done = 0.0, 0
+        for batch in batches:
+            inputs, targets = np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
+            nats += self.model.loss(inputs, targets) * targets.size
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+        return EvalResult(files=len(files), tokens=len(tokens) - 1, bytes=n_bytes, nats=nats)
 
     # -- generation --------------------------------------------------------
 

@@ -26,7 +26,7 @@ from crystalline.config import WATCH_EPOCHS, TrainConfig, available_cores, resum
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
-from crystalline.inference import load
+from crystalline.inference import load, windows
 
 GROUPS = _core.SYMMETRY_GROUPS
 # Seconds between looks at a --watch directory that holds too little data to train.
@@ -268,16 +268,13 @@ class Trainer:
         return self._order_cache[2]
 
     def val_loss(self) -> float | None:
-        cfg, toks = self.cfg, self.val_tokens
-        n = (len(toks) - 1) // cfg.seq_len
-        if n < 1:
-            return None
-        n = min(n, cfg.eval_batches * cfg.batch_size)
-        losses = []
-        for lo in range(0, n, cfg.batch_size):
-            starts = np.arange(lo, min(lo + cfg.batch_size, n), dtype=np.int64) * cfg.seq_len
-            losses.append((self.trainer.eval(toks[starts[:, None] + np.arange(cfg.seq_len + 1)]), len(starts)))
-        return sum(l * k for l, k in losses) / sum(k for _, k in losses)
+        """Mean loss over the first eval_batches batches of validation windows."""
+        cfg = self.cfg
+        weighted, n = 0.0, 0
+        for batch in windows(self.val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches * cfg.batch_size):
+            weighted += self.trainer.eval(batch) * len(batch)
+            n += len(batch)
+        return weighted / n if n else None
 
     # -- reports -----------------------------------------------------------
 

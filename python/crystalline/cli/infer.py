@@ -4,7 +4,6 @@ using, inspecting and converting trained models from the command line."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import click
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -22,7 +20,6 @@ from typer.core import TyperGroup
 
 from crystalline import checkpoint, hf
 from crystalline.config import ModelConfig
-from crystalline.data import corpus
 from crystalline.errors import UserError
 from crystalline.inference import Sampling, load
 
@@ -30,8 +27,6 @@ Opt = typer.Option
 Arg = typer.Argument
 
 CHECKPOINT_HELP = "A checkpoint directory, or a run directory (its latest checkpoint)."
-# Windows scored per call in `eval`.
-EVAL_BATCH = 8
 
 MaxTokens = Annotated[int, Opt(help="New tokens per sample, at most (stops earlier at end-of-text).")]
 Temperature = Annotated[float, Opt(help="Sampling temperature; 0 is greedy (always the likeliest token).")]
@@ -149,43 +144,15 @@ def evaluate(
     is predicted once. Bits per byte = total loss in nats / ln 2 / UTF-8 bytes
     of the text; unlike the loss it compares models with different tokenizers."""
     model = load(checkpoint_path, threads=threads)
-    files, _ = corpus.walk(list(data), ext)
-    tok = model.tokenizer
-    ids: list[int] = []
-    n_bytes = 0
-    for f in files:
-        text = "".join(corpus.read_chunks(f.path, corpus.FileRead()))
-        ids.extend(tok.encode(text))
-        ids.append(tok.eot_id)
-        n_bytes += len(text.encode())
-    tokens = np.asarray(ids, dtype=np.int64)
-    if len(tokens) < 2:
-        raise UserError("the data holds too little text to score (at least one token is needed)")
-    t = model.block_size
-    starts = list(range(0, len(tokens) - 1, t))
-    nats = 0.0
-    err = Console(stderr=True)
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=no_progress) as progress:
-        task = progress.add_task("eval", total=len(starts))
-        full = [s for s in starts if s + t + 1 <= len(tokens)]
-        for lo in range(0, len(full), EVAL_BATCH):
-            batch = np.stack([tokens[s : s + t + 1] for s in full[lo : lo + EVAL_BATCH]])
-            inputs, targets = np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
-            nats += model.model.loss(inputs, targets) * targets.size
-            progress.advance(task, len(batch))
-        if len(full) < len(starts):  # the shorter last window
-            tail = tokens[starts[-1] :][None, :]
-            inputs, targets = np.ascontiguousarray(tail[:, :-1]), np.ascontiguousarray(tail[:, 1:])
-            nats += model.model.loss(inputs, targets) * targets.size
-            progress.advance(task)
-    predicted = len(tokens) - 1
-    loss = nats / predicted
-    typer.echo(f"files       {len(files)}")
-    typer.echo(f"tokens      {predicted:,} scored ({n_bytes:,} bytes of text)")
-    typer.echo(f"loss        {loss:.4f} nats/token")
-    typer.echo(f"perplexity  {math.exp(loss):.2f}")
-    typer.echo(f"bits/byte   {nats / math.log(2) / max(n_bytes, 1):.4f}")
+    with Progress(*columns, console=Console(stderr=True), disable=no_progress) as bar:
+        task = bar.add_task("eval", total=None)
+        result = model.evaluate(data, ext, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    typer.echo(f"files       {result.files}")
+    typer.echo(f"tokens      {result.tokens:,} scored ({result.bytes:,} bytes of text)")
+    typer.echo(f"loss        {result.loss:.4f} nats/token")
+    typer.echo(f"perplexity  {result.perplexity:.2f}")
+    typer.echo(f"bits/byte   {result.bits_per_byte:.4f}")
 
 
 # -- models ------------------------------------------------------------------
