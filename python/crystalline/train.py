@@ -127,9 +127,8 @@ class Trainer:
         if auto:
             # The vocabulary must be known before the tokenizer is trained:
             # take it from the design table's row for the data size.
-            files, _ = corpus.walk(paths, self.extensions)
-            data_bytes = sum(f.size for f in files)
-            cfg = self.cfg = replace(cfg, vocab_size=sizing.table_row(data_bytes).config.vocab_size)
+            data_bytes = corpus.total_bytes(paths, self.extensions)
+            cfg = self.cfg = replace(cfg, vocab_size=sizing.vocab_for(data_bytes))
         while cfg.watch and not self._has_text():
             self._wait(f"no text files in {cfg.watch} yet")
         self._load_data(progress=cfg.progress)
