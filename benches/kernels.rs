@@ -17,7 +17,8 @@ use crystalline::kernels::adamw::AdamW;
 use crystalline::kernels::attention::{attention_backward, attention_forward};
 use crystalline::kernels::crossentropy::crossentropy_fused;
 use crystalline::kernels::matmul::sgemm;
-use crystalline::model::{Activations, Config, Gpt2, Optimizer};
+use crystalline::model::{Activations, Config, Gpt2};
+use crystalline::optim::Optimizer;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 

@@ -5,12 +5,11 @@
 //! cached for the earlier positions, so generating n tokens costs n steps,
 //! not n full passes over the context.
 
+use crate::kernels::attention::attention_decode_forward;
 use crate::kernels::encoder::encoder_forward;
-use crate::kernels::gelu::gelu_forward;
 use crate::kernels::layernorm::layernorm_forward;
-use crate::kernels::matmul::{matmul_forward, sgemm};
-use crate::kernels::vecmath;
-use crate::model::{named, residual_matmul_forward, Gpt2};
+use crate::kernels::matmul::matmul_transposed_forward;
+use crate::model::{block_forward, named, BlockActs, Gpt2};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -87,64 +86,32 @@ pub fn decode_step(
     for (i, (&pos, &tok)) in positions.iter().zip(tokens).enumerate() {
         encoder_forward(&mut x[i * c..(i + 1) * c], &[tok], p.wte, &p.wpe[pos * c..], 1, 1, c);
     }
-    let (mut ln, mut mean, mut rstd) = (vec![0.0; m * c], vec![0.0; m], vec![0.0; m]);
-    let (mut qkv, mut atty, mut fch, mut fch_gelu) = (vec![0.0; m * 3 * c], vec![0.0; m * c], vec![0.0; m * 4 * c], vec![0.0; m * 4 * c]);
-    let mut x2 = vec![0.0f32; m * c];
+    let mut a = BlockActs::zeros(m, c);
     for (l, w) in p.blocks.iter().enumerate() {
-        layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, w.ln1w, w.ln1b, m, c);
-        matmul_forward(&mut qkv, &ln, w.qkvw, Some(w.qkvb), m, c, 3 * c, threads);
-        for (i, (&s, &pos)) in seqs.iter().zip(&positions).enumerate() {
-            let at = cache.at(l, s, pos);
-            cache.k[at..at + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
-            cache.v[at..at + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..(i + 1) * 3 * c]);
-        }
-        attend(cache, l, seqs, &positions, &qkv, &mut atty, nh, threads);
-        residual_matmul_forward(&mut x2, &x, &atty, w.attprojw, w.attprojb, m, c, c, threads);
-        layernorm_forward(&mut ln, &mut mean, &mut rstd, &x2, w.ln2w, w.ln2b, m, c);
-        matmul_forward(&mut fch, &ln, w.fcw, Some(w.fcb), m, c, 4 * c, threads);
-        gelu_forward(&mut fch_gelu, &fch);
-        residual_matmul_forward(&mut x, &x2, &fch_gelu, w.fcprojw, w.fcprojb, m, 4 * c, c, threads);
+        let cache = &mut *cache;
+        block_forward(&mut a, &x, w, m, c, threads, |qkv, atty| {
+            for (i, (&s, &pos)) in seqs.iter().zip(&positions).enumerate() {
+                let at = cache.at(l, s, pos);
+                cache.k[at..at + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
+                cache.v[at..at + c].copy_from_slice(&qkv[i * 3 * c + 2 * c..(i + 1) * 3 * c]);
+            }
+            attend(cache, l, seqs, &positions, qkv, atty, nh, threads);
+        });
+        std::mem::swap(&mut x, &mut a.residual3);
     }
     cache.lens = next;
     if !want_logits {
         return Ok(Vec::new());
     }
+    let (mut ln, mut mean, mut rstd) = (vec![0.0; m * c], vec![0.0; m], vec![0.0; m]);
     layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, p.lnfw, p.lnfb, m, c);
-    Ok(logits(p.wte, &ln, m, v, c, threads))
-}
-
-/// logits[m, V] = x[m, C] @ wte^T. With few rows this is a matrix-vector
-/// product bound by reading wte, so rows of wte are split across threads.
-fn logits(wte: &[f32], x: &[f32], m: usize, v: usize, c: usize, threads: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; m * v];
-    if m >= 16 || threads <= 1 {
-        sgemm(m, v, c, x, false, wte, true, &mut out, false, threads);
-        return out;
-    }
-    const ROWS: usize = 512;
-    let mut by_token = vec![0.0f32; v * m]; // [V, m]
-    by_token.par_chunks_mut(ROWS * m).enumerate().for_each(|(ci, chunk)| {
-        for (r, row) in chunk.chunks_mut(m).enumerate() {
-            let e = &wte[(ci * ROWS + r) * c..(ci * ROWS + r + 1) * c];
-            for (i, o) in row.iter_mut().enumerate() {
-                *o = dot(e, &x[i * c..(i + 1) * c]);
-            }
-        }
-    });
-    for tok in 0..v {
-        for i in 0..m {
-            out[i * v + tok] = by_token[tok * m + i];
-        }
-    }
-    out
-}
-
-vecmath::simd_dispatch! {
-    fn dot(a: &[f32], b: &[f32]) -> f32 => vecmath::dot
+    let mut logits = vec![0.0f32; m * v];
+    matmul_transposed_forward(&mut logits, &ln, p.wte, m, c, v, threads);
+    Ok(logits)
 }
 
 /// Causal attention of each new row over its sequence's cache up to its own
-/// position.
+/// position, rows in parallel.
 ///
 /// qkv:       [M, 3C] (the new rows; their k and v are already in the cache)
 /// positions: [M]     (each row's position in its sequence)
@@ -161,45 +128,18 @@ fn attend(
     threads: usize,
 ) {
     let c = cache.c;
-    let hs = c / nh;
-    let scale = 1.0 / (hs as f32).sqrt();
     let work = |(i, out): (usize, &mut [f32])| {
-        let s = seqs[i];
         let len = positions[i] + 1; // including the row's own position
+        let (lo, hi) = (cache.at(layer, seqs[i], 0), cache.at(layer, seqs[i], len));
         let mut scores = vec![0.0f32; len];
-        for h in 0..nh {
-            let q = &qkv[i * 3 * c + h * hs..i * 3 * c + (h + 1) * hs];
-            for (j, sc) in scores.iter_mut().enumerate() {
-                let at = cache.at(layer, s, j) + h * hs;
-                *sc = dot(q, &cache.k[at..at + hs]) * scale;
-            }
-            softmax(&mut scores);
-            let o = &mut out[h * hs..(h + 1) * hs];
-            o.fill(0.0);
-            for (j, &a) in scores.iter().enumerate() {
-                let at = cache.at(layer, s, j) + h * hs;
-                for (oo, vv) in o.iter_mut().zip(&cache.v[at..at + hs]) {
-                    *oo += a * vv;
-                }
-            }
-        }
+        let q = &qkv[i * 3 * c..i * 3 * c + c];
+        attention_decode_forward(out, q, &cache.k[lo..hi], &cache.v[lo..hi], &mut scores, len, c, nh);
     };
     if threads > 1 && seqs.len() > 1 {
         atty.par_chunks_mut(c).enumerate().for_each(work);
     } else {
         atty.chunks_mut(c).enumerate().for_each(work);
     }
-}
-
-vecmath::simd_dispatch! {
-    fn softmax(xs: &mut [f32]) => softmax_body
-}
-
-#[inline(always)]
-fn softmax_body(xs: &mut [f32]) {
-    let max = vecmath::max(xs);
-    let inv = 1.0 / vecmath::exp_shifted_sum(xs, max);
-    xs.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// How to pick the next token from logits.

@@ -7,6 +7,7 @@
 pub mod kernels;
 pub mod generate;
 pub mod model;
+pub mod optim;
 pub mod train;
 
 #[cfg(feature = "python")]

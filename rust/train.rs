@@ -17,7 +17,8 @@
 //! rounding.
 
 use crate::kernels::adamw::AdamW;
-use crate::model::{global_norm, Activations, Gpt2, Optimizer};
+use crate::model::{Activations, Config, Gpt2};
+use crate::optim::{global_norm, Optimizer};
 use rayon::prelude::*;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -173,6 +174,51 @@ pub struct Hyper {
     pub grad_clip: f32,
 }
 
+impl Hyper {
+    /// Refuse settings that cannot train: AdamW's own checks and the clip.
+    pub fn validate(&self) -> Result<(), String> {
+        self.adamw.validate()?;
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return Err(format!("grad_clip must be a finite number >= 0, got {}", self.grad_clip));
+        }
+        Ok(())
+    }
+}
+
+/// Worker spheres of a pool of `threads` threads (Node Zero computes alone
+/// when it is the only thread).
+fn workers(threads: usize) -> usize {
+    if threads <= 1 {
+        1
+    } else {
+        threads - 1
+    }
+}
+
+/// Cores this process may run on.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Lanes of working memory a trainer of `threads` threads keeps on a
+/// machine of `cores` cores: one per core, at most one per worker sphere.
+pub fn lanes_for(threads: usize, cores: usize) -> usize {
+    cores.clamp(1, workers(threads))
+}
+
+/// Bytes a trainer allocates to train `config` on batches of `batch`
+/// sequences of `seq_len` tokens: the weights and two AdamW moments once,
+/// then for each lane that gets work a gradient buffer and the activations
+/// of the largest symmetry group's micro-batch. None when it overflows.
+pub fn training_bytes(config: &Config, batch: usize, seq_len: usize, threads: usize, cores: usize) -> Option<u64> {
+    let params = config.checked_num_parameters()?;
+    let lanes = lanes_for(threads, cores).min(SYMMETRY_GROUPS).min(batch.max(1));
+    let micro = batch.div_ceil(SYMMETRY_GROUPS);
+    let per_lane = params.checked_add(Activations::floats(config, micro, seq_len)?)?;
+    let floats = params.checked_mul(3)?.checked_add(lanes.checked_mul(per_lane)?)?;
+    (floats as u64).checked_mul(std::mem::size_of::<f32>() as u64)
+}
+
 /// Why a step was refused.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepError {
@@ -209,8 +255,7 @@ pub struct Trainer {
 impl Trainer {
     /// A trainer with one lane per core (at most one per worker sphere).
     pub fn new(model: Gpt2, hyper: Hyper, threads: usize) -> Result<Self, String> {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with_lanes(model, hyper, threads, cores)
+        Self::with_lanes(model, hyper, threads, available_cores())
     }
 
     /// A trainer with at most `lanes` lanes of working memory.
@@ -218,8 +263,9 @@ impl Trainer {
         if threads == 0 {
             return Err("threads must be at least 1".into());
         }
-        let workers = if threads == 1 { 1 } else { threads - 1 };
-        let lanes = lanes.clamp(1, workers);
+        hyper.validate()?;
+        let workers = workers(threads);
+        let lanes = lanes_for(threads, lanes);
         // Keep each lane's spheres on one core, so a sphere woken for its
         // turn starts at once where its predecessor just finished.
         let cores = affinity::allowed_cpus();
@@ -434,7 +480,6 @@ mod affinity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Config;
 
     #[test]
     fn deal_gives_every_group_an_equal_share_over_an_epoch_even_when_skewed() {

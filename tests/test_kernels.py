@@ -141,9 +141,18 @@ def test_wrong_rank_and_mismatched_shapes_are_value_errors():
         _core.gelu_backward(rand(3), rand(4))
 
 
-def test_non_contiguous_input_is_refused():
-    with pytest.raises(ValueError, match="C-contiguous"):
-        _core.matmul_forward(rand(3, 5).T, rand(3, 2))
+def test_strided_inputs_are_read_as_numpy_sees_them():
+    a, w = rand(3, 5), rand(6, 2)[::2]  # a.T and every other row: neither is C-contiguous
+    np.testing.assert_allclose(_core.matmul_forward(a.T, w), a.T @ w, rtol=1e-5, atol=1e-6)
+    logits = rand(4, 7)[:, ::-1]
+    losses = _core.crossentropy_forward(logits, np.array([0, 1, 2, 3])[::-1].copy())
+    np.testing.assert_allclose(losses, _core.crossentropy_forward(np.ascontiguousarray(logits), np.array([3, 2, 1, 0])))
+
+
+def test_in_place_updates_still_need_a_contiguous_buffer():
+    p, g = rand(4, 4).T, rand(4, 4)
+    with pytest.raises(ValueError, match="params is updated in place, so it must be C-contiguous"):
+        _core.adamw_update(p, g, np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float32), 1, 0.1)
 
 
 def test_out_of_range_and_negative_token_ids_are_refused():

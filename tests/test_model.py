@@ -124,3 +124,16 @@ def test_bad_model_inputs_raise_clear_errors():
         model.forward(x[0])
     with pytest.raises(ValueError, match="embed dim 16 is not divisible by num heads 3"):
         ModelConfig(61, 16, 2, 3, 9).num_parameters()
+
+
+def test_sliced_batches_need_no_copy_by_the_caller():
+    model = Model(**TINY, seed=2)
+    ids = np.random.default_rng(5).integers(0, 61, size=(3, 10))
+    loss, grads = model.loss_and_grad(ids[:, :-1], ids[:, 1:])
+    grads = {k: v.copy() for k, v in grads.items()}
+    x, y = np.ascontiguousarray(ids[:, :-1]), np.ascontiguousarray(ids[:, 1:])
+    loss2, grads2 = model.loss_and_grad(x, y)
+    assert loss == loss2
+    assert all(np.array_equal(grads[k], grads2[k]) for k in grads)
+    assert model.loss(ids[:, :-1], ids[:, 1:]) == model.loss(x, y)
+    np.testing.assert_array_equal(model.forward(ids[::2, :-1]), model.forward(np.ascontiguousarray(ids[::2, :-1])))

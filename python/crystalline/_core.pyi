@@ -1,9 +1,10 @@
 """Type stubs for `crystalline._core`, the Rust extension module.
 
-Every function takes C-contiguous numpy arrays (float32 for values, any
-integer dtype for token ids), raises TypeError for a wrong dtype and
-ValueError for a wrong rank, shape, layout or token id, and releases the GIL
-while it computes. Shapes: N rows, C channels, OC output channels, B batch,
+Every function takes numpy arrays (float32 for values, any integer dtype
+for token ids) of any layout: C-contiguous ones are borrowed, others copied
+(only `adamw_update`'s in-place buffers must be C-contiguous). It raises
+TypeError for a wrong dtype and ValueError for a wrong rank, shape or token
+id, and releases the GIL while it computes. Shapes: N rows, C channels, OC output channels, B batch,
 T time, V vocab, NH heads.
 """
 
@@ -14,7 +15,26 @@ F32 = npt.NDArray[np.float32]
 Ids = npt.NDArray[np.integer]
 
 __version__: str
+SYMMETRY_GROUPS: int
+"""Every token id belongs to group `id % SYMMETRY_GROUPS`."""
+LOGIT_CHUNK: int
+"""Rows of logits the loss computes at once."""
 
+def validate_model(vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int) -> None:
+    """ValueError saying what to change when the shape cannot be built."""
+def validate_optimizer(
+    beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1, grad_clip: float = 1.0
+) -> None:
+    """ValueError when AdamW or gradient clipping cannot use these settings."""
+def validate_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+    """ValueError when these sampling settings cannot draw a token."""
+def available_cores() -> int: ...
+def lanes(threads: int) -> int:
+    """Lanes of working memory (gradients and activations) a Trainer of `threads` threads keeps here."""
+def training_memory_bytes(
+    vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int, *, batch_size: int, seq_len: int, threads: int
+) -> int:
+    """Bytes a Trainer allocates to train this shape on [batch_size, seq_len] batches."""
 def parameter_shapes(
     vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int
 ) -> list[tuple[str, list[int]]]: ...
@@ -87,8 +107,6 @@ class Model:
     def sample(self, logits: F32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[int]:
         """One token per row of logits [M, V]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
 
-SYMMETRY_GROUPS: int
-
 class Trainer:
     """The kissing-sphere trainer: a model, its AdamW state and `threads` threads."""
 
@@ -116,6 +134,8 @@ class Trainer:
     def parameters(self) -> dict[str, F32]: ...
     def optimizer_state(self) -> tuple[dict[str, F32], dict[str, F32]]: ...
     def step(self, batch: Ids, lr: float) -> dict:
-        """One AdamW step on batch [B, T+1]; raises FloatingPointError on a NaN/inf loss."""
+        """One AdamW step on batch [B, T+1]; raises FloatingPointError on a NaN/inf loss.
+        -> {loss (mean), grad_norm, group_sequences [12], compute_s, step_s,
+            spheres: [{micro_batches, sequences, tokens, loss_sum, busy_s}]}"""
     def eval(self, batch: Ids) -> float:
         """Mean loss of batch [B, T+1], forward only, on the spheres."""

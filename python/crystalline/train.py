@@ -375,8 +375,7 @@ class Trainer:
                         t["micro_batches"] += s["micro_batches"]
                         t["busy_s"] += s["busy_s"]
                         t["tokens"] += s["tokens"]
-                        if s["tokens"]:
-                            t["loss_sum"] += s["loss"] * s["tokens"]
+                        t["loss_sum"] += s["loss_sum"]
                     tps = cfg.batch_size * cfg.seq_len / dt
                     record = {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr,
                               "grad_norm": r["grad_norm"], "tokens_per_s": tps,
@@ -384,7 +383,7 @@ class Trainer:
                     if cfg.verbose:
                         for i, s in enumerate(r["spheres"]):
                             if s["micro_batches"]:
-                                c.print(f"[Sphere {i}] Forward pass complete, loss={s['loss']:.4f}")
+                                c.print(f"[Sphere {i}] Forward pass complete, loss={s['loss_sum'] / s['tokens']:.4f}")
                     last = self.total_steps is not None and self.step >= self.total_steps
                     if self.step % cfg.eval_interval == 0 or last:
                         val = self.val_loss()

@@ -16,6 +16,25 @@ impl Default for AdamW {
     }
 }
 
+impl AdamW {
+    /// Refuse settings that cannot train: the one place they are checked.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(format!("beta1 and beta2 must be in [0, 1), got {}, {}", self.beta1, self.beta2));
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(format!("eps must be a finite positive number, got {}", self.eps));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(format!("weight_decay must be a finite number >= 0, got {}", self.weight_decay));
+        }
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return Err(format!("lr must be a finite number >= 0, got {}", self.lr));
+        }
+        Ok(())
+    }
+}
+
 /// One AdamW step at 1-based step `t`, in place.
 ///
 /// params: [P]  (updated)
@@ -61,6 +80,20 @@ mod tests {
         let (mut m, mut v) = (vec![0.0], vec![0.0]);
         adamw_update(&mut p, &[0.0], &mut m, &mut v, &hp, 0.5, 1);
         assert!((p[0] - (2.0 - 0.1 * 0.5 * 2.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_the_reason() {
+        assert!(AdamW::default().validate().is_ok());
+        for (bad, what) in [
+            (AdamW { beta1: 1.0, ..Default::default() }, "beta1"),
+            (AdamW { beta2: -0.1, ..Default::default() }, "beta2"),
+            (AdamW { eps: 0.0, ..Default::default() }, "eps"),
+            (AdamW { weight_decay: f32::NAN, ..Default::default() }, "weight_decay"),
+            (AdamW { lr: f32::INFINITY, ..Default::default() }, "lr"),
+        ] {
+            assert!(bad.validate().unwrap_err().contains(what), "{what}");
+        }
     }
 
     #[test]

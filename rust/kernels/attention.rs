@@ -143,6 +143,48 @@ pub fn attention_backward(
     });
 }
 
+simd_dispatch! {
+    /// One new row attending to the cached keys and values of its sequence
+    /// (KV-cache decoding; the causal mask is implicit: the cache holds only
+    /// positions up to the row's own, which comes last).
+    ///
+    /// out:    [C]       (written; head h fills channels h*hs..(h+1)*hs)
+    /// q:      [C]       (the row's query)
+    /// k, v:   [len, C]  (cached keys and values of positions 0..len)
+    /// scores: [len]     (scratch)
+    /// hs = C / NH
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode_forward(
+        out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], len: usize, c: usize, nh: usize,
+    ) => attention_decode_forward_body
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_decode_forward_body(
+    out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], len: usize, c: usize, nh: usize,
+) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let scores = &mut scores[..len];
+    for h in 0..nh {
+        let head = h * hs..(h + 1) * hs;
+        let qh = &q[head.clone()];
+        for (j, sc) in scores.iter_mut().enumerate() {
+            *sc = vecmath::dot(qh, &k[j * c + h * hs..j * c + (h + 1) * hs]) * scale;
+        }
+        let max = vecmath::max(scores);
+        let inv = 1.0 / vecmath::exp_shifted_sum(scores, max);
+        let o = &mut out[head];
+        o.fill(0.0);
+        for (j, &a) in scores.iter().enumerate() {
+            for (oo, vv) in o.iter_mut().zip(&v[j * c + h * hs..j * c + (h + 1) * hs]) {
+                *oo += a * inv * vv;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +227,25 @@ mod tests {
             let mut dqkv = vec![0.0; b * t * 3 * c];
             attention_backward(&mut dqkv, &w, &qkv, &att, b, t, c, nh, threads);
             check_grad("qkv", &qkv, &dqkv, loss);
+        }
+    }
+
+    #[test]
+    fn decoding_one_row_over_its_cache_matches_the_full_attention() {
+        let (t, c, nh) = (6, 8, 2);
+        let qkv = rand_vec(t * 3 * c, 4);
+        let (mut out, mut att) = (vec![0.0; t * c], vec![0.0; nh * t * t]);
+        attention_forward(&mut out, &mut att, &qkv, 1, t, c, nh, 1);
+        let rows = |part: usize, len: usize| -> Vec<f32> {
+            (0..len).flat_map(|j| qkv[j * 3 * c + part * c..j * 3 * c + (part + 1) * c].to_vec()).collect()
+        };
+        for pos in 0..t {
+            let (k, v) = (rows(1, pos + 1), rows(2, pos + 1));
+            let (mut o, mut scores) = (vec![0.0; c], vec![0.0; t]);
+            attention_decode_forward(&mut o, &qkv[pos * 3 * c..pos * 3 * c + c], &k, &v, &mut scores, pos + 1, c, nh);
+            for (a, b) in o.iter().zip(&out[pos * c..(pos + 1) * c]) {
+                assert!((a - b).abs() < 1e-5, "position {pos}: {a} vs {b}");
+            }
         }
     }
 }

@@ -42,6 +42,16 @@ pub fn crossentropy_fused(logits: &mut [f32], targets: &[u32], dloss: f32, n: us
     total
 }
 
+/// `crossentropy_fused` of the mean over the N rows: returns the mean loss
+/// and leaves d(mean loss)/dlogits in `logits` (nothing to do when N = 0).
+///
+/// logits:  [N, V]  (in: logits; out: (softmax - onehot(target)) / N)
+/// targets: [N]
+pub fn crossentropy_fused_mean(logits: &mut [f32], targets: &[u32], n: usize, v: usize) -> f64 {
+    let rows = n.max(1);
+    crossentropy_fused(logits, targets, 1.0 / rows as f32, n, v) / rows as f64
+}
+
 simd_dispatch! {
     /// (max, sum of e^(x - max)) of one row of logits.
     fn max_and_sum_exp(row: &[f32]) -> (f32, f32) => max_and_sum_exp_body

@@ -3,7 +3,9 @@
 //!
 //! Weights use the GPT-2 "Conv1D" layout, `[in, out]`, so `out = inp @ weight`.
 
+use super::vecmath::{self, simd_dispatch};
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 fn parallelism(threads: usize) -> Parallelism {
     if threads <= 1 {
@@ -164,6 +166,44 @@ pub fn matmul_backward(
     }
 }
 
+/// out = inp @ weight^T for a weight stored `[OC, C]`: the tied output head
+/// (logits = x @ wte^T). With few rows (decoding) this is a matrix-vector
+/// product bound by reading the weight, so the weight's rows are split
+/// across threads instead of handing gemm a skinny problem.
+///
+/// out:    [N, OC]  (written)
+/// inp:    [N, C]
+/// weight: [OC, C]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_transposed_forward(out: &mut [f32], inp: &[f32], weight: &[f32], n: usize, c: usize, oc: usize, threads: usize) {
+    /// Fewer rows than this take the matrix-vector path.
+    const FEW_ROWS: usize = 16;
+    /// Weight rows per parallel task on that path.
+    const ROWS: usize = 512;
+    if n >= FEW_ROWS || threads <= 1 {
+        sgemm(n, oc, c, inp, false, weight, true, out, false, threads);
+        return;
+    }
+    let mut by_row = vec![0.0f32; oc * n]; // [OC, N]
+    by_row.par_chunks_mut(ROWS * n).enumerate().for_each(|(ci, chunk)| {
+        for (r, col) in chunk.chunks_mut(n).enumerate() {
+            let w = &weight[(ci * ROWS + r) * c..(ci * ROWS + r + 1) * c];
+            for (i, o) in col.iter_mut().enumerate() {
+                *o = dot(w, &inp[i * c..(i + 1) * c]);
+            }
+        }
+    });
+    for j in 0..oc {
+        for i in 0..n {
+            out[i * oc + j] = by_row[j * n + i];
+        }
+    }
+}
+
+simd_dispatch! {
+    fn dot(a: &[f32], b: &[f32]) -> f32 => vecmath::dot
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +278,21 @@ mod tests {
         check_grad("inp", &inp, &dinp, |x| loss(x, &weight, &bias));
         check_grad("weight", &weight, &dweight, |x| loss(&inp, x, &bias));
         check_grad("bias", &bias, &dbias, |x| loss(&inp, &weight, x));
+    }
+
+    #[test]
+    fn transposed_matmul_matches_naive_on_both_paths() {
+        let (c, oc) = (24, 1100);
+        let w = rand_vec(oc * c, 7);
+        let wt = transpose(oc, c, &w);
+        for (n, threads) in [(1, 1), (3, 4), (20, 4)] {
+            let x = rand_vec(n * c, 8);
+            let want = naive(n, oc, c, &x, &wt);
+            let mut out = vec![0.0; n * oc];
+            matmul_transposed_forward(&mut out, &x, &w, n, c, oc, threads);
+            for (a, b) in out.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "n={n}: {a} vs {b}");
+            }
+        }
     }
 }

@@ -1,4 +1,6 @@
-//! Residual connections.
+//! Residual connections: a plain sum, and a projection added onto the stream.
+
+use crate::kernels::matmul::sgemm;
 
 /// out = a + b
 ///
@@ -20,6 +22,35 @@ pub fn residual_backward(da: &mut [f32], db: &mut [f32], dout: &[f32]) {
     }
 }
 
+/// out = residual + inp @ weight + bias (a projection added onto the stream,
+/// fused so the sum costs no extra pass). Its backward is `matmul_backward`
+/// plus the residual's gradient passing through unchanged.
+///
+/// out:      [N, OC] (written)
+/// residual: [N, OC]
+/// inp:      [N, IC]
+/// weight:   [IC, OC]
+/// bias:     [OC]
+#[allow(clippy::too_many_arguments)]
+pub fn residual_matmul_forward(
+    out: &mut [f32],
+    residual: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    n: usize,
+    ic: usize,
+    oc: usize,
+    threads: usize,
+) {
+    for (o, r) in out[..n * oc].chunks_exact_mut(oc).zip(residual.chunks_exact(oc)) {
+        for j in 0..oc {
+            o[j] = r[j] + bias[j];
+        }
+    }
+    sgemm(n, oc, ic, inp, false, weight, false, out, true, threads);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -37,5 +68,19 @@ mod tests {
         residual_backward(&mut da, &mut db, &w);
         check_grad("a", &a, &da, |x| loss(x, &b));
         check_grad("b", &b, &db, |x| loss(&a, x));
+    }
+
+    #[test]
+    fn residual_matmul_equals_the_sum_of_its_parts() {
+        use crate::kernels::matmul::matmul_forward;
+        let (n, ic, oc) = (5, 7, 3);
+        let (r, x, w, b) = (rand_vec(n * oc, 1), rand_vec(n * ic, 2), rand_vec(ic * oc, 3), rand_vec(oc, 4));
+        let mut fused = vec![0.0; n * oc];
+        residual_matmul_forward(&mut fused, &r, &x, &w, &b, n, ic, oc, 1);
+        let mut proj = vec![0.0; n * oc];
+        matmul_forward(&mut proj, &x, &w, Some(&b), n, ic, oc, 1);
+        for ((f, p), r) in fused.iter().zip(&proj).zip(&r) {
+            assert!((f - (p + r)).abs() < 1e-5);
+        }
     }
 }

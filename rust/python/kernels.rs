@@ -1,0 +1,356 @@
+//! The layer kernels as numpy functions: each checks its arguments' shapes,
+//! runs the `crate::kernels` function with the GIL released on rayon's global
+//! pool, and returns new arrays.
+
+use super::convert::{expect_shape, f32_in, f32_inout, ids_in, out, value_error, Arr, F32In};
+use crate::kernels::adamw::AdamW;
+use crate::kernels::{adamw, attention, crossentropy, encoder, gelu, layernorm, matmul, residual};
+use pyo3::prelude::*;
+
+fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// out = inp @ weight + bias. inp [N, C], weight [C, OC], bias [OC] or None -> out [N, OC]
+#[pyfunction]
+#[pyo3(signature = (inp, weight, bias=None))]
+pub fn matmul_forward<'py>(
+    py: Python<'py>,
+    inp: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    bias: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Arr<'py>> {
+    let (inp, weight) = (f32_in(inp, "inp", 2)?, f32_in(weight, "weight", 2)?);
+    let (n, c) = (inp.shape()[0], inp.shape()[1]);
+    let oc = weight.shape()[1];
+    expect_shape("weight", weight.shape(), &[c, oc])?;
+    let bias = bias.map(|b| f32_in(b, "bias", 1)).transpose()?;
+    if let Some(b) = &bias {
+        expect_shape("bias", b.shape(), &[oc])?;
+    }
+    let (x, w, b) = (inp.as_slice(), weight.as_slice(), bias.as_ref().map(|b| b.as_slice()));
+    let data = py.detach(|| {
+        let mut o = vec![0.0; n * oc];
+        matmul::matmul_forward(&mut o, x, w, b, n, c, oc, threads());
+        o
+    });
+    Ok(out(py, &[n, oc], data))
+}
+
+/// Gradients of matmul_forward: dout [N, OC], inp [N, C], weight [C, OC] -> (dinp, dweight, dbias)
+#[pyfunction]
+pub fn matmul_backward<'py>(
+    py: Python<'py>,
+    dout: &Bound<'py, PyAny>,
+    inp: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+) -> PyResult<(Arr<'py>, Arr<'py>, Arr<'py>)> {
+    let (dout, inp, weight) = (f32_in(dout, "dout", 2)?, f32_in(inp, "inp", 2)?, f32_in(weight, "weight", 2)?);
+    let (n, c) = (inp.shape()[0], inp.shape()[1]);
+    let oc = weight.shape()[1];
+    expect_shape("weight", weight.shape(), &[c, oc])?;
+    expect_shape("dout", dout.shape(), &[n, oc])?;
+    let (d, x, w) = (dout.as_slice(), inp.as_slice(), weight.as_slice());
+    let (di, dw, db) = py.detach(|| {
+        let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c * oc], vec![0.0; oc]);
+        matmul::matmul_backward(&mut di, &mut dw, Some(&mut db), d, x, w, n, c, oc, threads());
+        (di, dw, db)
+    });
+    Ok((out(py, &[n, c], di), out(py, &[c, oc], dw), out(py, &[oc], db)))
+}
+
+/// inp [N, C], weight [C], bias [C] -> (out [N, C], mean [N], rstd [N])
+#[pyfunction]
+pub fn layernorm_forward<'py>(
+    py: Python<'py>,
+    inp: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    bias: &Bound<'py, PyAny>,
+) -> PyResult<(Arr<'py>, Arr<'py>, Arr<'py>)> {
+    let (inp, weight, bias) = (f32_in(inp, "inp", 2)?, f32_in(weight, "weight", 1)?, f32_in(bias, "bias", 1)?);
+    let (n, c) = (inp.shape()[0], inp.shape()[1]);
+    expect_shape("weight", weight.shape(), &[c])?;
+    expect_shape("bias", bias.shape(), &[c])?;
+    let (x, w, b) = (inp.as_slice(), weight.as_slice(), bias.as_slice());
+    let (o, m, r) = py.detach(|| {
+        let (mut o, mut m, mut r) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        layernorm::layernorm_forward(&mut o, &mut m, &mut r, x, w, b, n, c);
+        (o, m, r)
+    });
+    Ok((out(py, &[n, c], o), out(py, &[n], m), out(py, &[n], r)))
+}
+
+/// dout [N, C], inp [N, C], weight [C], mean [N], rstd [N] -> (dinp, dweight, dbias)
+#[pyfunction]
+pub fn layernorm_backward<'py>(
+    py: Python<'py>,
+    dout: &Bound<'py, PyAny>,
+    inp: &Bound<'py, PyAny>,
+    weight: &Bound<'py, PyAny>,
+    mean: &Bound<'py, PyAny>,
+    rstd: &Bound<'py, PyAny>,
+) -> PyResult<(Arr<'py>, Arr<'py>, Arr<'py>)> {
+    let (dout, inp, weight) = (f32_in(dout, "dout", 2)?, f32_in(inp, "inp", 2)?, f32_in(weight, "weight", 1)?);
+    let (mean, rstd) = (f32_in(mean, "mean", 1)?, f32_in(rstd, "rstd", 1)?);
+    let (n, c) = (inp.shape()[0], inp.shape()[1]);
+    expect_shape("dout", dout.shape(), &[n, c])?;
+    expect_shape("weight", weight.shape(), &[c])?;
+    expect_shape("mean", mean.shape(), &[n])?;
+    expect_shape("rstd", rstd.shape(), &[n])?;
+    let (d, x, w, m, r) = (dout.as_slice(), inp.as_slice(), weight.as_slice(), mean.as_slice(), rstd.as_slice());
+    let (di, dw, db) = py.detach(|| {
+        let (mut di, mut dw, mut db) = (vec![0.0; n * c], vec![0.0; c], vec![0.0; c]);
+        layernorm::layernorm_backward(&mut di, &mut dw, &mut db, d, x, w, m, r, n, c);
+        (di, dw, db)
+    });
+    Ok((out(py, &[n, c], di), out(py, &[c], dw), out(py, &[c], db)))
+}
+
+/// Tanh-approximate GELU, elementwise on an array of any shape.
+#[pyfunction]
+pub fn gelu_forward<'py>(py: Python<'py>, inp: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
+    let inp = f32_in(inp, "inp", 0)?;
+    let shape = inp.shape().to_vec();
+    let x = inp.as_slice();
+    let o = py.detach(|| {
+        let mut o = vec![0.0; x.len()];
+        gelu::gelu_forward(&mut o, x);
+        o
+    });
+    Ok(out(py, &shape, o))
+}
+
+/// Run an elementwise kernel `f(out, a, b)` over two same-shape arrays.
+fn elementwise2<'py>(
+    py: Python<'py>,
+    (a, a_name): (&Bound<'py, PyAny>, &str),
+    (b, b_name): (&Bound<'py, PyAny>, &str),
+    f: fn(&mut [f32], &[f32], &[f32]),
+) -> PyResult<Arr<'py>> {
+    let (a, b) = (f32_in(a, a_name, 0)?, f32_in(b, b_name, 0)?);
+    expect_shape(b_name, b.shape(), a.shape())?;
+    let shape = a.shape().to_vec();
+    let (x, y) = (a.as_slice(), b.as_slice());
+    let o = py.detach(|| {
+        let mut o = vec![0.0; x.len()];
+        f(&mut o, x, y);
+        o
+    });
+    Ok(out(py, &shape, o))
+}
+
+/// dout, inp (same shape) -> dinp
+#[pyfunction]
+pub fn gelu_backward<'py>(py: Python<'py>, dout: &Bound<'py, PyAny>, inp: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
+    elementwise2(py, (inp, "inp"), (dout, "dout"), gelu::gelu_backward)
+}
+
+/// a + b (same shape)
+#[pyfunction]
+pub fn residual_forward<'py>(py: Python<'py>, a: &Bound<'py, PyAny>, b: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
+    elementwise2(py, (a, "a"), (b, "b"), residual::residual_forward)
+}
+
+/// dout -> (da, db)
+#[pyfunction]
+pub fn residual_backward<'py>(py: Python<'py>, dout: &Bound<'py, PyAny>) -> PyResult<(Arr<'py>, Arr<'py>)> {
+    let dout = f32_in(dout, "dout", 0)?;
+    let shape = dout.shape().to_vec();
+    let d = dout.as_slice();
+    let (da, db) = py.detach(|| {
+        let (mut da, mut db) = (vec![0.0; d.len()], vec![0.0; d.len()]);
+        residual::residual_backward(&mut da, &mut db, d);
+        (da, db)
+    });
+    Ok((out(py, &shape, da), out(py, &shape, db)))
+}
+
+/// tokens [B, T], wte [V, C], wpe [T_max, C] -> out [B, T, C]
+#[pyfunction]
+pub fn encoder_forward<'py>(
+    py: Python<'py>,
+    tokens: &Bound<'py, PyAny>,
+    wte: &Bound<'py, PyAny>,
+    wpe: &Bound<'py, PyAny>,
+) -> PyResult<Arr<'py>> {
+    let (wte, wpe) = (f32_in(wte, "wte", 2)?, f32_in(wpe, "wpe", 2)?);
+    let (v, c) = (wte.shape()[0], wte.shape()[1]);
+    let (ids, shape) = ids_in(tokens, "tokens", 2, Some(v))?;
+    let (b, t) = (shape[0], shape[1]);
+    if wpe.shape()[1] != c || wpe.shape()[0] < t {
+        return Err(value_error(format!(
+            "wpe has shape {:?}, expected [T_max >= {t}, {c}] for tokens of shape {shape:?}",
+            wpe.shape()
+        )));
+    }
+    let (e, p) = (wte.as_slice(), wpe.as_slice());
+    let o = py.detach(|| {
+        let mut o = vec![0.0; b * t * c];
+        encoder::encoder_forward(&mut o, &ids, e, p, b, t, c);
+        o
+    });
+    Ok(out(py, &[b, t, c], o))
+}
+
+/// dout [B, T, C], tokens [B, T] -> (dwte [V, C], dwpe [block_size, C])
+#[pyfunction]
+pub fn encoder_backward<'py>(
+    py: Python<'py>,
+    dout: &Bound<'py, PyAny>,
+    tokens: &Bound<'py, PyAny>,
+    vocab_size: usize,
+    block_size: usize,
+) -> PyResult<(Arr<'py>, Arr<'py>)> {
+    let dout = f32_in(dout, "dout", 3)?;
+    let (ids, shape) = ids_in(tokens, "tokens", 2, Some(vocab_size))?;
+    let (b, t, c) = (dout.shape()[0], dout.shape()[1], dout.shape()[2]);
+    expect_shape("tokens", &shape, &[b, t])?;
+    if t > block_size {
+        return Err(value_error(format!("T={t} exceeds block_size {block_size}")));
+    }
+    let d = dout.as_slice();
+    let (dwte, dwpe) = py.detach(|| {
+        let (mut dwte, mut dwpe) = (vec![0.0; vocab_size * c], vec![0.0; block_size * c]);
+        encoder::encoder_backward(&mut dwte, &mut dwpe, d, &ids, b, t, c);
+        (dwte, dwpe)
+    });
+    Ok((out(py, &[vocab_size, c], dwte), out(py, &[block_size, c], dwpe)))
+}
+
+fn head_dims(qkv_shape: &[usize], n_head: usize) -> PyResult<(usize, usize, usize)> {
+    let (b, t, c3) = (qkv_shape[0], qkv_shape[1], qkv_shape[2]);
+    if c3 % 3 != 0 || n_head == 0 || (c3 / 3) % n_head != 0 {
+        return Err(value_error(format!(
+            "qkv has shape {qkv_shape:?}: its last axis must be 3*C with C divisible by n_head={n_head}"
+        )));
+    }
+    Ok((b, t, c3 / 3))
+}
+
+/// qkv [B, T, 3C] -> (out [B, T, C], att [B, NH, T, T])
+#[pyfunction]
+pub fn attention_forward<'py>(py: Python<'py>, qkv: &Bound<'py, PyAny>, n_head: usize) -> PyResult<(Arr<'py>, Arr<'py>)> {
+    let qkv = f32_in(qkv, "qkv", 3)?;
+    let (b, t, c) = head_dims(qkv.shape(), n_head)?;
+    let q = qkv.as_slice();
+    let (o, a) = py.detach(|| {
+        let (mut o, mut a) = (vec![0.0; b * t * c], vec![0.0; b * n_head * t * t]);
+        attention::attention_forward(&mut o, &mut a, q, b, t, c, n_head, threads());
+        (o, a)
+    });
+    Ok((out(py, &[b, t, c], o), out(py, &[b, n_head, t, t], a)))
+}
+
+/// dout [B, T, C], qkv [B, T, 3C], att [B, NH, T, T] -> dqkv [B, T, 3C]
+#[pyfunction]
+pub fn attention_backward<'py>(
+    py: Python<'py>,
+    dout: &Bound<'py, PyAny>,
+    qkv: &Bound<'py, PyAny>,
+    att: &Bound<'py, PyAny>,
+    n_head: usize,
+) -> PyResult<Arr<'py>> {
+    let (dout, qkv, att) = (f32_in(dout, "dout", 3)?, f32_in(qkv, "qkv", 3)?, f32_in(att, "att", 4)?);
+    let (b, t, c) = head_dims(qkv.shape(), n_head)?;
+    expect_shape("dout", dout.shape(), &[b, t, c])?;
+    expect_shape("att", att.shape(), &[b, n_head, t, t])?;
+    let (d, q, a) = (dout.as_slice(), qkv.as_slice(), att.as_slice());
+    let dq = py.detach(|| {
+        let mut dq = vec![0.0; b * t * 3 * c];
+        attention::attention_backward(&mut dq, d, q, a, b, t, c, n_head, threads());
+        dq
+    });
+    Ok(out(py, &[b, t, 3 * c], dq))
+}
+
+fn logits_and_targets<'py>(
+    logits: &Bound<'py, PyAny>,
+    targets: &Bound<'py, PyAny>,
+) -> PyResult<(F32In<'py>, usize, usize, Vec<u32>)> {
+    let l = f32_in(logits, "logits", 2)?;
+    let (n, v) = (l.shape()[0], l.shape()[1]);
+    let (ids, shape) = ids_in(targets, "targets", 1, Some(v))?;
+    expect_shape("targets", &shape, &[n])?;
+    Ok((l, n, v, ids))
+}
+
+/// logits [N, V], targets [N] -> per-row losses [N]
+#[pyfunction]
+pub fn crossentropy_forward<'py>(py: Python<'py>, logits: &Bound<'py, PyAny>, targets: &Bound<'py, PyAny>) -> PyResult<Arr<'py>> {
+    let (l, n, v, ids) = logits_and_targets(logits, targets)?;
+    let x = l.as_slice();
+    let losses = py.detach(|| {
+        let mut losses = vec![0.0; n];
+        crossentropy::crossentropy_forward(&mut losses, x, &ids, n, v);
+        losses
+    });
+    Ok(out(py, &[n], losses))
+}
+
+/// logits [N, V], targets [N], dlosses [N] -> dlogits [N, V]
+#[pyfunction]
+pub fn crossentropy_backward<'py>(
+    py: Python<'py>,
+    logits: &Bound<'py, PyAny>,
+    targets: &Bound<'py, PyAny>,
+    dlosses: &Bound<'py, PyAny>,
+) -> PyResult<Arr<'py>> {
+    let (l, n, v, ids) = logits_and_targets(logits, targets)?;
+    let dl = f32_in(dlosses, "dlosses", 1)?;
+    expect_shape("dlosses", dl.shape(), &[n])?;
+    let (x, d) = (l.as_slice(), dl.as_slice());
+    let g = py.detach(|| {
+        let mut g = vec![0.0; n * v];
+        crossentropy::crossentropy_backward(&mut g, x, &ids, d, n, v);
+        g
+    });
+    Ok(out(py, &[n, v], g))
+}
+
+/// Fused: logits [N, V], targets [N] -> (mean loss, dlogits [N, V] of the mean loss)
+#[pyfunction]
+pub fn softmax_crossentropy<'py>(py: Python<'py>, logits: &Bound<'py, PyAny>, targets: &Bound<'py, PyAny>) -> PyResult<(f64, Arr<'py>)> {
+    let (l, n, v, ids) = logits_and_targets(logits, targets)?;
+    let x = l.as_slice();
+    let (loss, g) = py.detach(|| {
+        let mut g = x.to_vec();
+        (crossentropy::crossentropy_fused_mean(&mut g, &ids, n, v), g)
+    });
+    Ok((loss, out(py, &[n, v], g)))
+}
+
+/// One AdamW step, in place on params, m and v (all float32, same shape as grads).
+#[pyfunction]
+#[pyo3(signature = (params, grads, m, v, step, lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0))]
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_update(
+    py: Python<'_>,
+    params: &Bound<'_, PyAny>,
+    grads: &Bound<'_, PyAny>,
+    m: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    step: u64,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+) -> PyResult<()> {
+    if step == 0 {
+        return Err(value_error("step counts from 1, got 0"));
+    }
+    let hp = AdamW { lr, beta1, beta2, eps, weight_decay };
+    hp.validate().map_err(value_error)?;
+    let g = f32_in(grads, "grads", 0)?;
+    let shape = g.shape().to_vec();
+    for (name, arr) in [("params", params), ("m", m), ("v", v)] {
+        expect_shape(name, f32_in(arr, name, 0)?.shape(), &shape)?;
+    }
+    if params.is(m) || params.is(v) || m.is(v) || params.is(grads) {
+        return Err(value_error("params, grads, m and v must be four distinct arrays"));
+    }
+    let (mut p, mut mm, mut vv) = (f32_inout(params, "params")?, f32_inout(m, "m")?, f32_inout(v, "v")?);
+    let (ps, gs, ms, vs) = (p.as_slice_mut()?, g.as_slice(), mm.as_slice_mut()?, vv.as_slice_mut()?);
+    py.detach(|| adamw::adamw_update(ps, gs, ms, vs, &hp, weight_decay, step));
+    Ok(())
+}

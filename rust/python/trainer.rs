@@ -1,0 +1,181 @@
+//! `Trainer`: the kissing-sphere trainer for Python (steps, evaluation, the
+//! zero-copy parameter and optimizer views Python saves and restores), and
+//! the figures Python plans a run with: optimizer checks, lanes and memory.
+
+use super::convert::{ids_in, tensor_views, value_error};
+use crate::kernels::adamw::AdamW;
+use crate::model::{Config, Gpt2};
+use crate::train::{self, Hyper, StepError, Trainer};
+use pyo3::exceptions::PyFloatingPointError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+/// Refuse optimizer settings that cannot train.
+#[pyfunction]
+#[pyo3(signature = (beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))]
+pub fn validate_optimizer(beta1: f32, beta2: f32, eps: f32, weight_decay: f32, grad_clip: f32) -> PyResult<()> {
+    let adamw = AdamW { beta1, beta2, eps, weight_decay, ..Default::default() };
+    Hyper { adamw, grad_clip }.validate().map_err(value_error)
+}
+
+/// Cores this process may run on.
+#[pyfunction]
+pub fn available_cores() -> usize {
+    train::available_cores()
+}
+
+/// Lanes of working memory a Trainer of `threads` threads keeps here.
+#[pyfunction]
+pub fn lanes(threads: usize) -> usize {
+    train::lanes_for(threads, train::available_cores())
+}
+
+/// Bytes a Trainer allocates to train this shape on batches of
+/// `batch_size` sequences of `seq_len` tokens with `threads` threads here.
+#[pyfunction]
+#[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, batch_size, seq_len, threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn training_memory_bytes(
+    vocab_size: usize,
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    block_size: usize,
+    batch_size: usize,
+    seq_len: usize,
+    threads: usize,
+) -> PyResult<u64> {
+    let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
+    cfg.validate().map_err(value_error)?;
+    train::training_bytes(&cfg, batch_size, seq_len, threads, train::available_cores())
+        .ok_or_else(|| value_error("the training memory of this shape overflows a 64-bit count"))
+}
+
+/// The kissing-sphere trainer: a model, its AdamW state and a pool of
+/// `threads` threads (Node Zero plus worker spheres).
+#[pyclass(name = "Trainer", module = "crystalline._core")]
+pub struct PyTrainer {
+    inner: Trainer,
+}
+
+#[pymethods]
+impl PyTrainer {
+    #[new]
+    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, threads=12, seed=0,
+                        beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vocab_size: usize,
+        n_embd: usize,
+        n_layer: usize,
+        n_head: usize,
+        block_size: usize,
+        threads: usize,
+        seed: u64,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        grad_clip: f32,
+    ) -> PyResult<Self> {
+        let hyper = Hyper { adamw: AdamW { lr: 0.0, beta1, beta2, eps, weight_decay }, grad_clip };
+        hyper.validate().map_err(value_error)?;
+        let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
+        let model = Gpt2::new(cfg, seed).map_err(value_error)?;
+        Ok(PyTrainer { inner: Trainer::new(model, hyper, threads).map_err(value_error)? })
+    }
+
+    #[getter]
+    fn threads(&self) -> usize {
+        self.inner.threads()
+    }
+
+    /// Optimizer steps taken (AdamW's t).
+    #[getter]
+    fn step_count(&self) -> u64 {
+        self.inner.opt.step
+    }
+
+    #[setter]
+    fn set_step_count(&mut self, value: u64) {
+        self.inner.opt.step = value;
+    }
+
+    /// Sequences dealt to symmetry groups so far this epoch.
+    #[getter]
+    fn dealt(&self) -> u64 {
+        self.inner.dealt
+    }
+
+    #[setter]
+    fn set_dealt(&mut self, value: u64) {
+        self.inner.dealt = value;
+    }
+
+    fn num_parameters(&self) -> usize {
+        self.inner.model.layout.total
+    }
+
+    /// name -> writeable zero-copy view of each parameter tensor.
+    fn parameters<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyDict>> {
+        let this = slf.borrow();
+        // SAFETY: the parameter buffer is allocated once and never resized.
+        unsafe { tensor_views(slf.as_any(), &this.inner.model.layout, &this.inner.model.params) }
+    }
+
+    /// (m, v): name -> writeable zero-copy view of AdamW's moments.
+    fn optimizer_state<'py>(slf: &Bound<'py, Self>) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyDict>)> {
+        let this = slf.borrow();
+        let layout = &this.inner.model.layout;
+        // SAFETY: the moment buffers are allocated once and never resized.
+        unsafe { Ok((tensor_views(slf.as_any(), layout, &this.inner.opt.m)?, tensor_views(slf.as_any(), layout, &this.inner.opt.v)?)) }
+    }
+
+    /// One optimizer step on batch [B, T+1] (inputs: first T ids of each
+    /// row, targets: last T) at learning rate `lr`. Returns the step's
+    /// figures; raises FloatingPointError (parameters unchanged) on a NaN or
+    /// infinite loss.
+    fn step<'py>(&mut self, py: Python<'py>, batch: &Bound<'py, PyAny>, lr: f32) -> PyResult<Bound<'py, PyDict>> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(value_error(format!("lr must be a finite non-negative number, got {lr}")));
+        }
+        let (ids, shape) = ids_in(batch, "batch", 2, Some(self.inner.model.config.vocab_size))?;
+        if shape[1] < 2 {
+            return Err(value_error(format!("batch must be [B, T+1] with T >= 1, got shape {shape:?}")));
+        }
+        let (b, t) = (shape[0], shape[1] - 1);
+        let inner = &mut self.inner;
+        let report = py.detach(|| inner.step(&ids, b, t, lr)).map_err(|e| match e {
+            StepError::BadBatch(msg) => value_error(msg),
+            e @ StepError::NonFinite { .. } => PyFloatingPointError::new_err(e.to_string()),
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("loss", report.loss)?;
+        d.set_item("grad_norm", report.grad_norm)?;
+        d.set_item("group_sequences", report.group_sequences.to_vec())?;
+        d.set_item("compute_s", report.compute_s)?;
+        d.set_item("step_s", report.step_s)?;
+        let spheres = PyList::empty(py);
+        for s in &report.spheres {
+            let sd = PyDict::new(py);
+            sd.set_item("micro_batches", s.micro_batches)?;
+            sd.set_item("sequences", s.sequences)?;
+            sd.set_item("tokens", s.tokens)?;
+            sd.set_item("loss_sum", s.loss_sum)?;
+            sd.set_item("busy_s", s.busy_s)?;
+            spheres.append(sd)?;
+        }
+        d.set_item("spheres", spheres)?;
+        Ok(d)
+    }
+
+    /// Mean loss of batch [B, T+1], forward only, on the spheres.
+    fn eval(&self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<f64> {
+        let (ids, shape) = ids_in(batch, "batch", 2, Some(self.inner.model.config.vocab_size))?;
+        if shape[1] < 2 {
+            return Err(value_error(format!("batch must be [B, T+1] with T >= 1, got shape {shape:?}")));
+        }
+        let inner = &self.inner;
+        py.detach(|| inner.eval(&ids, shape[0], shape[1] - 1)).map_err(value_error)
+    }
+}
