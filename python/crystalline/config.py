@@ -14,7 +14,6 @@ printed by `crystalline size` is the count of the model that `train` builds.
 from __future__ import annotations
 
 import math
-import os
 import re
 import tomllib
 from collections.abc import Iterable
@@ -24,14 +23,11 @@ from pathlib import Path
 from crystalline import _core
 from crystalline.errors import UserError
 
-_BYTES_PER_F32 = 4
-SYMMETRY_GROUPS = _core.SYMMETRY_GROUPS
-# Rows of logits the Rust core computes at once (model.rs LOGIT_CHUNK).
-LOGIT_CHUNK = 128
-
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The GPT-2 shape of a model, under the names GPT-2 and the Rust core use."""
+
     vocab_size: int = 4096  # V: tokens the model can read and predict
     n_embd: int = 128  # C: width of the residual stream
     n_layer: int = 4  # L: transformer blocks
@@ -39,16 +35,12 @@ class ModelConfig:
     block_size: int = 128  # T_max: longest context, rows of the position table
 
     def validate(self) -> None:
-        """Raise ValueError with a message that says what to change."""
-        for name in ("vocab_size", "n_embd", "n_layer", "n_head", "block_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+        """Raise ValueError with a message that says what to change (the
+        Rust core's check, the one every model it builds passes)."""
+        for name, value in asdict(self).items():  # what the core's unsigned sizes cannot even take
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}; "
-                f"choose a head count that divides it (e.g. {_divisor_near(self.n_embd, self.n_head)})"
-            )
+        _core.validate_model(**asdict(self))
 
     def parameter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """(GPT-2 tensor name, shape) in the order of the flat parameter buffer."""
@@ -59,37 +51,12 @@ class ModelConfig:
         """Exact parameter count (the output head is tied to `wte`, so not counted twice)."""
         return sum(math.prod(shape) for _, shape in self.parameter_shapes())
 
-    def activation_floats_per_token(self) -> int:
-        """f32 values one token of a micro-batch occupies in the Rust core's
-        activations: per block 16C + NH*T + 4 kept for the backward pass,
-        plus the embedding, final LayerNorm and 14C of backward scratch."""
-        c, nh, t = self.n_embd, self.n_head, self.block_size
-        return self.n_layer * (16 * c + nh * t + 4) + 2 * c + 2 + 14 * c
-
     def training_memory_bytes(self, batch_size: int, seq_len: int, threads: int = 12) -> int:
-        """Bytes to train as Crystalline does: the weights and two AdamW
-        moments once, then for each lane (one per core, at most one per
-        worker sphere) a gradient buffer, the activations of one symmetry
-        group's micro-batch and one chunk of logits."""
-        params = self.num_parameters()
-        workers = max(threads - 1, 1)
-        lanes = max(1, min(available_cores(), workers, SYMMETRY_GROUPS, batch_size))
-        micro_tokens = -(-batch_size // SYMMETRY_GROUPS) * seq_len
-        per_lane = params + micro_tokens * self.activation_floats_per_token() + LOGIT_CHUNK * self.vocab_size
-        return (3 * params + lanes * per_lane) * _BYTES_PER_F32
-
-
-def available_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _divisor_near(n: int, k: int) -> int:
-    divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: (abs(d - k), d))
+        """Bytes the Rust trainer allocates to train this shape on this
+        machine: weights and AdamW moments once, then per lane of working
+        memory a gradient buffer, a micro-batch's activations and a chunk of
+        logits (computed from the formulas the allocation uses)."""
+        return _core.training_memory_bytes(**asdict(self), batch_size=batch_size, seq_len=seq_len, threads=threads)
 
 
 # The older names of TrainConfig fields, still the names of the command-line
@@ -103,6 +70,8 @@ WATCH_EPOCHS = 1_000_000_000
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run; `crystalline train` has a flag for most."""
+
     # data
     data: list[str] = field(default_factory=list)  # files/directories of text; empty = built-in corpus
     extensions: list[str] | None = None  # only files with these extensions
@@ -158,8 +127,9 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must be a positive integer, got {value!r}")
         try:
             self.model_config().validate()
+            _core.validate_optimizer(weight_decay=self.weight_decay, grad_clip=self.grad_clip)
         except ValueError as err:
-            raise flagged(err, asdict(self.model_config())) from None
+            raise flagged(err, [*asdict(self.model_config()), "weight_decay", "grad_clip"]) from None
         if self.watch_interval is not None and (self.watch is None or self.watch_interval < 1):
             raise UserError("--watch-interval needs --watch DIR and a positive number of steps")
         if self.watch is not None and not Path(self.watch).is_dir():
@@ -170,7 +140,7 @@ class TrainConfig:
             raise UserError(f"--learning-rate must be in (0, 10), got {self.learning_rate}")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("weight_decay", "grad_clip", "warmup_steps", "keep", "sample_tokens"):
+        for name in ("warmup_steps", "keep", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -25,7 +25,7 @@ import numpy as np
 
 from crystalline import _core, checkpoint
 from crystalline.atomic import new_directory
-from crystalline.config import ModelConfig, TrainConfig
+from crystalline.config import ModelConfig, TrainConfig, flagged
 from crystalline.data import corpus
 from crystalline.data.corpus import file_hash
 from crystalline.data.tokenizer import Tokenizer
@@ -49,14 +49,16 @@ class Sampling:
     seed: int | None = None  # None: a fresh random seed
 
     def validate(self) -> None:
+        """Refuse settings that cannot draw a token, naming the flag (the
+        Rust sampler's own check, but for the count of new tokens)."""
         if self.max_tokens < 0:
             raise UserError(f"--max-tokens must not be negative, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
-        if self.top_k < 0:
+        if self.top_k < 0:  # the core's unsigned count cannot even take it
             raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        try:
+            _core.validate_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        except ValueError as err:
+            raise flagged(err, ["temperature", "top_k", "top_p"]) from None
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class LoadedModel:
             raise UserError("logits() takes a non-empty list of token ids, or a [batch, time] array")
         if arr.shape[-1] > self.block_size:
             raise UserError(f"{arr.shape[-1]} tokens are more than the model's block size {self.block_size}")
-        out = self.model.forward(np.ascontiguousarray(arr.reshape(-1, arr.shape[-1])))
+        out = self.model.forward(arr.reshape(-1, arr.shape[-1]))
         return out[0] if arr.ndim == 1 else out
 
     def evaluate(self, paths: Iterable[Path | str], extensions: list[str] | None = None,
@@ -180,7 +182,7 @@ class LoadedModel:
             batches.append(tokens[full * t :][None, :])
         nats, done = 0.0, 0
         for batch in batches:
-            inputs, targets = np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
+            inputs, targets = batch[:, :-1], batch[:, 1:]
             nats += self.model.loss(inputs, targets) * targets.size
             done += len(batch)
             if progress is not None:

@@ -22,13 +22,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from crystalline import _core, checkpoint
-from crystalline.config import WATCH_EPOCHS, TrainConfig, available_cores, resume_config
+from crystalline.config import WATCH_EPOCHS, TrainConfig, resume_config
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
 from crystalline.inference import load, windows
 
-GROUPS = _core.SYMMETRY_GROUPS
 # Seconds between looks at a --watch directory that holds too little data to train.
 WATCH_POLL_S = 2.0
 
@@ -287,8 +286,9 @@ class Trainer:
             steps = min(steps, self.total_steps - self.step)
         n = steps * cfg.batch_size
         self.console.print(f"[Node Zero] Distribution by symmetry group (epoch {self._epoch_name(epoch)}):")
-        for g in range(GROUPS):
-            share = n // GROUPS + (1 if g < n % GROUPS else 0)
+        groups = _core.SYMMETRY_GROUPS
+        for g in range(groups):
+            share = n // groups + (1 if g < n % groups else 0)
             self.console.print(f"  Group {g:2d}: {share} batches ({100 * share / max(n, 1):.1f}%)")
 
     def _epoch_end(self, epoch: int, sphere_totals: list[dict], wall: float, losses: list[float]) -> None:
@@ -432,7 +432,7 @@ class Trainer:
 
     def sample(self, checkpoint_path: Path, n_tokens: int, prompt: str = "import os\nimport sys\n\n\ndef ") -> str:
         """A short text from the trained model, with the KV-cache generator."""
-        model = load(checkpoint_path, threads=min(self.cfg.threads, available_cores()))
+        model = load(checkpoint_path, threads=min(self.cfg.threads, _core.available_cores()))
         return prompt + model.generate(prompt, max_tokens=n_tokens, temperature=0.8, top_k=40, seed=self.cfg.seed)
 
 
