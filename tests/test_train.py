@@ -18,6 +18,7 @@ import pytest
 
 from crystalline import checkpoint
 from crystalline.errors import UserError
+from crystalline.plot import read_metrics
 from crystalline.config import ModelConfig, TrainConfig, build_config
 from crystalline.train import Trainer, lr_at
 from commandline import cli
@@ -234,6 +235,8 @@ def test_plot_draws_the_loss_curves(tmp_path, env):
     ok = cli(["train", str(STDLIB / "json"), *TINY, "--max-steps", "6", "--eval-interval", "3",
               "--checkpoint-dir", str(run)], env)
     assert ok.returncode == 0, ok.stderr
+    curves = read_metrics(run)
+    assert curves.steps == list(range(1, 7)) and curves.val_steps == [3, 6] and len(curves.val_losses) == 2
     r = cli(["plot", str(run)], env)
     assert r.returncode == 0, r.stderr
     png = run / "loss.png"

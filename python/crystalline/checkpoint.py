@@ -1,7 +1,8 @@
 """Checkpoint directories: weights, optimizer moments, training state and the
 tokenizer, written atomically and verified on load.
 
-A run directory holds `ckpt-00001234/` directories, one per saved step:
+A run directory holds `metrics.jsonl` (a line per training step) and
+`ckpt-00001234/` directories, one per saved step:
 
 - `model.safetensors`: the weights, under their GPT-2 tensor names
 - `optimizer.safetensors`: AdamW's moments, `m.<name>` and `v.<name>`
@@ -39,6 +40,7 @@ from crystalline.config import ModelConfig, TrainConfig
 from crystalline.data.corpus import file_hash
 from crystalline.errors import UserError
 
+METRICS = "metrics.jsonl"
 PREFIX = "ckpt-"
 TMP_PREFIX = ".tmp-ckpt-"
 MODEL = "model.safetensors"
@@ -151,6 +153,49 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories (holding checkpoints) at or below `root`."""
+    if list_checkpoints(root):
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_dir() and list_checkpoints(p) and not p.name.startswith(PREFIX))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A checkpoint as `crystalline models` lists it."""
+
+    path: Path
+    state: State
+    parameters: int  # the model's parameter count
+    disk_bytes: int  # the size of its files
+    saved: float  # when state.json was written, in seconds since the epoch
+
+
+def summarize(ckpt: Path) -> Summary:
+    state = read_state(ckpt)
+    return Summary(path=ckpt, state=state, parameters=state.model.num_parameters(),
+                   disk_bytes=sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()),
+                   saved=(ckpt / STATE).stat().st_mtime)
+
+
+def describe(path: Path) -> str:
+    """What deleting `path` would delete, in words; UserError when it is
+    neither a checkpoint nor a run directory."""
+    if (path / STATE).is_file():
+        return f"checkpoint {path}"
+    if path.is_dir() and list_checkpoints(path):
+        return f"run {path} ({len(list_checkpoints(path))} checkpoint(s) and its metrics)"
+    raise UserError(f"{path} is neither a checkpoint nor a run directory; nothing deleted")
+
+
+def delete(path: Path) -> None:
+    """Delete a checkpoint (never leaving half of one) or a whole run directory."""
+    if (path / STATE).is_file():
+        discard(path)
+    else:
+        shutil.rmtree(path)
 
 
 def remove_temporaries(run_dir: Path) -> None:

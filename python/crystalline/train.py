@@ -330,7 +330,7 @@ class Trainer:
         cfg, c = self.cfg, self.console
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_temporaries(self.run_dir)
-        metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        metrics = open(self.run_dir / checkpoint.METRICS, "a", buffering=1)
         losses: list[float] = []
         vals: list[tuple[int, float]] = []
         last_ckpt: Path | None = self.resume_from

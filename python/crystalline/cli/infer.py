@@ -4,7 +4,6 @@ using, inspecting and converting trained models from the command line."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -173,21 +172,6 @@ models_app = typer.Typer(cls=_ModelsGroup, help="List, inspect and delete traine
                          no_args_is_help=False)
 
 
-def _runs_under(root: Path) -> list[Path]:
-    """Run directories (holding checkpoints) at or below `root`."""
-    if checkpoint.list_checkpoints(root):
-        return [root]
-    return sorted(p for p in root.rglob("*") if p.is_dir() and checkpoint.list_checkpoints(p)
-                  and not p.name.startswith(checkpoint.PREFIX))
-
-
-def _summary(ckpt: Path) -> dict:
-    state = checkpoint.read_state(ckpt)
-    cfg = state.model
-    return dict(state=state, cfg=cfg, params=cfg.num_parameters(),
-                bytes=sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()))
-
-
 def _shape(cfg: ModelConfig) -> str:
     return f"V={cfg.vocab_size} C={cfg.n_embd} L={cfg.n_layer} H={cfg.n_head} T={cfg.block_size}"
 
@@ -203,7 +187,7 @@ def list_models(
     """List runs and their checkpoints: config, parameters, step, last validation loss."""
     if not directory.is_dir():
         raise UserError(f"{directory} is not a directory; pass the directory that holds your runs")
-    runs = _runs_under(directory)
+    runs = checkpoint.find_runs(directory)
     if not runs:
         typer.echo(f"no runs under {directory}")
         return
@@ -212,36 +196,31 @@ def list_models(
     for run in runs:
         for ckpt in checkpoint.list_checkpoints(run):
             try:
-                s = _summary(ckpt)
-            except (UserError, KeyError, TypeError, ValueError):
+                s = checkpoint.summarize(ckpt)
+            except UserError:
                 table.add_row("[red]unreadable state.json[/]", "", "", "", "", "", str(ckpt))
                 continue
-            st = s["state"]
-            saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((ckpt / checkpoint.STATE).stat().st_mtime))
-            table.add_row(_shape(s["cfg"]), f"{s['params']:,}", str(st.step),
-                          _loss(st.train_loss), _loss(st.val_loss), saved, str(ckpt))
+            st = s.state
+            table.add_row(_shape(st.model), f"{s.parameters:,}", str(st.step), _loss(st.train_loss),
+                          _loss(st.val_loss), time.strftime("%Y-%m-%d %H:%M", time.localtime(s.saved)), str(ckpt))
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: no wrapping
 
 
 @models_app.command("info")
 def info(checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPOINT_HELP)]) -> None:
     """Everything a checkpoint's state.json records, readably."""
-    ckpt = checkpoint.resolve(checkpoint_path)
-    try:
-        s = _summary(ckpt)
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{ckpt / checkpoint.STATE} has no valid model config ({err})") from None
-    st, cfg = s["state"], s["cfg"]
+    s = checkpoint.summarize(checkpoint.resolve(checkpoint_path))
+    st = s.state
     lines = [
-        ("checkpoint", str(ckpt)),
-        ("model", _shape(cfg)),
-        ("parameters", f"{s['params']:,}"),
+        ("checkpoint", str(s.path)),
+        ("model", _shape(st.model)),
+        ("parameters", f"{s.parameters:,}"),
         ("step", str(st.step)),
         ("train loss", _loss(st.train_loss)),
         ("val loss", _loss(st.val_loss)),
         ("tokenizer sha256", st.tokenizer_hash),
-        ("size on disk", f"{s['bytes'] / 2**20:,.1f} MiB"),
-        ("other checkpoints", ", ".join(p.name for p in checkpoint.list_checkpoints(ckpt.parent) if p != ckpt)
+        ("size on disk", f"{s.disk_bytes / 2**20:,.1f} MiB"),
+        ("other checkpoints", ", ".join(p.name for p in checkpoint.list_checkpoints(s.path.parent) if p != s.path)
          or "none"),
     ]
     for key, value in lines:
@@ -256,15 +235,10 @@ def delete(
     yes: Annotated[bool, Opt("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Delete a checkpoint, or a whole run; asks first unless --yes."""
-    if (path / checkpoint.STATE).is_file():
-        what = f"checkpoint {path}"
-    elif path.is_dir() and checkpoint.list_checkpoints(path):
-        what = f"run {path} ({len(checkpoint.list_checkpoints(path))} checkpoint(s) and its metrics)"
-    else:
-        raise UserError(f"{path} is neither a checkpoint nor a run directory; nothing deleted")
+    what = checkpoint.describe(path)
     if not yes and not typer.confirm(f"Delete {what}?", default=False):
         raise UserError("nothing deleted", exit_code=1)
-    shutil.rmtree(path)
+    checkpoint.delete(path)
     typer.echo(f"deleted {what}")
 
 

@@ -3,7 +3,6 @@ the loss curves of a run to a PNG."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ from rich.console import Console
 
 from crystalline import checkpoint
 from crystalline.errors import UserError
+from crystalline.plot import plot_losses
 from crystalline.config import build_config
 from crystalline.train import Trainer
 
@@ -93,36 +93,4 @@ def plot(
     out: Annotated[Optional[Path], Opt(help="PNG to write (default RUN_DIR/loss.png).")] = None,
 ) -> None:
     """Draw the training and validation loss curves of a run to a PNG."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl; is it a run directory?")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install 'crystalline[plot]'") from None
-    steps, losses, vsteps, vlosses = [], [], [], []
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise UserError(f"{metrics}:{n} is not valid JSON") from None
-        steps.append(rec["step"])
-        losses.append(rec["loss"])
-        if "val_loss" in rec:
-            vsteps.append(rec["step"])
-            vlosses.append(rec["val_loss"])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, losses, label="train", linewidth=0.8)
-    if vsteps:
-        ax.plot(vsteps, vlosses, "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats)")
-    ax.set_title(f"Crystalline run {run_dir.name}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    target = out or run_dir / "loss.png"
-    fig.savefig(target, dpi=120, bbox_inches="tight")
-    typer.echo(str(target))
+    typer.echo(str(plot_losses(run_dir, out)))
