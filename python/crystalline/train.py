@@ -14,8 +14,9 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from rich.console import Console
@@ -75,6 +76,32 @@ class Run:
         return self.losses[-1] if self.losses else float("nan")
 
 
+@dataclass
+class EpochTally:
+    """Node Zero's figures for the epoch so far."""
+
+    spheres: list[dict]  # per sphere: micro_batches, busy_s, tokens, loss_sum
+    losses: list[float] = field(default_factory=list)  # each step's loss
+    wall: float = 0.0  # seconds of compute
+
+    @classmethod
+    def start(cls, threads: int) -> EpochTally:
+        return cls([dict(micro_batches=0, busy_s=0.0, tokens=0, loss_sum=0.0) for _ in range(threads)])
+
+    def add(self, report: dict) -> None:
+        """Count one step's report from the core."""
+        self.wall += report["compute_s"]
+        self.losses.append(report["loss"])
+        for total, sphere in zip(self.spheres, report["spheres"]):
+            for key in total:
+                total[key] += sphere[key]
+
+
+def sphere_loss(sphere: dict) -> float:
+    """Mean loss of the tokens a sphere (or its tally) scored."""
+    return sphere["loss_sum"] / sphere["tokens"] if sphere["tokens"] else float("nan")
+
+
 class Trainer:
     """Prepares data, builds the Rust trainer and runs the training loop."""
 
@@ -88,6 +115,11 @@ class Trainer:
         self._stop = False  # set by Ctrl-C: save and stop after this step
         self._waiting = False  # a --watch run has said it waits for data
         self._order_cache: tuple[int, int, np.ndarray] | None = None  # (epoch, sequences, permutation)
+        self.losses: list[float] = []  # each step's loss, this session
+        self.val_losses: list[tuple[int, float]] = []  # (step, validation loss), this session
+        self.val: float | None = None  # the latest validation loss
+        self.last_checkpoint: Path | None = None
+        self._tally = EpochTally.start(config.threads)
 
     # -- setup -------------------------------------------------------------
 
@@ -103,15 +135,36 @@ class Trainer:
         return trainer
 
     def setup(self) -> None:
-        resume = self.resume_from is not None
+        """Check the settings and the run directory, prepare the data, pick
+        the shape for --preset auto, build the Rust trainer (restoring a
+        resumed run) and report the plan."""
         self.cfg.validate()
+        self._check_run_dir()
+        self._find_data()
+        auto = self.cfg.preset == "auto" and self.resume_from is None  # a resumed run keeps the shape it chose
+        data_bytes = corpus.total_bytes(self.paths, self.extensions) if auto else 0
+        if auto:  # the tokenizer needs its vocabulary first: the design table's for the data size
+            self.cfg = replace(self.cfg, vocab_size=sizing.vocab_for(data_bytes))
+        while self.cfg.watch and not self._has_text():
+            self._wait(f"no text files in {self.cfg.watch} yet")
+        self._load_data(progress=self.cfg.progress)
+        if auto:
+            rec = sizing.recommend(len(self.train_tokens), data_bytes)
+            self.cfg = replace(self.cfg, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head)
+        self._check_data()
+        self._build_trainer()
+        self._report_plan()
+
+    def _check_run_dir(self) -> None:
         check_writable(self.run_dir)
-        if not resume and checkpoint.list_checkpoints(self.run_dir):
+        if self.resume_from is None and checkpoint.list_checkpoints(self.run_dir):
             raise UserError(
                 f"--checkpoint-dir {self.run_dir} already holds a run; add --resume to continue it "
                 "or choose another --checkpoint-dir"
             )
-        # Absolute data paths, so a resumed run finds its data from any directory.
+
+    def _find_data(self) -> None:
+        """The paths to train on, absolute so a resumed run finds them from any directory."""
         cfg = self.cfg = replace(self.cfg, data=[str(Path(p).expanduser().resolve()) for p in self.cfg.data],
                                  watch=str(Path(self.cfg.watch).resolve()) if self.cfg.watch else None)
         paths = [Path(p) for p in cfg.data] + ([Path(cfg.watch)] if cfg.watch else [])
@@ -122,28 +175,20 @@ class Trainer:
                                f"the {len(paths):,} .py files of the standard library in {where}")
         self.paths = paths
         self.extensions = cfg.extensions or ([".py"] if not cfg.data and not cfg.watch else None)
-        auto = cfg.preset == "auto" and not resume  # a resumed run keeps the shape it chose
-        if auto:
-            # The vocabulary must be known before the tokenizer is trained:
-            # take it from the design table's row for the data size.
-            data_bytes = corpus.total_bytes(paths, self.extensions)
-            cfg = self.cfg = replace(cfg, vocab_size=sizing.vocab_for(data_bytes))
-        while cfg.watch and not self._has_text():
-            self._wait(f"no text files in {cfg.watch} yet")
-        self._load_data(progress=cfg.progress)
-        if auto:
-            rec = sizing.recommend(len(self.train_tokens), data_bytes)
-            cfg = self.cfg = replace(cfg, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head)
-        ds = self.dataset
+
+    def _check_data(self) -> None:
+        """Refuse a tokenizer larger than the vocabulary, or another than a
+        resumed run's; refuse (or, watching, wait for) data too small for one
+        step; warn about too few tokens per parameter."""
+        cfg, ds = self.cfg, self.dataset
         if ds.vocab_size > cfg.vocab_size:
             raise UserError(
                 f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {ds.vocab_size} tokens; "
                 f"use --vocab-size {ds.vocab_size} or another tokenizer"
             )
-        mc = cfg.model_config()
         while True:
             try:
-                warnings = sizing.check_data(mc, len(self.train_tokens), cfg.batch_size, cfg.seq_len)
+                warnings = sizing.check_data(cfg.model_config(), len(self.train_tokens), cfg.batch_size, cfg.seq_len)
                 break
             except UserError as err:
                 if not cfg.watch:
@@ -151,20 +196,22 @@ class Trainer:
                 self._wait_for_data(err)
         for warning in warnings:
             self.console.print(f"[yellow]warning:[/] {warning}")
-        if resume:
-            if checkpoint.read_state(self.resume_from).tokenizer_hash != ds.tokenizer_hash:
-                raise UserError(
-                    f"the tokenizer of {self.resume_from} differs from the one the data was prepared with; "
-                    "resume with the same data and tokenizer"
-                )
-        self.trainer = _core.Trainer(
-            mc.vocab_size, mc.n_embd, mc.n_layer, mc.n_head, mc.block_size,
-            threads=cfg.threads, seed=cfg.seed, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        )
+        if self.resume_from and checkpoint.read_state(self.resume_from).tokenizer_hash != self.dataset.tokenizer_hash:
+            raise UserError(
+                f"the tokenizer of {self.resume_from} differs from the one the data was prepared with; "
+                "resume with the same data and tokenizer"
+            )
+
+    def _build_trainer(self) -> None:
+        cfg = self.cfg
+        self.trainer = _core.Trainer(**asdict(cfg.model_config()), threads=cfg.threads, seed=cfg.seed,
+                                     weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         self.step, self.epoch, self.pos = 0, 0, 0
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        c = self.console
+
+    def _report_plan(self) -> None:
+        cfg, mc, c = self.cfg, self.cfg.model_config(), self.console
         c.print(
             f"[Node Zero] model: {mc.num_parameters():,} parameters (V={mc.vocab_size}, C={mc.n_embd}, "
             f"L={mc.n_layer}, NH={mc.n_head}, T={mc.block_size})"
@@ -291,22 +338,25 @@ class Trainer:
             share = n // groups + (1 if g < n % groups else 0)
             self.console.print(f"  Group {g:2d}: {share} batches ({100 * share / max(n, 1):.1f}%)")
 
-    def _epoch_end(self, epoch: int, sphere_totals: list[dict], wall: float, losses: list[float]) -> None:
-        for i, s in enumerate(sphere_totals):
+    def _epoch_end(self, epoch: int) -> None:
+        """Each worker sphere's share of the epoch, and its mean loss; then a fresh tally."""
+        tally = self._tally
+        for i, s in enumerate(tally.spheres):
             if i == 0 and self.cfg.threads > 1:
                 continue
-            busy = 100 * s["busy_s"] / wall if wall > 0 else 0.0
-            loss = s["loss_sum"] / s["tokens"] if s["tokens"] else float("nan")
-            self.console.print(f"[Sphere {i}] {s['micro_batches']} batches, busy {busy:.0f}%, loss={loss:.4f}")
-        avg = sum(losses) / len(losses) if losses else float("nan")
+            busy = 100 * s["busy_s"] / tally.wall if tally.wall > 0 else 0.0
+            self.console.print(f"[Sphere {i}] {s['micro_batches']} batches, busy {busy:.0f}%, "
+                               f"loss={sphere_loss(s):.4f}")
+        avg = sum(tally.losses) / len(tally.losses) if tally.losses else float("nan")
         self.console.print(f"Epoch {self._epoch_name(epoch)} complete, average loss: {avg:.4f}")
+        self._tally = EpochTally.start(self.cfg.threads)
 
     def _epoch_name(self, epoch: int) -> str:
         return f"{epoch + 1}" if self.cfg.epochs == WATCH_EPOCHS else f"{epoch + 1}/{self.cfg.epochs}"
 
     # -- the loop ----------------------------------------------------------
 
-    def _state(self, losses: list[float], val: float | None) -> checkpoint.State:
+    def _state(self) -> checkpoint.State:
         return checkpoint.State(
             config=self.cfg,
             model=self.cfg.model_config(),
@@ -316,114 +366,121 @@ class Trainer:
             optimizer_step=self.trainer.step_count,
             dealt=self.trainer.dealt,
             tokenizer_hash=self.dataset.tokenizer_hash,
-            train_loss=losses[-1] if losses else None,
-            val_loss=val,
+            train_loss=self.losses[-1] if self.losses else None,
+            val_loss=self.val,
         )
 
-    def save(self, losses: list[float], val: float | None) -> Path:
+    def save(self) -> Path:
         m, v = self.trainer.optimizer_state()
-        return checkpoint.save(self.run_dir, self.trainer.parameters(), m, v, self._state(losses, val),
+        return checkpoint.save(self.run_dir, self.trainer.parameters(), m, v, self._state(),
                                self.dataset.tokenizer_path, self.cfg.keep)
 
     def run(self) -> Run:
+        """Set up, train until the plan is done or Ctrl-C (saving every
+        --save-interval steps and at the end), then sample the model."""
         self.setup()
-        cfg, c = self.cfg, self.console
+        self.last_checkpoint = self.resume_from
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_temporaries(self.run_dir)
-        metrics = open(self.run_dir / checkpoint.METRICS, "a", buffering=1)
-        losses: list[float] = []
-        vals: list[tuple[int, float]] = []
-        last_ckpt: Path | None = self.resume_from
-        val: float | None = None
         previous = signal.signal(signal.SIGINT, self._on_sigint)
-        progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
-            console=c, disable=not cfg.progress, transient=False,
-        )
-        totals = self._fresh_totals()
-        epoch_losses: list[float] = []
-        epoch_wall = 0.0
         try:
-            with progress:
-                task = progress.add_task("train", total=self.total_steps, completed=self.step,
-                                         epoch=self.epoch + 1, loss="-", tps="-")
-                if self.pos == 0 and not self._finished():
-                    self._epoch_start(self.epoch)
-                while not self._finished() and not self._stop:
-                    if self.pos == 0:
-                        self.trainer.dealt = 0
-                    lr = lr_at(self.step, cfg, self.total_steps)
-                    batch = self.batch(self.epoch, self.pos)
-                    t0 = time.perf_counter()
-                    try:
-                        r = self.trainer.step(batch, lr)
-                    except FloatingPointError as err:
-                        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                        raise UserError(
-                            f"training diverged at step {self.step + 1}: {err}{where}. "
-                            "Lower --learning-rate or raise --warmup-steps", exit_code=3
-                        ) from None
-                    dt = time.perf_counter() - t0
-                    epoch_wall += r["compute_s"]
-                    self.step += 1
-                    self.pos += 1
-                    losses.append(r["loss"])
-                    epoch_losses.append(r["loss"])
-                    for i, s in enumerate(r["spheres"]):
-                        t = totals[i]
-                        t["micro_batches"] += s["micro_batches"]
-                        t["busy_s"] += s["busy_s"]
-                        t["tokens"] += s["tokens"]
-                        t["loss_sum"] += s["loss_sum"]
-                    tps = cfg.batch_size * cfg.seq_len / dt
-                    record = {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr,
-                              "grad_norm": r["grad_norm"], "tokens_per_s": tps,
-                              "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
-                    if cfg.verbose:
-                        for i, s in enumerate(r["spheres"]):
-                            if s["micro_batches"]:
-                                c.print(f"[Sphere {i}] Forward pass complete, loss={s['loss_sum'] / s['tokens']:.4f}")
-                    last = self.total_steps is not None and self.step >= self.total_steps
-                    if self.step % cfg.eval_interval == 0 or last:
-                        val = self.val_loss()
-                        if val is not None:
-                            vals.append((self.step, val))
-                            record["val_loss"] = val
-                            c.print(f"[Node Zero] step {self.step}: train loss {r['loss']:.4f}, val loss {val:.4f}")
-                    metrics.write(json.dumps(record) + "\n")
-                    progress.update(task, advance=1, epoch=self.epoch + 1, loss=f"{r['loss']:.4f}",
-                                    tps=f"{tps:,.0f}")
-                    # A watched directory that grew ends the epoch early: the next
-                    # one runs over the larger dataset.
-                    grew = (cfg.watch is not None and cfg.watch_interval is not None
-                            and self.step % cfg.watch_interval == 0 and self._refresh_watched())
-                    if self.pos >= self.steps_per_epoch or last or grew:
-                        self._epoch_end(self.epoch, totals, epoch_wall, epoch_losses)
-                        totals, epoch_losses, epoch_wall = self._fresh_totals(), [], 0.0
-                        if not last:
-                            self.epoch, self.pos = self.epoch + 1, 0
-                            if cfg.watch is not None and not grew:
-                                self._refresh_watched()
-                            progress.update(task, total=self.total_steps)
-                            if not self._finished():
-                                self._epoch_start(self.epoch)
-                    if self.step % cfg.save_interval == 0 or self._finished() or self._stop:
-                        last_ckpt = self.save(losses, val)
+            with open(self.run_dir / checkpoint.METRICS, "a", buffering=1) as metrics, self._progress_bar() as bar:
+                self._train(metrics, bar)
         finally:
             signal.signal(signal.SIGINT, previous)
-            metrics.close()
+        return self._finish()
+
+    def _progress_bar(self) -> Progress:
+        return Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+            console=self.console, disable=not self.cfg.progress, transient=False,
+        )
+
+    def _train(self, metrics: TextIO, bar: Progress) -> None:
+        """Step until the plan is done or Ctrl-C: each step's record, then the
+        end of the epoch and a checkpoint when they are due."""
+        task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
+                            loss="-", tps="-")
+        if self.pos == 0 and not self._finished():
+            self._epoch_start(self.epoch)
+        while not self._finished() and not self._stop:
+            record = self._step()
+            last = self.total_steps is not None and self.step >= self.total_steps
+            if self.step % self.cfg.eval_interval == 0 or last:
+                self._validate(record)
+            metrics.write(json.dumps(record) + "\n")
+            bar.update(task, advance=1, epoch=self.epoch + 1, loss=f"{record['loss']:.4f}",
+                       tps=f"{record['tokens_per_s']:,.0f}")
+            if self._end_epoch_if_due(last):
+                bar.update(task, total=self.total_steps)
+            if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
+                self.last_checkpoint = self.save()
+
+    def _step(self) -> dict:
+        """One optimizer step on the next batch; returns its metrics record."""
+        cfg = self.cfg
+        if self.pos == 0:
+            self.trainer.dealt = 0
+        lr = lr_at(self.step, cfg, self.total_steps)
+        batch = self.batch(self.epoch, self.pos)
+        t0 = time.perf_counter()
+        try:
+            r = self.trainer.step(batch, lr)
+        except FloatingPointError as err:
+            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise UserError(
+                f"training diverged at step {self.step + 1}: {err}{where}. "
+                "Lower --learning-rate or raise --warmup-steps", exit_code=3
+            ) from None
+        tps = cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
+        self.step += 1
+        self.pos += 1
+        self.losses.append(r["loss"])
+        self._tally.add(r)
+        if cfg.verbose:
+            for i, s in enumerate(r["spheres"]):
+                if s["micro_batches"]:
+                    self.console.print(f"[Sphere {i}] Forward pass complete, loss={sphere_loss(s):.4f}")
+        return {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"],
+                "tokens_per_s": tps, "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
+
+    def _validate(self, record: dict) -> None:
+        self.val = self.val_loss()
+        if self.val is not None:
+            self.val_losses.append((self.step, self.val))
+            record["val_loss"] = self.val
+            self.console.print(f"[Node Zero] step {self.step}: train loss {record['loss']:.4f}, "
+                               f"val loss {self.val:.4f}")
+
+    def _end_epoch_if_due(self, last: bool) -> bool:
+        """End the epoch when its steps are done, the run is, or a watched
+        directory grew (the next epoch then runs over the larger dataset);
+        True when a new epoch begins."""
+        cfg = self.cfg
+        grew = (cfg.watch is not None and cfg.watch_interval is not None
+                and self.step % cfg.watch_interval == 0 and self._refresh_watched())
+        if not (self.pos >= self.steps_per_epoch or last or grew):
+            return False
+        self._epoch_end(self.epoch)
+        if last:
+            return False
+        self.epoch, self.pos = self.epoch + 1, 0
+        if cfg.watch is not None and not grew:
+            self._refresh_watched()
+        if not self._finished():
+            self._epoch_start(self.epoch)
+        return True
+
+    def _finish(self) -> Run:
         interrupted = self._stop and not self._finished()
         if interrupted:
-            c.print(f"[Node Zero] interrupted: saved {last_ckpt}; continue with "
-                    f"`crystalline train --resume --checkpoint-dir {self.run_dir}`")
+            self.console.print(f"[Node Zero] interrupted: saved {self.last_checkpoint}; continue with "
+                               f"`crystalline train --resume --checkpoint-dir {self.run_dir}`")
         sample = None
-        if not interrupted and cfg.sample_tokens > 0 and last_ckpt is not None:
-            sample = self.sample(last_ckpt, cfg.sample_tokens)
-        return Run(self.run_dir, self.step, losses, vals, last_ckpt, interrupted, sample)
-
-    def _fresh_totals(self) -> list[dict]:
-        return [dict(micro_batches=0, busy_s=0.0, tokens=0, loss_sum=0.0) for _ in range(self.cfg.threads)]
+        if not interrupted and self.cfg.sample_tokens > 0 and self.last_checkpoint is not None:
+            sample = self.sample(self.last_checkpoint, self.cfg.sample_tokens)
+        return Run(self.run_dir, self.step, self.losses, self.val_losses, self.last_checkpoint, interrupted, sample)
 
     def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self._stop:  # a second Ctrl-C: stop now
