@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from crystalline.config import canonical
 from crystalline.data import corpus
 from crystalline.data import prepare as prep
 from crystalline.data import sizing
@@ -158,8 +159,8 @@ def size(
 
     With no shape flags and no --config it sizes the recommended model; with
     them it sizes what `crystalline train` would build from the same flags."""
-    settings = dict(vocab_size=vocab_size, n_embd=embed_dim, n_layer=num_layers, n_head=num_heads,
-                    batch_size=batch_size, seq_len=seq_len, threads=threads)
+    settings = canonical(dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
+                              batch_size=batch_size, seq_len=seq_len, threads=threads))
     r = size_run(data, settings, config, ext, progress)
     cfg, model, rec, row = r.config, r.model, r.recommended, r.table_row
     typer.echo(f"data           {r.data_bytes / 1e6:.1f} MB, {r.train_tokens:,} train / {r.val_tokens:,} validation tokens")

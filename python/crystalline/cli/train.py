@@ -12,7 +12,7 @@ from rich.console import Console
 from crystalline import checkpoint
 from crystalline.errors import UserError
 from crystalline.plot import plot_losses
-from crystalline.config import build_config
+from crystalline.config import build_config, canonical
 from crystalline.train import Trainer
 
 Opt = typer.Option
@@ -61,15 +61,15 @@ def train(
         checkpoint_dir, data = str(data[0]), []
     if resume and not checkpoint_dir:
         raise UserError("--resume needs the run: pass --checkpoint-dir RUN_DIR or `crystalline train --resume RUN_DIR`")
-    overrides = dict(
-        data=[str(p) for p in data] or None, vocab_size=vocab_size, n_embd=embed_dim, n_layer=num_layers,
-        n_head=num_heads, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, epochs=epochs,
+    overrides = canonical(dict(  # the flags' names to the config's
+        data=[str(p) for p in data] or None, vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers,
+        num_heads=num_heads, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, epochs=epochs,
         threads=threads, checkpoint_dir=checkpoint_dir, seed=seed, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval, val_fraction=val_fraction,
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
         watch=str(watch) if watch else None, watch_interval=watch_interval,
-    )
+    ))
     console = Console(stderr=True, soft_wrap=True)
     if resume:
         if config is not None:
