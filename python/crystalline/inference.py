@@ -27,7 +27,6 @@ from crystalline import _core, checkpoint
 from crystalline.atomic import new_directory
 from crystalline.config import ModelConfig, TrainConfig, flagged
 from crystalline.data import corpus
-from crystalline.data.corpus import file_hash
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
 
@@ -303,7 +302,7 @@ def load(path: Path | str, threads: int | None = None) -> LoadedModel:
     if not tok_path.is_file():
         raise UserError(f"checkpoint {ckpt} has no tokenizer: {tok_path} is missing (copy back the "
                         "tokenizer.json the model was trained with)")
-    if state.tokenizer_hash != file_hash(tok_path):
+    if state.tokenizer_hash != corpus.file_hash(tok_path):
         raise UserError(f"tokenizer {tok_path} is not the one the model was trained with "
                         f"(its sha256 differs from tokenizer_hash in {ckpt / checkpoint.STATE})")
     model = _core.Model(**asdict(state.model))
@@ -331,6 +330,6 @@ def write_run(run_dir: Path, params: dict[str, np.ndarray], cfg: ModelConfig, to
                             checkpoint_dir=str(run_dir), tokenizer=str(run_dir / checkpoint.TOKENIZER))
         zeros = {k: np.zeros_like(a) for k, a in params.items()}
         state = checkpoint.State(config=train_cfg, model=cfg, step=0, epoch=0, epoch_step=0, optimizer_step=0,
-                                 dealt=0, tokenizer_hash=file_hash(tmp / checkpoint.TOKENIZER))
+                                 dealt=0, tokenizer_hash=corpus.file_hash(tmp / checkpoint.TOKENIZER))
         checkpoint.save(tmp, params, zeros, zeros, state, tmp / checkpoint.TOKENIZER, keep=0)
     return checkpoint.list_checkpoints(run_dir)[-1]
