@@ -62,7 +62,7 @@ def make_models(cfg: ModelConfig, work: Path):
     params = core.parameters()
     eot = synthetic_tokenizer(work / "tokenizer.json", cfg.vocab_size)
     params["wte.weight"][eot] = 0.0
-    ckpt = write_run(work / "run", params, cfg, work / "tokenizer.json", {})
+    ckpt = write_run(work / "run", params, cfg, work / "tokenizer.json")
     ours = load(ckpt, threads=THREADS)
     import transformers
 

@@ -168,6 +168,30 @@ def test_eval_reports_loss_perplexity_and_bits_per_byte(run_dir, env, model):
     assert 0 < loss < 10
 
 
+def test_evaluate_predicts_every_token_once_with_the_models_own_loss(model, tmp_path):
+    text = (STDLIB / "json" / "scanner.py").read_text()
+    (tmp_path / "a.py").write_text(text)
+    (tmp_path / "b.py").write_text("x")
+    ids = model.tokenizer.encode(text) + [model.tokenizer.eot_id] + model.tokenizer.encode("x") + [model.tokenizer.eot_id]
+    t = model.block_size
+    assert (len(ids) - 1) % t, "the text should end in a shorter window"
+    nats = 0.0
+    for start in range(0, len(ids) - 1, t):  # window by window, from the logits
+        window = np.array(ids[start : start + t + 1])
+        logits = model.logits(window[:-1]).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nats -= log_probs[np.arange(len(window) - 1), window[1:]].sum()
+    seen = []
+    result = model.evaluate([tmp_path], progress=lambda done, total: seen.append((done, total)))
+    assert (result.files, result.tokens, result.bytes) == (2, len(ids) - 1, len(text.encode()) + 1)
+    assert result.nats == pytest.approx(nats, rel=1e-4)
+    assert result.loss == pytest.approx(nats / (len(ids) - 1), rel=1e-4)
+    assert result.bits_per_byte == pytest.approx(nats / np.log(2) / result.bytes, rel=1e-4)
+    windows = -(-(len(ids) - 1) // t)
+    assert seen[-1] == (windows, windows) and len(seen) == -(-(windows - 1) // 8) + 1
+
+
 def test_export_import_round_trip_is_bit_identical(run_dir, model, tmp_path, env):
     r = cli(["export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")], env)
     assert r.returncode == 0, r.stderr

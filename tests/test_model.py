@@ -122,7 +122,7 @@ def test_bad_model_inputs_raise_clear_errors():
         model.forward(x.astype(np.float32))
     with pytest.raises(ValueError, match="tokens must have 2 dimensions"):
         model.forward(x[0])
-    with pytest.raises(ValueError, match="embed dim 16 is not divisible by num heads 3"):
+    with pytest.raises(ValueError, match="n_embd 16 is not divisible by n_head 3"):
         ModelConfig(61, 16, 2, 3, 9).num_parameters()
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from crystalline.config import ModelConfig
 from crystalline.data import sizing
+from crystalline.data.stats import size_run
 from crystalline.errors import UserError
 
 PYTHON_DIR = str(Path(sizing.__file__).resolve().parents[2])
@@ -103,3 +105,17 @@ def test_size_on_raw_text_and_a_toml_config(dataset):
     assert "batch 2 x seq 32" in result.stdout
     bad = run_cli("size", "ds", "--embed-dim", "50", "--num-heads", "3", cwd=dataset)
     assert bad.returncode == 2 and "--embed-dim 50 is not divisible by --num-heads 3" in bad.stderr
+
+
+def test_size_run_sizes_the_recommended_model_or_the_settings_given(dataset):
+    ds = dataset / "ds"
+    rec = size_run([ds], {}, progress=False)
+    assert rec.model == replace(rec.recommended, vocab_size=300) and rec.config.batch_size == 16
+    assert rec.train_tokens + rec.val_tokens > 0 and rec.data_bytes == sum(f.stat().st_size for f in (dataset / "src").iterdir())
+    assert rec.table_row == sizing.table_row(rec.data_bytes)
+    given = size_run([ds], dict(n_embd=32, n_layer=1, n_head=2, seq_len=64, batch_size=8, threads=3))
+    assert given.model == ModelConfig(vocab_size=300, n_embd=32, n_layer=1, n_head=2, block_size=64)
+    assert given.parameters == given.model.num_parameters()
+    assert given.memory_bytes == given.model.training_memory_bytes(8, 64, 3)
+    with pytest.raises(UserError, match="vocab size 200 is smaller than the tokenizer's 300"):
+        size_run([ds], dict(vocab_size=200, n_embd=32, n_layer=1, n_head=2))

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import crystalline
 from crystalline.data import corpus
+from crystalline.data.stats import token_stats
 from crystalline.data.tokenizer import EOT, MIN_VOCAB_SIZE, Tokenizer
 from crystalline.errors import UserError
 
@@ -139,3 +140,17 @@ def test_tokenize_command_encodes_decodes_and_counts_groups(tmp_path):
     assert stats["tokens"] == len(ids) and stats["bytes"] == len(text.encode())
     assert stats["groups"] == [sum(1 for i in ids if i % 12 == g) for g in range(12)]
     assert stats["top"][0]["count"] == max(ids.count(i) for i in set(ids))
+
+
+def test_token_stats_count_tokens_bytes_frequent_ids_and_groups():
+    tok = trained()
+    pieces = SAMPLE[:2]  # counted piece by piece, as a file's chunks are
+    ids = [i for piece in pieces for i in tok.encode(piece)]
+    got = token_stats(tok, pieces, top=3)
+    assert got.tokens == len(ids) and got.bytes == sum(len(p.encode()) for p in pieces)
+    assert got.bytes_per_token == got.bytes / got.tokens
+    assert got.groups == [sum(1 for i in ids if i % 12 == g) for g in range(12)]
+    counts = sorted(((ids.count(i), -i) for i in set(ids)), reverse=True)[:3]
+    assert [(i, c) for i, _, c in got.top] == [(-i, c) for c, i in counts]
+    assert got.top[0][1] == tok.decode([got.top[0][0]])
+    assert token_stats(tok, []).bytes_per_token is None

@@ -18,7 +18,9 @@ import pytest
 
 from crystalline import checkpoint
 from crystalline.errors import UserError
-from crystalline.train import TrainConfig, Trainer, build_config, lr_at
+from crystalline.plot import read_metrics
+from crystalline.config import ModelConfig, TrainConfig, build_config
+from crystalline.train import Trainer, lr_at
 from commandline import cli
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -81,7 +83,7 @@ def test_kill_9_during_saves_never_leaves_a_bad_checkpoint(tmp_path, env):
         assert found, "no checkpoint survived"
         for ck in found:  # every complete checkpoint directory verifies and loads
             loaded = checkpoint.load(ck)
-            assert loaded.state["step"] == int(ck.name.split("-")[1])
+            assert loaded.state.step == int(ck.name.split("-")[1])
 
 
 def sphere_lines(stderr: str) -> dict[int, int]:
@@ -178,9 +180,7 @@ def test_diverging_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, 
     # poison the latest weights (keeping the checkpoint's own hashes valid) and resume
     ck = checkpoint.load(run)
     ck.params["h.0.ln_1.weight"][:] = np.nan
-    m, v = ck.m, ck.v
-    state = {k: val for k, val in ck.state.items() if k not in ("files", "step", "format_version")}
-    checkpoint.save(run, ck.state["step"], ck.params, m, v, state, ck.path / "tokenizer.json", keep=3)
+    checkpoint.save(run, ck.params, ck.m, ck.v, ck.state, ck.path / "tokenizer.json", keep=3)
     before = sorted(p.name for p in checkpoint.list_checkpoints(run))
     err = refuse(["--resume", str(run), "--no-progress", "--max-steps", "8"], env,
                  r"training diverged at step 5: non-finite loss", code=3)
@@ -192,12 +192,23 @@ def test_config_layers_preset_file_and_flags(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('batch-size = 4\nlearning_rate = 0.01\npreset = "tiny"\n')
     cfg = build_config({"learning_rate": 0.02}, f)
-    assert (cfg.batch_size, cfg.learning_rate, cfg.embed_dim, cfg.preset) == (4, 0.02, 128, "tiny")
+    assert (cfg.batch_size, cfg.learning_rate, cfg.n_embd, cfg.preset) == (4, 0.02, 128, "tiny")
     quick = build_config({}, None, preset="quick")
     assert quick.max_steps is not None
     assert build_config({"epochs": 3}, None, preset="quick").max_steps is None
     with pytest.raises(UserError, match="unknown preset"):
         build_config({"preset": "huge"})
+
+
+def test_legacy_names_in_toml_and_saved_state_map_to_the_model_names(tmp_path):
+    f = tmp_path / "old.toml"
+    f.write_text("embed-dim = 48\nnum_layers = 2\nnum_heads = 3\n")
+    cfg = build_config({}, f)
+    assert (cfg.n_embd, cfg.n_layer, cfg.n_head) == (48, 2, 3)
+    saved = {"embed_dim": 64, "num_layers": 3, "num_heads": 8, "seq_len": 32, "a_setting_since_removed": 1}
+    old = TrainConfig.from_dict(saved)
+    assert (old.n_embd, old.n_layer, old.n_head, old.seq_len) == (64, 3, 8, 32)
+    assert old.model_config() == ModelConfig(4096, 64, 3, 8, 32)
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():
@@ -210,8 +221,8 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
 
 def test_python_api_trains_and_reports(tmp_path, monkeypatch, env):
     monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
-    cfg = TrainConfig(data=[str(STDLIB / "json")], extensions=[".py"], vocab_size=300, embed_dim=32, num_layers=1,
-                      num_heads=2, batch_size=8, seq_len=32, max_steps=5, threads=1, progress=False,
+    cfg = TrainConfig(data=[str(STDLIB / "json")], extensions=[".py"], vocab_size=300, n_embd=32, n_layer=1,
+                      n_head=2, batch_size=8, seq_len=32, max_steps=5, threads=1, progress=False,
                       sample_tokens=5, checkpoint_dir=str(tmp_path / "api"))
     run = Trainer(cfg).run()
     assert run.steps == 5 and len(run.losses) == 5 and run.last_checkpoint is not None
@@ -224,6 +235,8 @@ def test_plot_draws_the_loss_curves(tmp_path, env):
     ok = cli(["train", str(STDLIB / "json"), *TINY, "--max-steps", "6", "--eval-interval", "3",
               "--checkpoint-dir", str(run)], env)
     assert ok.returncode == 0, ok.stderr
+    curves = read_metrics(run)
+    assert curves.steps == list(range(1, 7)) and curves.val_steps == [3, 6] and len(curves.val_losses) == 2
     r = cli(["plot", str(run)], env)
     assert r.returncode == 0, r.stderr
     png = run / "loss.png"

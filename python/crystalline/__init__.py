@@ -6,9 +6,9 @@ package holds configs, tokenization, the command line and checkpoint files.
 """
 
 from crystalline._core import Model
-from crystalline.config import ModelConfig
+from crystalline.config import ModelConfig, TrainConfig
 from crystalline.inference import LoadedModel, load
-from crystalline.train import Run, TrainConfig, Trainer, resume, train
+from crystalline.train import Run, Trainer, resume, train
 
 __all__ = ["LoadedModel", "Model", "ModelConfig", "Run", "TrainConfig", "Trainer", "load", "resume", "train"]
 __version__ = "0.1.0"

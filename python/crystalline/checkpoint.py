@@ -1,13 +1,19 @@
 """Checkpoint directories: weights, optimizer moments, training state and the
 tokenizer, written atomically and verified on load.
 
-A run directory holds `ckpt-00001234/` directories, one per saved step:
+A run directory holds `metrics.jsonl` (a line per training step) and
+`ckpt-00001234/` directories, one per saved step:
 
 - `model.safetensors`: the weights, under their GPT-2 tensor names
 - `optimizer.safetensors`: AdamW's moments, `m.<name>` and `v.<name>`
-- `state.json`: config, step, epoch, data position, tokenizer hash, and the
-  size and sha256 of every other file, so corruption is caught on load
+- `state.json`: a `State`: config, step, epoch, data position, tokenizer
+  hash, and the size and sha256 of every other file, so corruption is
+  caught on load
 - `tokenizer.json`: a copy of the tokenizer the model was trained with
+
+This module owns that schema: `State` is what state.json holds, and
+`restore_into` puts a checkpoint's tensors into a `_core.Model` or
+`_core.Trainer`, refusing one whose names or shapes differ.
 
 Each checkpoint is written into a temporary directory, fsynced, then renamed
 into place, so a crash or `kill -9` at any moment leaves every earlier
@@ -21,17 +27,20 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from crystalline import _core
 from crystalline.atomic import fsync_path
+from crystalline.config import ModelConfig, TrainConfig
 from crystalline.data.corpus import file_hash
 from crystalline.errors import UserError
 
+METRICS = "metrics.jsonl"
 PREFIX = "ckpt-"
 TMP_PREFIX = ".tmp-ckpt-"
 MODEL = "model.safetensors"
@@ -42,9 +51,47 @@ FORMAT_VERSION = 1
 
 
 @dataclass
+class State:
+    """What state.json records about a checkpoint."""
+
+    config: TrainConfig  # the run's settings
+    model: ModelConfig  # the network's shape
+    step: int  # optimizer steps of the run so far: the checkpoint's number
+    epoch: int  # the epoch the next step belongs to (0-based)
+    epoch_step: int  # steps of that epoch already taken
+    optimizer_step: int  # AdamW's step count t
+    dealt: int  # sequences dealt to the symmetry groups this epoch
+    tokenizer_hash: str  # sha256 of the tokenizer.json the model was trained with
+    train_loss: float | None = None  # the last step's loss
+    val_loss: float | None = None  # the last validation loss
+    files: dict[str, dict] = field(default_factory=dict)  # name -> {"bytes", "sha256"}, filled in by save
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: object, where: Path) -> State:
+        """The state in `data` (parsed from the file `where`), older field names included."""
+        if not isinstance(data, dict) or "files" not in data or "config" not in data:
+            raise UserError(f"checkpoint file {where} is not a Crystalline checkpoint state")
+        try:
+            model = ModelConfig(**data["model"])
+            model.validate()
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{where} has no valid model config ({err})") from None
+        try:
+            config = TrainConfig.from_dict(data["config"])
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known} | {"config": config, "model": model})
+        except (AttributeError, TypeError) as err:
+            raise UserError(f"checkpoint file {where} is not a Crystalline checkpoint state ({err})") from None
+
+
+@dataclass
 class Checkpoint:
     path: Path
-    state: dict
+    state: State
     params: dict[str, np.ndarray]
     m: dict[str, np.ndarray]
     v: dict[str, np.ndarray]
@@ -52,17 +99,16 @@ class Checkpoint:
 
 def save(
     run_dir: Path,
-    step: int,
     params: Mapping[str, np.ndarray],
     m: Mapping[str, np.ndarray],
     v: Mapping[str, np.ndarray],
-    state: dict,
+    state: State,
     tokenizer_path: Path,
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` into `run_dir` atomically; keep the newest `keep`."""
+    """Write checkpoint `state.step` into `run_dir` atomically; keep the newest `keep`."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / f"{PREFIX}{step:08d}"
+    final = run_dir / f"{PREFIX}{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=run_dir))
     try:
         save_file({k: np.ascontiguousarray(a) for k, a in params.items()}, str(tmp / MODEL))
@@ -74,9 +120,9 @@ def save(
         for name in (MODEL, OPTIMIZER, TOKENIZER):
             fsync_path(tmp / name)
             files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_hash(tmp / name)}
-        full_state = dict(state, format_version=FORMAT_VERSION, step=step, files=files)
+        full_state = replace(state, format_version=FORMAT_VERSION, files=files)
         with open(tmp / STATE, "w") as f:
-            json.dump(full_state, f, indent=2)
+            json.dump(full_state.to_json(), f, indent=2)
             f.flush()
             os.fsync(f.fileno())
         fsync_path(tmp)
@@ -109,6 +155,49 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+def find_runs(root: Path) -> list[Path]:
+    """Run directories (holding checkpoints) at or below `root`."""
+    if list_checkpoints(root):
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_dir() and list_checkpoints(p) and not p.name.startswith(PREFIX))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A checkpoint as `crystalline models` lists it."""
+
+    path: Path
+    state: State
+    parameters: int  # the model's parameter count
+    disk_bytes: int  # the size of its files
+    saved: float  # when state.json was written, in seconds since the epoch
+
+
+def summarize(ckpt: Path) -> Summary:
+    state = read_state(ckpt)
+    return Summary(path=ckpt, state=state, parameters=state.model.num_parameters(),
+                   disk_bytes=sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()),
+                   saved=(ckpt / STATE).stat().st_mtime)
+
+
+def describe(path: Path) -> str:
+    """What deleting `path` would delete, in words; UserError when it is
+    neither a checkpoint nor a run directory."""
+    if (path / STATE).is_file():
+        return f"checkpoint {path}"
+    if path.is_dir() and list_checkpoints(path):
+        return f"run {path} ({len(list_checkpoints(path))} checkpoint(s) and its metrics)"
+    raise UserError(f"{path} is neither a checkpoint nor a run directory; nothing deleted")
+
+
+def delete(path: Path) -> None:
+    """Delete a checkpoint (never leaving half of one) or a whole run directory."""
+    if (path / STATE).is_file():
+        discard(path)
+    else:
+        shutil.rmtree(path)
+
+
 def remove_temporaries(run_dir: Path) -> None:
     """Delete half-written checkpoints left by a crash."""
     if run_dir.is_dir():
@@ -130,17 +219,15 @@ def resolve(path: Path) -> Path:
     return found[-1]
 
 
-def read_state(ckpt: Path) -> dict:
+def read_state(ckpt: Path) -> State:
     state_path = ckpt / STATE
     try:
-        state = json.loads(state_path.read_text())
+        data = json.loads(state_path.read_text())
     except FileNotFoundError:
         raise UserError(f"checkpoint {ckpt} has no {STATE}") from None
     except (OSError, ValueError) as err:
         raise UserError(f"checkpoint file {state_path} is corrupt or truncated ({err})") from None
-    if not isinstance(state, dict) or "files" not in state or "config" not in state:
-        raise UserError(f"checkpoint file {state_path} is not a Crystalline checkpoint state")
-    return state
+    return State.from_json(data, state_path)
 
 
 def load(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
@@ -150,7 +237,7 @@ def load(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
     names = (MODEL, OPTIMIZER, TOKENIZER) if with_optimizer else (MODEL, TOKENIZER)
     for name in names:
         f = ckpt / name
-        want = state["files"].get(name, {})
+        want = state.files.get(name, {})
         if not f.is_file():
             raise UserError(f"checkpoint file {f} is missing")
         if f.stat().st_size != want.get("bytes") or file_hash(f) != want.get("sha256"):
@@ -163,3 +250,24 @@ def load(path: Path, *, with_optimizer: bool = True) -> Checkpoint:
     m = {k[2:]: a for k, a in moments.items() if k.startswith("m.")}
     v = {k[2:]: a for k, a in moments.items() if k.startswith("v.")}
     return Checkpoint(path=ckpt, state=state, params=params, m=m, v=v)
+
+
+def restore_into(ckpt: Checkpoint, target: _core.Model | _core.Trainer) -> None:
+    """Copy the checkpoint's weights into `target`'s parameter views, and for
+    a Trainer AdamW's moments and step count too; refuse a checkpoint whose
+    tensor names or shapes differ from the target's."""
+    stores = [(target.parameters(), ckpt.params)]
+    if isinstance(target, _core.Trainer):
+        m, v = target.optimizer_state()
+        stores += [(m, ckpt.m), (v, ckpt.v)]
+    for views, saved in stores:
+        extra = sorted(saved.keys() - views.keys())
+        if extra:
+            raise UserError(f"checkpoint {ckpt.path} does not match the model (it has tensor {extra[0]}, "
+                            "which the model does not)")
+        for name, view in views.items():
+            if name not in saved or saved[name].shape != view.shape:
+                raise UserError(f"checkpoint {ckpt.path} does not match the model (tensor {name})")
+            view[...] = saved[name]
+    if isinstance(target, _core.Trainer):
+        target.step_count = ckpt.state.optimizer_step

@@ -23,7 +23,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from crystalline import checkpoint
 from crystalline.atomic import new_directory
-from crystalline.config import ModelConfig
+from crystalline.config import ModelConfig, TrainConfig
 from crystalline.data.tokenizer import EOT, Tokenizer
 from crystalline.errors import UserError
 from crystalline.inference import load, write_run
@@ -100,7 +100,7 @@ def import_hf(src: Path | str, out_run: Path | str, data: list[str] | None = Non
             raise UserError(f"the tokenizer in {src} has {tokenizer.vocab_size} tokens, more than the model's "
                             f"vocab_size {cfg.vocab_size}")
         tokenizer.save(tok_path)
-        return write_run(Path(out_run), params, cfg, tok_path, {"data": list(data or [])})
+        return write_run(Path(out_run), params, cfg, tok_path, TrainConfig(data=list(data or [])))
 
 
 def _fresh_target(out_dir: Path) -> Path:

@@ -1,6 +1,7 @@
 """Using a trained model: `crystalline.load(path)` gives a `LoadedModel` that
-generates text with the Rust key/value cache, scores token ids and saves
-itself as a new run.
+generates text with the Rust key/value cache, scores token ids and held-out
+text (`evaluate`: loss, perplexity, bits per byte) and saves itself as a new
+run.
 
 Generation feeds each prompt through the cache one position at a time
 (sequences at the same position share one call), then runs one decode step
@@ -13,9 +14,10 @@ generation can go on past the block size (with a shorter memory).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,14 +25,15 @@ import numpy as np
 
 from crystalline import _core, checkpoint
 from crystalline.atomic import new_directory
-from crystalline.config import ModelConfig
-from crystalline.data.corpus import file_hash
+from crystalline.config import ModelConfig, TrainConfig, flagged
+from crystalline.data import corpus
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
-from crystalline.train import TrainConfig
 
 # Called with (sequence index, text that became stable since the last call).
 StreamCallback = Callable[[int, str], None]
+# Windows scored per call in `LoadedModel.evaluate`.
+EVAL_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -45,14 +48,53 @@ class Sampling:
     seed: int | None = None  # None: a fresh random seed
 
     def validate(self) -> None:
+        """Refuse settings that cannot draw a token, naming the flag (the
+        Rust sampler's own check, but for the count of new tokens)."""
         if self.max_tokens < 0:
             raise UserError(f"--max-tokens must not be negative, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise UserError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
-        if self.top_k < 0:
+        if self.top_k < 0:  # the core's unsigned count cannot even take it
             raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
+        try:
+            _core.validate_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        except ValueError as err:
+            raise flagged(err, ["temperature", "top_k", "top_p"]) from None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A model's score on held-out text."""
+
+    files: int  # documents read
+    tokens: int  # tokens predicted: all but the first
+    bytes: int  # UTF-8 bytes of the text
+    nats: float  # summed cross-entropy of those predictions
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy, nats per token."""
+        return self.nats / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Total loss in bits over the bytes of text: unlike the loss, it
+        compares models with different tokenizers."""
+        return self.nats / math.log(2) / max(self.bytes, 1)
+
+
+def windows(tokens: np.ndarray, t: int, batch: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    """[B <= batch, t+1] batches of the full non-overlapping windows of
+    `tokens`: window i is tokens[i*t : i*t + t+1], so each token after the
+    first is a target once. At most `limit` windows."""
+    n = (len(tokens) - 1) // t
+    if limit is not None:
+        n = min(n, limit)
+    for lo in range(0, n, batch):
+        starts = np.arange(lo, min(lo + batch, n), dtype=np.int64) * t
+        yield tokens[starts[:, None] + np.arange(t + 1)]
 
 
 class TextStream:
@@ -83,7 +125,7 @@ class TextStream:
 class LoadedModel:
     """A model, its tokenizer and where it came from."""
 
-    def __init__(self, model: _core.Model, tokenizer: Tokenizer, config: ModelConfig, state: dict,
+    def __init__(self, model: _core.Model, tokenizer: Tokenizer, config: ModelConfig, state: checkpoint.State,
                  path: Path) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -112,8 +154,39 @@ class LoadedModel:
             raise UserError("logits() takes a non-empty list of token ids, or a [batch, time] array")
         if arr.shape[-1] > self.block_size:
             raise UserError(f"{arr.shape[-1]} tokens are more than the model's block size {self.block_size}")
-        out = self.model.forward(np.ascontiguousarray(arr.reshape(-1, arr.shape[-1])))
+        out = self.model.forward(arr.reshape(-1, arr.shape[-1]))
         return out[0] if arr.ndim == 1 else out
+
+    def evaluate(self, paths: Iterable[Path | str], extensions: list[str] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> EvalResult:
+        """Score the text files under `paths`. Documents are joined with
+        end-of-text, as in training, and scored in non-overlapping windows of
+        the block size (the last one shorter), so every token but the first
+        is predicted once. `progress(windows_done, windows)` hears of each batch."""
+        files, _ = corpus.walk([Path(p) for p in paths], extensions)
+        ids: list[int] = []
+        n_bytes = 0
+        for f in files:
+            text = "".join(corpus.read_chunks(f.path, corpus.FileRead()))
+            ids.extend(self.tokenizer.encode(text))
+            ids.append(self.tokenizer.eot_id)
+            n_bytes += len(text.encode())
+        tokens = np.asarray(ids, dtype=np.int64)
+        if len(tokens) < 2:
+            raise UserError("the data holds too little text to score (at least one token is needed)")
+        t = self.block_size
+        full, total = (len(tokens) - 1) // t, -(-(len(tokens) - 1) // t)
+        batches = list(windows(tokens, t, EVAL_BATCH))
+        if full < total:  # the shorter last window
+            batches.append(tokens[full * t :][None, :])
+        nats, done = 0.0, 0
+        for batch in batches:
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            nats += self.model.loss(inputs, targets) * targets.size
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+        return EvalResult(files=len(files), tokens=len(tokens) - 1, bytes=n_bytes, nats=nats)
 
     # -- generation --------------------------------------------------------
 
@@ -217,7 +290,7 @@ class LoadedModel:
         checkpoint at step 0, fresh optimizer state) that `load` and
         `crystalline train --resume RUN_DIR` accept. Returns the checkpoint."""
         return write_run(Path(run_dir), self.parameters(), self.config, self.path / checkpoint.TOKENIZER,
-                         self.state.get("config", {}))
+                         self.state.config)
 
 
 def load(path: Path | str, threads: int | None = None) -> LoadedModel:
@@ -229,54 +302,34 @@ def load(path: Path | str, threads: int | None = None) -> LoadedModel:
     if not tok_path.is_file():
         raise UserError(f"checkpoint {ckpt} has no tokenizer: {tok_path} is missing (copy back the "
                         "tokenizer.json the model was trained with)")
-    if state.get("tokenizer_hash") != file_hash(tok_path):
+    if state.tokenizer_hash != corpus.file_hash(tok_path):
         raise UserError(f"tokenizer {tok_path} is not the one the model was trained with "
                         f"(its sha256 differs from tokenizer_hash in {ckpt / checkpoint.STATE})")
-    ck = checkpoint.load(ckpt, with_optimizer=False)
-    try:
-        cfg = ModelConfig(**state["model"])
-        cfg.validate()
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{ckpt / checkpoint.STATE} has no valid model config ({err})") from None
-    tokenizer = Tokenizer.load(tok_path)
-    model = _core.Model(cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.block_size)
-    for name, view in model.parameters().items():
-        src = ck.params.get(name)
-        if src is None or src.shape != view.shape:
-            raise UserError(f"checkpoint {ckpt} does not match its model config (tensor {name})")
-        view[...] = src
-    loaded = LoadedModel(model, tokenizer, cfg, state, ckpt)
+    model = _core.Model(**asdict(state.model))
+    checkpoint.restore_into(checkpoint.load(ckpt, with_optimizer=False), model)
+    loaded = LoadedModel(model, Tokenizer.load(tok_path), state.model, state, ckpt)
     if threads is not None:
         loaded.set_threads(threads)
     return loaded
 
 
 def write_run(run_dir: Path, params: dict[str, np.ndarray], cfg: ModelConfig, tokenizer_path: Path,
-              train_config: dict) -> Path:
+              train_config: TrainConfig | None = None) -> Path:
     """Create `run_dir` holding the tokenizer and one checkpoint at step 0
     with zero optimizer moments, so `crystalline train --resume RUN_DIR`
-    fine-tunes from these weights with this tokenizer. The directory is
-    built under a temporary name and renamed into place."""
+    fine-tunes from these weights with this tokenizer (and `train_config`'s
+    other settings). The directory is built under a temporary name and
+    renamed into place."""
     run_dir = run_dir.expanduser().absolute()
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UserError(f"{run_dir} already exists and is not an empty directory; choose a new --out")
     with new_directory(run_dir) as tmp:
         shutil.copyfile(tokenizer_path, tmp / checkpoint.TOKENIZER)
-        base = {k: v for k, v in train_config.items() if k in TrainConfig.__dataclass_fields__}
-        train_cfg = replace(TrainConfig(**base), vocab_size=cfg.vocab_size, embed_dim=cfg.n_embd,
-                            num_layers=cfg.n_layer, num_heads=cfg.n_head, seq_len=cfg.block_size,
+        train_cfg = replace(train_config or TrainConfig(), vocab_size=cfg.vocab_size, n_embd=cfg.n_embd,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, seq_len=cfg.block_size,
                             checkpoint_dir=str(run_dir), tokenizer=str(run_dir / checkpoint.TOKENIZER))
         zeros = {k: np.zeros_like(a) for k, a in params.items()}
-        state = {
-            "config": asdict(train_cfg),
-            "model": asdict(cfg),
-            "epoch": 0,
-            "epoch_step": 0,
-            "optimizer_step": 0,
-            "dealt": 0,
-            "tokenizer_hash": file_hash(tmp / checkpoint.TOKENIZER),
-            "train_loss": None,
-            "val_loss": None,
-        }
-        checkpoint.save(tmp, 0, params, zeros, zeros, state, tmp / checkpoint.TOKENIZER, keep=0)
+        state = checkpoint.State(config=train_cfg, model=cfg, step=0, epoch=0, epoch_step=0, optimizer_step=0,
+                                 dealt=0, tokenizer_hash=corpus.file_hash(tmp / checkpoint.TOKENIZER))
+        checkpoint.save(tmp, params, zeros, zeros, state, tmp / checkpoint.TOKENIZER, keep=0)
     return checkpoint.list_checkpoints(run_dir)[-1]

@@ -1,6 +1,7 @@
-"""Training: the run configuration, presets, and the `Trainer` that drives the
-Rust kissing-sphere trainer over a prepared dataset, with validation,
-metrics, checkpoints, resume and a sample at the end.
+"""Training: the `Trainer` that drives the Rust kissing-sphere trainer over a
+prepared dataset, with the learning-rate schedule, validation, metrics,
+checkpoints, resume and a sample at the end. Its settings are a
+`crystalline.config.TrainConfig`.
 
 `crystalline train` is a thin layer over `TrainConfig` and `Trainer.run()`;
 `crystalline.train(config)` runs one from Python.
@@ -13,153 +14,23 @@ import math
 import os
 import signal
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from crystalline import _core, checkpoint
-from crystalline.config import ModelConfig, available_cores
+from crystalline.config import WATCH_EPOCHS, TrainConfig, resume_config
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
+from crystalline.inference import load, windows
 
-GROUPS = _core.SYMMETRY_GROUPS
-
-# Named shapes and schedules. Flags and --config override any field.
-PRESETS: dict[str, dict] = {
-    # The default: about five minutes on a 2-core machine, built-in corpus.
-    "quick": dict(vocab_size=4096, embed_dim=128, num_layers=4, num_heads=4, batch_size=16, seq_len=128,
-                  learning_rate=3e-3, warmup_steps=100, max_steps=4000, eval_interval=500, epochs=1),
-    # The three shapes of benches/train_vs_torch.py.
-    "tiny": dict(vocab_size=4096, embed_dim=128, num_layers=4, num_heads=4, batch_size=16, seq_len=128),
-    "small": dict(vocab_size=8192, embed_dim=256, num_layers=4, num_heads=8, batch_size=16, seq_len=128),
-    "seed": dict(vocab_size=30000, embed_dim=384, num_layers=6, num_heads=12, batch_size=32, seq_len=128,
-                 learning_rate=1e-4),
-}
-
-
-# What may change when a run is resumed: how it is watched, saved and how
-# far it goes. Its shape, data and schedule stay as saved.
-RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
-                     "progress", "sample_tokens", "checkpoint_dir", "threads", "watch_interval"}
-# Epochs of a --watch run when none are asked for: in effect until Ctrl-C.
-WATCH_EPOCHS = 1_000_000_000
 # Seconds between looks at a --watch directory that holds too little data to train.
 WATCH_POLL_S = 2.0
-
-
-@dataclass
-class TrainConfig:
-    data: list[str] = field(default_factory=list)  # files/directories of text; empty = built-in corpus
-    preset: str | None = None  # quick, tiny, small, seed or auto (from the data size)
-    vocab_size: int = 4096  # tokenizer and model vocabulary (V)
-    embed_dim: int = 128  # residual width (C)
-    num_layers: int = 4  # transformer blocks (L)
-    num_heads: int = 4  # attention heads (NH); must divide embed_dim
-    batch_size: int = 16  # sequences per optimizer step (B)
-    seq_len: int = 128  # tokens per sequence (T); also the model's block size
-    learning_rate: float = 3e-4  # peak learning rate, after warmup
-    min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * this
-    warmup_steps: int = 100  # linear warmup from 0
-    weight_decay: float = 0.1  # AdamW decoupled decay on matrices
-    grad_clip: float = 1.0  # clip the gradient's global norm (0: off)
-    epochs: int = 1  # passes over the training split
-    max_steps: int | None = None  # stop after this many steps in all
-    threads: int = 12  # sphere threads: Node Zero + workers
-    seed: int = 0  # initialisation and data order
-    checkpoint_dir: str = ""  # the run directory (default: runs/<date-time>)
-    save_interval: int = 500  # steps between checkpoints (and one at the end)
-    keep: int = 3  # checkpoints kept
-    eval_interval: int = 200  # steps between validation losses
-    eval_batches: int = 8  # batches per validation
-    val_fraction: float = 0.05  # documents held out for validation
-    extensions: list[str] | None = None  # only files with these extensions
-    tokenizer: str | None = None  # use this tokenizer.json instead of training one
-    sample_tokens: int = 120  # tokens sampled after training (0: none)
-    watch: str | None = None  # keep training on this directory, picking up new and changed files
-    watch_interval: int | None = None  # steps between checks of --watch (default: each epoch boundary)
-    verbose: bool = False  # a line per sphere per step
-    progress: bool = True  # the rich progress bar
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(self.vocab_size, self.embed_dim, self.num_layers, self.num_heads, self.seq_len)
-
-
-def field_names() -> set[str]:
-    return {f.name for f in fields(TrainConfig)}
-
-
-def load_toml(path: Path) -> dict:
-    """Read a --config TOML file of TrainConfig fields (dashes or underscores)."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"config file {path} is not valid TOML ({err})") from None
-    values = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - field_names())
-    if unknown:
-        raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return values
-
-
-def build_config(overrides: dict, config_file: Path | None = None, preset: str | None = None) -> TrainConfig:
-    """Defaults <- preset <- TOML file <- explicit overrides (flags)."""
-    from_file = load_toml(config_file) if config_file else {}
-    preset = overrides.get("preset") or from_file.get("preset") or preset
-    values: dict = {}
-    if preset and preset != "auto":
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join([*PRESETS, 'auto'])}")
-        values.update(PRESETS[preset])
-    values.update(from_file)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    values.update(given)
-    explicit = set(given) | set(from_file)
-    if ("epochs" in explicit or "watch" in explicit) and "max_steps" not in explicit:
-        values.pop("max_steps", None)  # asking for epochs (or to watch) means all of them, not the preset's cap
-    if "watch" in explicit and "epochs" not in explicit:
-        values["epochs"] = WATCH_EPOCHS  # watching goes on until Ctrl-C
-    values["preset"] = preset
-    try:
-        return TrainConfig(**values)
-    except TypeError as err:
-        raise UserError(f"bad setting: {err}") from None
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Refuse settings that cannot train, with what to change."""
-    positive = ["vocab_size", "embed_dim", "num_layers", "num_heads", "batch_size", "seq_len", "epochs",
-                "threads", "save_interval", "eval_interval", "eval_batches"]
-    for name in positive:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if cfg.embed_dim % cfg.num_heads:
-        raise UserError(
-            f"--embed-dim {cfg.embed_dim} is not divisible by --num-heads {cfg.num_heads}; "
-            f"pick a head count that divides it"
-        )
-    if cfg.watch_interval is not None and (cfg.watch is None or cfg.watch_interval < 1):
-        raise UserError("--watch-interval needs --watch DIR and a positive number of steps")
-    if cfg.watch is not None and not Path(cfg.watch).is_dir():
-        raise UserError(f"--watch {cfg.watch} is not a directory")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UserError(f"--max-steps must be at least 1, got {cfg.max_steps}")
-    if not (0 < cfg.learning_rate < 10) or not math.isfinite(cfg.learning_rate):
-        raise UserError(f"--learning-rate must be in (0, 10), got {cfg.learning_rate}")
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    for name in ("weight_decay", "grad_clip", "warmup_steps", "keep", "sample_tokens"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        raise UserError(f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -205,6 +76,32 @@ class Run:
         return self.losses[-1] if self.losses else float("nan")
 
 
+@dataclass
+class EpochTally:
+    """Node Zero's figures for the epoch so far."""
+
+    spheres: list[dict]  # per sphere: micro_batches, busy_s, tokens, loss_sum
+    losses: list[float] = field(default_factory=list)  # each step's loss
+    wall: float = 0.0  # seconds of compute
+
+    @classmethod
+    def start(cls, threads: int) -> EpochTally:
+        return cls([dict(micro_batches=0, busy_s=0.0, tokens=0, loss_sum=0.0) for _ in range(threads)])
+
+    def add(self, report: dict) -> None:
+        """Count one step's report from the core."""
+        self.wall += report["compute_s"]
+        self.losses.append(report["loss"])
+        for total, sphere in zip(self.spheres, report["spheres"]):
+            for key in total:
+                total[key] += sphere[key]
+
+
+def sphere_loss(sphere: dict) -> float:
+    """Mean loss of the tokens a sphere (or its tally) scored."""
+    return sphere["loss_sum"] / sphere["tokens"] if sphere["tokens"] else float("nan")
+
+
 class Trainer:
     """Prepares data, builds the Rust trainer and runs the training loop."""
 
@@ -218,6 +115,11 @@ class Trainer:
         self._stop = False  # set by Ctrl-C: save and stop after this step
         self._waiting = False  # a --watch run has said it waits for data
         self._order_cache: tuple[int, int, np.ndarray] | None = None  # (epoch, sequences, permutation)
+        self.losses: list[float] = []  # each step's loss, this session
+        self.val_losses: list[tuple[int, float]] = []  # (step, validation loss), this session
+        self.val: float | None = None  # the latest validation loss
+        self.last_checkpoint: Path | None = None
+        self._tally = EpochTally.start(config.threads)
 
     # -- setup -------------------------------------------------------------
 
@@ -227,27 +129,42 @@ class Trainer:
         checkpoint, with its saved settings; `overrides` may change only how
         the run is watched, saved and how far it goes."""
         ckpt = checkpoint.resolve(Path(run_dir))
-        saved = checkpoint.read_state(ckpt)["config"]
-        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-        fixed = sorted(k for k, v in overrides.items() if k not in RESUME_ADJUSTABLE and v != saved.get(k))
-        if fixed:
-            names = ", ".join("--" + k.replace("_", "-") for k in fixed)
-            raise UserError(f"a resumed run keeps its settings; {names} cannot change (start a new run instead)")
-        merged = {**saved, **overrides, "checkpoint_dir": str(run_dir)}
-        trainer = cls(TrainConfig(**{k: v for k, v in merged.items() if k in field_names()}), console)
+        saved = checkpoint.read_state(ckpt).config
+        trainer = cls(resume_config(saved, overrides or {}, run_dir), console)
         trainer.resume_from = ckpt
         return trainer
 
     def setup(self) -> None:
-        resume = self.resume_from is not None
-        validate(self.cfg)
+        """Check the settings and the run directory, prepare the data, pick
+        the shape for --preset auto, build the Rust trainer (restoring a
+        resumed run) and report the plan."""
+        self.cfg.validate()
+        self._check_run_dir()
+        self._find_data()
+        auto = self.cfg.preset == "auto" and self.resume_from is None  # a resumed run keeps the shape it chose
+        data_bytes = corpus.total_bytes(self.paths, self.extensions) if auto else 0
+        if auto:  # the tokenizer needs its vocabulary first: the design table's for the data size
+            self.cfg = replace(self.cfg, vocab_size=sizing.vocab_for(data_bytes))
+        while self.cfg.watch and not self._has_text():
+            self._wait(f"no text files in {self.cfg.watch} yet")
+        self._load_data(progress=self.cfg.progress)
+        if auto:
+            rec = sizing.recommend(len(self.train_tokens), data_bytes)
+            self.cfg = replace(self.cfg, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head)
+        self._check_data()
+        self._build_trainer()
+        self._report_plan()
+
+    def _check_run_dir(self) -> None:
         check_writable(self.run_dir)
-        if not resume and checkpoint.list_checkpoints(self.run_dir):
+        if self.resume_from is None and checkpoint.list_checkpoints(self.run_dir):
             raise UserError(
                 f"--checkpoint-dir {self.run_dir} already holds a run; add --resume to continue it "
                 "or choose another --checkpoint-dir"
             )
-        # Absolute data paths, so a resumed run finds its data from any directory.
+
+    def _find_data(self) -> None:
+        """The paths to train on, absolute so a resumed run finds them from any directory."""
         cfg = self.cfg = replace(self.cfg, data=[str(Path(p).expanduser().resolve()) for p in self.cfg.data],
                                  watch=str(Path(self.cfg.watch).resolve()) if self.cfg.watch else None)
         paths = [Path(p) for p in cfg.data] + ([Path(cfg.watch)] if cfg.watch else [])
@@ -258,29 +175,20 @@ class Trainer:
                                f"the {len(paths):,} .py files of the standard library in {where}")
         self.paths = paths
         self.extensions = cfg.extensions or ([".py"] if not cfg.data and not cfg.watch else None)
-        auto = cfg.preset == "auto" and not resume  # a resumed run keeps the shape it chose
-        if auto:
-            # The vocabulary must be known before the tokenizer is trained:
-            # take it from the design table's row for the data size.
-            files, _ = corpus.walk(paths, self.extensions)
-            data_bytes = sum(f.size for f in files)
-            cfg = self.cfg = replace(cfg, vocab_size=sizing.table_row(data_bytes).config.vocab_size)
-        while cfg.watch and not self._has_text():
-            self._wait(f"no text files in {cfg.watch} yet")
-        self._load_data(progress=cfg.progress)
-        if auto:
-            rec = sizing.recommend(len(self.train_tokens), data_bytes)
-            cfg = self.cfg = replace(cfg, embed_dim=rec.n_embd, num_layers=rec.n_layer, num_heads=rec.n_head)
-        ds = self.dataset
+
+    def _check_data(self) -> None:
+        """Refuse a tokenizer larger than the vocabulary, or another than a
+        resumed run's; refuse (or, watching, wait for) data too small for one
+        step; warn about too few tokens per parameter."""
+        cfg, ds = self.cfg, self.dataset
         if ds.vocab_size > cfg.vocab_size:
             raise UserError(
                 f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {ds.vocab_size} tokens; "
                 f"use --vocab-size {ds.vocab_size} or another tokenizer"
             )
-        mc = cfg.model_config()
         while True:
             try:
-                warnings = sizing.check_data(mc, len(self.train_tokens), cfg.batch_size, cfg.seq_len)
+                warnings = sizing.check_data(cfg.model_config(), len(self.train_tokens), cfg.batch_size, cfg.seq_len)
                 break
             except UserError as err:
                 if not cfg.watch:
@@ -288,21 +196,22 @@ class Trainer:
                 self._wait_for_data(err)
         for warning in warnings:
             self.console.print(f"[yellow]warning:[/] {warning}")
-        if resume:
-            state = checkpoint.read_state(self.resume_from)
-            if state.get("tokenizer_hash") != ds.tokenizer_hash:
-                raise UserError(
-                    f"the tokenizer of {self.resume_from} differs from the one the data was prepared with; "
-                    "resume with the same data and tokenizer"
-                )
-        self.trainer = _core.Trainer(
-            mc.vocab_size, mc.n_embd, mc.n_layer, mc.n_head, mc.block_size,
-            threads=cfg.threads, seed=cfg.seed, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
-        )
+        if self.resume_from and checkpoint.read_state(self.resume_from).tokenizer_hash != self.dataset.tokenizer_hash:
+            raise UserError(
+                f"the tokenizer of {self.resume_from} differs from the one the data was prepared with; "
+                "resume with the same data and tokenizer"
+            )
+
+    def _build_trainer(self) -> None:
+        cfg = self.cfg
+        self.trainer = _core.Trainer(**asdict(cfg.model_config()), threads=cfg.threads, seed=cfg.seed,
+                                     weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         self.step, self.epoch, self.pos = 0, 0, 0
         if self.resume_from is not None:
             self._restore(self.resume_from)
-        c = self.console
+
+    def _report_plan(self) -> None:
+        cfg, mc, c = self.cfg, self.cfg.model_config(), self.console
         c.print(
             f"[Node Zero] model: {mc.num_parameters():,} parameters (V={mc.vocab_size}, C={mc.n_embd}, "
             f"L={mc.n_layer}, NH={mc.n_head}, T={mc.block_size})"
@@ -379,17 +288,10 @@ class Trainer:
 
     def _restore(self, ckpt_path: Path) -> None:
         ck = checkpoint.load(ckpt_path)
-        params = self.trainer.parameters()
-        m, v = self.trainer.optimizer_state()
-        for name, view in params.items():
-            for store, src in ((view, ck.params), (m[name], ck.m), (v[name], ck.v)):
-                if name not in src or src[name].shape != store.shape:
-                    raise UserError(f"checkpoint {ck.path} does not match the model (tensor {name})")
-                store[...] = src[name]
+        checkpoint.restore_into(ck, self.trainer)
         st = ck.state
-        self.trainer.step_count = st["optimizer_step"]
-        self.step, self.epoch, self.pos = st["step"], st["epoch"], st["epoch_step"]
-        self.trainer.dealt = st["dealt"]
+        self.step, self.epoch, self.pos = st.step, st.epoch, st.epoch_step
+        self.trainer.dealt = st.dealt
         self.console.print(f"[Node Zero] resumed from {ck.path} at step {self.step}")
 
     # -- data --------------------------------------------------------------
@@ -411,16 +313,13 @@ class Trainer:
         return self._order_cache[2]
 
     def val_loss(self) -> float | None:
-        cfg, toks = self.cfg, self.val_tokens
-        n = (len(toks) - 1) // cfg.seq_len
-        if n < 1:
-            return None
-        n = min(n, cfg.eval_batches * cfg.batch_size)
-        losses = []
-        for lo in range(0, n, cfg.batch_size):
-            starts = np.arange(lo, min(lo + cfg.batch_size, n), dtype=np.int64) * cfg.seq_len
-            losses.append((self.trainer.eval(toks[starts[:, None] + np.arange(cfg.seq_len + 1)]), len(starts)))
-        return sum(l * k for l, k in losses) / sum(k for _, k in losses)
+        """Mean loss over the first eval_batches batches of validation windows."""
+        cfg = self.cfg
+        weighted, n = 0.0, 0
+        for batch in windows(self.val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches * cfg.batch_size):
+            weighted += self.trainer.eval(batch) * len(batch)
+            n += len(batch)
+        return weighted / n if n else None
 
     # -- reports -----------------------------------------------------------
 
@@ -434,144 +333,154 @@ class Trainer:
             steps = min(steps, self.total_steps - self.step)
         n = steps * cfg.batch_size
         self.console.print(f"[Node Zero] Distribution by symmetry group (epoch {self._epoch_name(epoch)}):")
-        for g in range(GROUPS):
-            share = n // GROUPS + (1 if g < n % GROUPS else 0)
+        groups = _core.SYMMETRY_GROUPS
+        for g in range(groups):
+            share = n // groups + (1 if g < n % groups else 0)
             self.console.print(f"  Group {g:2d}: {share} batches ({100 * share / max(n, 1):.1f}%)")
 
-    def _epoch_end(self, epoch: int, sphere_totals: list[dict], wall: float, losses: list[float]) -> None:
-        for i, s in enumerate(sphere_totals):
+    def _epoch_end(self, epoch: int) -> None:
+        """Each worker sphere's share of the epoch, and its mean loss; then a fresh tally."""
+        tally = self._tally
+        for i, s in enumerate(tally.spheres):
             if i == 0 and self.cfg.threads > 1:
                 continue
-            busy = 100 * s["busy_s"] / wall if wall > 0 else 0.0
-            loss = s["loss_sum"] / s["tokens"] if s["tokens"] else float("nan")
-            self.console.print(f"[Sphere {i}] {s['micro_batches']} batches, busy {busy:.0f}%, loss={loss:.4f}")
-        avg = sum(losses) / len(losses) if losses else float("nan")
+            busy = 100 * s["busy_s"] / tally.wall if tally.wall > 0 else 0.0
+            self.console.print(f"[Sphere {i}] {s['micro_batches']} batches, busy {busy:.0f}%, "
+                               f"loss={sphere_loss(s):.4f}")
+        avg = sum(tally.losses) / len(tally.losses) if tally.losses else float("nan")
         self.console.print(f"Epoch {self._epoch_name(epoch)} complete, average loss: {avg:.4f}")
+        self._tally = EpochTally.start(self.cfg.threads)
 
     def _epoch_name(self, epoch: int) -> str:
         return f"{epoch + 1}" if self.cfg.epochs == WATCH_EPOCHS else f"{epoch + 1}/{self.cfg.epochs}"
 
     # -- the loop ----------------------------------------------------------
 
-    def _state(self, losses: list[float], val: float | None) -> dict:
-        return {
-            "config": asdict(self.cfg),
-            "model": asdict(self.cfg.model_config()),
-            "epoch": self.epoch,
-            "epoch_step": self.pos,
-            "optimizer_step": self.trainer.step_count,
-            "dealt": self.trainer.dealt,
-            "tokenizer_hash": self.dataset.tokenizer_hash,
-            "train_loss": losses[-1] if losses else None,
-            "val_loss": val,
-        }
-
-    def save(self, losses: list[float], val: float | None) -> Path:
-        m, v = self.trainer.optimizer_state()
-        return checkpoint.save(
-            self.run_dir, self.step, self.trainer.parameters(), m, v,
-            self._state(losses, val), self.dataset.tokenizer_path, self.cfg.keep,
+    def _state(self) -> checkpoint.State:
+        return checkpoint.State(
+            config=self.cfg,
+            model=self.cfg.model_config(),
+            step=self.step,
+            epoch=self.epoch,
+            epoch_step=self.pos,
+            optimizer_step=self.trainer.step_count,
+            dealt=self.trainer.dealt,
+            tokenizer_hash=self.dataset.tokenizer_hash,
+            train_loss=self.losses[-1] if self.losses else None,
+            val_loss=self.val,
         )
+
+    def save(self) -> Path:
+        m, v = self.trainer.optimizer_state()
+        return checkpoint.save(self.run_dir, self.trainer.parameters(), m, v, self._state(),
+                               self.dataset.tokenizer_path, self.cfg.keep)
 
     def run(self) -> Run:
+        """Set up, train until the plan is done or Ctrl-C (saving every
+        --save-interval steps and at the end), then sample the model."""
         self.setup()
-        cfg, c = self.cfg, self.console
+        self.last_checkpoint = self.resume_from
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_temporaries(self.run_dir)
-        metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        losses: list[float] = []
-        vals: list[tuple[int, float]] = []
-        last_ckpt: Path | None = self.resume_from
-        val: float | None = None
         previous = signal.signal(signal.SIGINT, self._on_sigint)
-        progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
-            console=c, disable=not cfg.progress, transient=False,
-        )
-        totals = self._fresh_totals()
-        epoch_losses: list[float] = []
-        epoch_wall = 0.0
         try:
-            with progress:
-                task = progress.add_task("train", total=self.total_steps, completed=self.step,
-                                         epoch=self.epoch + 1, loss="-", tps="-")
-                if self.pos == 0 and not self._finished():
-                    self._epoch_start(self.epoch)
-                while not self._finished() and not self._stop:
-                    if self.pos == 0:
-                        self.trainer.dealt = 0
-                    lr = lr_at(self.step, cfg, self.total_steps)
-                    batch = self.batch(self.epoch, self.pos)
-                    t0 = time.perf_counter()
-                    try:
-                        r = self.trainer.step(batch, lr)
-                    except FloatingPointError as err:
-                        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                        raise UserError(
-                            f"training diverged at step {self.step + 1}: {err}{where}. "
-                            "Lower --learning-rate or raise --warmup-steps", exit_code=3
-                        ) from None
-                    dt = time.perf_counter() - t0
-                    epoch_wall += r["compute_s"]
-                    self.step += 1
-                    self.pos += 1
-                    losses.append(r["loss"])
-                    epoch_losses.append(r["loss"])
-                    for i, s in enumerate(r["spheres"]):
-                        t = totals[i]
-                        t["micro_batches"] += s["micro_batches"]
-                        t["busy_s"] += s["busy_s"]
-                        t["tokens"] += s["tokens"]
-                        t["loss_sum"] += s["loss_sum"]
-                    tps = cfg.batch_size * cfg.seq_len / dt
-                    record = {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr,
-                              "grad_norm": r["grad_norm"], "tokens_per_s": tps,
-                              "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
-                    if cfg.verbose:
-                        for i, s in enumerate(r["spheres"]):
-                            if s["micro_batches"]:
-                                c.print(f"[Sphere {i}] Forward pass complete, loss={s['loss_sum'] / s['tokens']:.4f}")
-                    last = self.total_steps is not None and self.step >= self.total_steps
-                    if self.step % cfg.eval_interval == 0 or last:
-                        val = self.val_loss()
-                        if val is not None:
-                            vals.append((self.step, val))
-                            record["val_loss"] = val
-                            c.print(f"[Node Zero] step {self.step}: train loss {r['loss']:.4f}, val loss {val:.4f}")
-                    metrics.write(json.dumps(record) + "\n")
-                    progress.update(task, advance=1, epoch=self.epoch + 1, loss=f"{r['loss']:.4f}",
-                                    tps=f"{tps:,.0f}")
-                    # A watched directory that grew ends the epoch early: the next
-                    # one runs over the larger dataset.
-                    grew = (cfg.watch is not None and cfg.watch_interval is not None
-                            and self.step % cfg.watch_interval == 0 and self._refresh_watched())
-                    if self.pos >= self.steps_per_epoch or last or grew:
-                        self._epoch_end(self.epoch, totals, epoch_wall, epoch_losses)
-                        totals, epoch_losses, epoch_wall = self._fresh_totals(), [], 0.0
-                        if not last:
-                            self.epoch, self.pos = self.epoch + 1, 0
-                            if cfg.watch is not None and not grew:
-                                self._refresh_watched()
-                            progress.update(task, total=self.total_steps)
-                            if not self._finished():
-                                self._epoch_start(self.epoch)
-                    if self.step % cfg.save_interval == 0 or self._finished() or self._stop:
-                        last_ckpt = self.save(losses, val)
+            with open(self.run_dir / checkpoint.METRICS, "a", buffering=1) as metrics, self._progress_bar() as bar:
+                self._train(metrics, bar)
         finally:
             signal.signal(signal.SIGINT, previous)
-            metrics.close()
+        return self._finish()
+
+    def _progress_bar(self) -> Progress:
+        return Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+            console=self.console, disable=not self.cfg.progress, transient=False,
+        )
+
+    def _train(self, metrics: TextIO, bar: Progress) -> None:
+        """Step until the plan is done or Ctrl-C: each step's record, then the
+        end of the epoch and a checkpoint when they are due."""
+        task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
+                            loss="-", tps="-")
+        if self.pos == 0 and not self._finished():
+            self._epoch_start(self.epoch)
+        while not self._finished() and not self._stop:
+            record = self._step()
+            last = self.total_steps is not None and self.step >= self.total_steps
+            if self.step % self.cfg.eval_interval == 0 or last:
+                self._validate(record)
+            metrics.write(json.dumps(record) + "\n")
+            bar.update(task, advance=1, epoch=self.epoch + 1, loss=f"{record['loss']:.4f}",
+                       tps=f"{record['tokens_per_s']:,.0f}")
+            if self._end_epoch_if_due(last):
+                bar.update(task, total=self.total_steps)
+            if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
+                self.last_checkpoint = self.save()
+
+    def _step(self) -> dict:
+        """One optimizer step on the next batch; returns its metrics record."""
+        cfg = self.cfg
+        if self.pos == 0:
+            self.trainer.dealt = 0
+        lr = lr_at(self.step, cfg, self.total_steps)
+        batch = self.batch(self.epoch, self.pos)
+        t0 = time.perf_counter()
+        try:
+            r = self.trainer.step(batch, lr)
+        except FloatingPointError as err:
+            where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+            raise UserError(
+                f"training diverged at step {self.step + 1}: {err}{where}. "
+                "Lower --learning-rate or raise --warmup-steps", exit_code=3
+            ) from None
+        tps = cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
+        self.step += 1
+        self.pos += 1
+        self.losses.append(r["loss"])
+        self._tally.add(r)
+        if cfg.verbose:
+            for i, s in enumerate(r["spheres"]):
+                if s["micro_batches"]:
+                    self.console.print(f"[Sphere {i}] Forward pass complete, loss={sphere_loss(s):.4f}")
+        return {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"],
+                "tokens_per_s": tps, "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
+
+    def _validate(self, record: dict) -> None:
+        self.val = self.val_loss()
+        if self.val is not None:
+            self.val_losses.append((self.step, self.val))
+            record["val_loss"] = self.val
+            self.console.print(f"[Node Zero] step {self.step}: train loss {record['loss']:.4f}, "
+                               f"val loss {self.val:.4f}")
+
+    def _end_epoch_if_due(self, last: bool) -> bool:
+        """End the epoch when its steps are done, the run is, or a watched
+        directory grew (the next epoch then runs over the larger dataset);
+        True when a new epoch begins."""
+        cfg = self.cfg
+        grew = (cfg.watch is not None and cfg.watch_interval is not None
+                and self.step % cfg.watch_interval == 0 and self._refresh_watched())
+        if not (self.pos >= self.steps_per_epoch or last or grew):
+            return False
+        self._epoch_end(self.epoch)
+        if last:
+            return False
+        self.epoch, self.pos = self.epoch + 1, 0
+        if cfg.watch is not None and not grew:
+            self._refresh_watched()
+        if not self._finished():
+            self._epoch_start(self.epoch)
+        return True
+
+    def _finish(self) -> Run:
         interrupted = self._stop and not self._finished()
         if interrupted:
-            c.print(f"[Node Zero] interrupted: saved {last_ckpt}; continue with "
-                    f"`crystalline train --resume --checkpoint-dir {self.run_dir}`")
+            self.console.print(f"[Node Zero] interrupted: saved {self.last_checkpoint}; continue with "
+                               f"`crystalline train --resume --checkpoint-dir {self.run_dir}`")
         sample = None
-        if not interrupted and cfg.sample_tokens > 0 and last_ckpt is not None:
-            sample = self.sample(last_ckpt, cfg.sample_tokens)
-        return Run(self.run_dir, self.step, losses, vals, last_ckpt, interrupted, sample)
-
-    def _fresh_totals(self) -> list[dict]:
-        return [dict(micro_batches=0, busy_s=0.0, tokens=0, loss_sum=0.0) for _ in range(self.cfg.threads)]
+        if not interrupted and self.cfg.sample_tokens > 0 and self.last_checkpoint is not None:
+            sample = self.sample(self.last_checkpoint, self.cfg.sample_tokens)
+        return Run(self.run_dir, self.step, self.losses, self.val_losses, self.last_checkpoint, interrupted, sample)
 
     def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self._stop:  # a second Ctrl-C: stop now
@@ -580,9 +489,7 @@ class Trainer:
 
     def sample(self, checkpoint_path: Path, n_tokens: int, prompt: str = "import os\nimport sys\n\n\ndef ") -> str:
         """A short text from the trained model, with the KV-cache generator."""
-        from crystalline.inference import load
-
-        model = load(checkpoint_path, threads=min(self.cfg.threads, available_cores()))
+        model = load(checkpoint_path, threads=min(self.cfg.threads, _core.available_cores()))
         return prompt + model.generate(prompt, max_tokens=n_tokens, temperature=0.8, top_k=40, seed=self.cfg.seed)
 
 

@@ -7,23 +7,21 @@ bad input raises UserError, which the CLI turns into one message and exit 2.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
+from crystalline.config import canonical
 from crystalline.data import corpus
 from crystalline.data import prepare as prep
 from crystalline.data import sizing
+from crystalline.data.stats import TokenStats, size_run, token_stats
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
-
-GROUPS = 12  # the symmetry groups of `tokenize --stats`: token_id % 12
 
 
 def prepare(
@@ -47,7 +45,7 @@ def prepare(
     """Tokenize text into a memory-mappable dataset; re-runs encode only new or changed files."""
     start = time.perf_counter()
     if vocab_size is None and tokenizer is None:
-        vocab_size = _default_vocab_size(data, out, ext)
+        vocab_size = prep.default_vocab_size(data, out, ext)
     ds = prep.prepare(
         data,
         out,
@@ -67,16 +65,6 @@ def prepare(
     typer.echo(f"tokenizer    {tok_state}, vocab {ds.vocab_size:,} ({ds.tokenizer_path})")
     typer.echo(f"tokens       {ds.train_count:,} train, {ds.val_count:,} validation ({ds.dtype})")
     typer.echo(f"time         {time.perf_counter() - start:.2f} s")
-
-
-def _default_vocab_size(data: list[Path], out: Path, ext: list[str] | None) -> int:
-    """The vocab size of the tokenizer already in `out`, else the design
-    table's vocab for the amount of text."""
-    manifest = prep.read_manifest(Path(out).expanduser())
-    if manifest is not None:
-        return manifest["requested_vocab_size"]
-    files, _ = corpus.walk(data, ext, exclude=out)
-    return sizing.table_row(sum(f.size for f in files)).config.vocab_size
 
 
 def tokenize(
@@ -107,7 +95,7 @@ def tokenize(
 
     pieces = [text] if text is not None else corpus.read_chunks(file, corpus.FileRead())
     if stats:
-        _print_stats(tok, pieces, json_out, top)
+        _print_stats(token_stats(tok, pieces, top), json_out)
         return
     first = True
     if json_out:
@@ -136,35 +124,19 @@ def _parse_ids(raw: str) -> list[int]:
     return ids
 
 
-def _print_stats(tok: Tokenizer, pieces, json_out: bool, top: int) -> None:
-    counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    nbytes = 0
-    for piece in pieces:
-        nbytes += len(piece.encode("utf-8"))
-        counts += np.bincount(np.asarray(tok.encode(piece), dtype=np.int64), minlength=tok.vocab_size)
-    total = int(counts.sum())
-    order = np.argsort(-counts, kind="stable")[:top]
-    frequent = [(int(i), tok.decode([int(i)]), int(counts[i])) for i in order if counts[i]]
-    groups = [int(counts[g::GROUPS].sum()) for g in range(GROUPS)]
+def _print_stats(st: TokenStats, json_out: bool) -> None:
     if json_out:
-        out = {
-            "tokens": total,
-            "bytes": nbytes,
-            "bytes_per_token": nbytes / total if total else None,
-            "top": [{"id": i, "text": s, "count": c} for i, s, c in frequent],
-            "groups": groups,
-        }
-        typer.echo(json.dumps(out, indent=1))
+        typer.echo(json.dumps(st.to_json(), indent=1))
         return
-    typer.echo(f"tokens          {total:,}")
-    typer.echo(f"bytes           {nbytes:,}")
-    typer.echo(f"bytes/token     {nbytes / total:.3f}" if total else "bytes/token     -")
+    typer.echo(f"tokens          {st.tokens:,}")
+    typer.echo(f"bytes           {st.bytes:,}")
+    typer.echo(f"bytes/token     {st.bytes_per_token:.3f}" if st.tokens else "bytes/token     -")
     typer.echo("most frequent:")
-    for i, s, c in frequent:
+    for i, s, c in st.top:
         typer.echo(f"  {i:>7}  {c:>10,}  {s!r}")
-    typer.echo(f"symmetry groups (token_id % {GROUPS}):")
-    for g, c in enumerate(groups):
-        share = c / total if total else 0.0
+    typer.echo(f"symmetry groups (token_id % {len(st.groups)}):")
+    for g, c in enumerate(st.groups):
+        share = c / st.tokens if st.tokens else 0.0
         typer.echo(f"  {g:>2}  {c:>10,}  {share:6.1%}  {'#' * round(share * 120)}")  # 10 marks = uniform
 
 
@@ -187,69 +159,26 @@ def size(
 
     With no shape flags and no --config it sizes the recommended model; with
     them it sizes what `crystalline train` would build from the same flags."""
-    from crystalline.train import build_config, validate  # the train command's own settings logic
-
-    ds, data_bytes = _dataset_for_size(data, vocab_size, ext, progress)
-    num_tokens = ds.train_count
-    rec = sizing.recommend(num_tokens, data_bytes)
-    flags = dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
-                 batch_size=batch_size, seq_len=seq_len, threads=threads)
-    flags = {k: v for k, v in flags.items() if v is not None}
-    if config is None and not flags.keys() & {"embed_dim", "num_layers", "num_heads", "seq_len"}:
-        flags = dict(vocab_size=ds.vocab_size, embed_dim=rec.n_embd, num_layers=rec.n_layer, num_heads=rec.n_head,
-                     seq_len=rec.block_size, **{k: v for k, v in flags.items() if k in ("batch_size", "threads")})
-    flags.setdefault("vocab_size", ds.vocab_size)
-    train_cfg = build_config(flags, config, preset="quick")
-    validate(train_cfg)
-    cfg = train_cfg.model_config()
-    if cfg.vocab_size < ds.vocab_size:
-        raise UserError(
-            f"vocab size {cfg.vocab_size} is smaller than the tokenizer's {ds.vocab_size}; "
-            f"use --vocab-size {ds.vocab_size}"
-        )
-    batch, seq = train_cfg.batch_size, train_cfg.seq_len
-
-    params = cfg.num_parameters()
-    memory = cfg.training_memory_bytes(batch, seq, train_cfg.threads)
-    typer.echo(f"data           {data_bytes / 1e6:.1f} MB, {ds.train_count:,} train / {ds.val_count:,} validation tokens")
+    settings = canonical(dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
+                              batch_size=batch_size, seq_len=seq_len, threads=threads))
+    r = size_run(data, settings, config, ext, progress)
+    cfg, model, rec, row = r.config, r.model, r.recommended, r.table_row
+    typer.echo(f"data           {r.data_bytes / 1e6:.1f} MB, {r.train_tokens:,} train / {r.val_tokens:,} validation tokens")
     typer.echo(
-        f"config         vocab {cfg.vocab_size:,}, embed {cfg.n_embd}, layers {cfg.n_layer}, "
-        f"heads {cfg.n_head}, block {cfg.block_size}"
+        f"config         vocab {model.vocab_size:,}, embed {model.n_embd}, layers {model.n_layer}, "
+        f"heads {model.n_head}, block {model.block_size}"
     )
-    typer.echo(f"parameters     {params:,}")
-    typer.echo(f"memory         {memory / 2**30:.2f} GiB to train at batch {batch} x seq {seq}")
-    typer.echo(f"tokens/param   {num_tokens / params:.2f} (advice: at least {sizing.MIN_TOKENS_PER_PARAM:g})")
-    row = sizing.table_row(data_bytes)
+    typer.echo(f"parameters     {r.parameters:,}")
+    typer.echo(f"memory         {r.memory_bytes / 2**30:.2f} GiB to train at batch {cfg.batch_size} x seq {cfg.seq_len}")
+    typer.echo(f"tokens/param   {r.train_tokens / r.parameters:.2f} (advice: at least {sizing.MIN_TOKENS_PER_PARAM:g})")
     typer.echo(
         f"recommended    vocab {rec.vocab_size:,}, embed {rec.n_embd}, layers {rec.n_layer}, heads {rec.n_head}, "
         f"block {rec.block_size}: {rec.num_parameters():,} parameters"
     )
     typer.echo(
-        f"design table   for {data_bytes / 1e6:.1f} MB: embed {row.config.n_embd}, layers {row.config.n_layer}, "
+        f"design table   for {r.data_bytes / 1e6:.1f} MB: embed {row.config.n_embd}, layers {row.config.n_layer}, "
         f"stated {row.stated_params} parameters, true {row.config.num_parameters():,}"
     )
-    warnings = sizing.check_data(cfg, num_tokens, batch, seq)
-    ram = _physical_memory()
-    if ram and memory > ram:
-        warnings.append(f"training needs {memory / 2**30:.1f} GiB but this machine has {ram / 2**30:.1f} GiB")
-    for line in warnings:
+    for line in r.warnings:
         typer.echo(f"warning: {line}", err=True)
     typer.echo("ok: the data can train this config")
-
-
-def _dataset_for_size(data: list[Path], vocab_size: int | None, ext: list[str] | None, progress: bool):
-    """(dataset, source bytes): a prepared directory as it is, raw text via the training cache."""
-    if len(data) == 1 and (Path(data[0]) / prep.MANIFEST).is_file():
-        ds = prep.load_dataset(data[0])
-        return ds, sum(e["size"] for e in prep.read_manifest(ds.root)["files"])
-    files, _ = corpus.walk(data, ext)
-    data_bytes = sum(f.size for f in files)
-    vocab = vocab_size or sizing.table_row(data_bytes).config.vocab_size
-    return prep.prepare_for_training(data, vocab, extensions=ext, progress=progress), data_bytes
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None

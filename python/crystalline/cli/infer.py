@@ -4,15 +4,13 @@ using, inspecting and converting trained models from the command line."""
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
 import click
-import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -21,7 +19,6 @@ from typer.core import TyperGroup
 
 from crystalline import checkpoint, hf
 from crystalline.config import ModelConfig
-from crystalline.data import corpus
 from crystalline.errors import UserError
 from crystalline.inference import Sampling, load
 
@@ -29,8 +26,6 @@ Opt = typer.Option
 Arg = typer.Argument
 
 CHECKPOINT_HELP = "A checkpoint directory, or a run directory (its latest checkpoint)."
-# Windows scored per call in `eval`.
-EVAL_BATCH = 8
 
 MaxTokens = Annotated[int, Opt(help="New tokens per sample, at most (stops earlier at end-of-text).")]
 Temperature = Annotated[float, Opt(help="Sampling temperature; 0 is greedy (always the likeliest token).")]
@@ -148,43 +143,15 @@ def evaluate(
     is predicted once. Bits per byte = total loss in nats / ln 2 / UTF-8 bytes
     of the text; unlike the loss it compares models with different tokenizers."""
     model = load(checkpoint_path, threads=threads)
-    files, _ = corpus.walk(list(data), ext)
-    tok = model.tokenizer
-    ids: list[int] = []
-    n_bytes = 0
-    for f in files:
-        text = "".join(corpus.read_chunks(f.path, corpus.FileRead()))
-        ids.extend(tok.encode(text))
-        ids.append(tok.eot_id)
-        n_bytes += len(text.encode())
-    tokens = np.asarray(ids, dtype=np.int64)
-    if len(tokens) < 2:
-        raise UserError("the data holds too little text to score (at least one token is needed)")
-    t = model.block_size
-    starts = list(range(0, len(tokens) - 1, t))
-    nats = 0.0
-    err = Console(stderr=True)
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=no_progress) as progress:
-        task = progress.add_task("eval", total=len(starts))
-        full = [s for s in starts if s + t + 1 <= len(tokens)]
-        for lo in range(0, len(full), EVAL_BATCH):
-            batch = np.stack([tokens[s : s + t + 1] for s in full[lo : lo + EVAL_BATCH]])
-            inputs, targets = np.ascontiguousarray(batch[:, :-1]), np.ascontiguousarray(batch[:, 1:])
-            nats += model.model.loss(inputs, targets) * targets.size
-            progress.advance(task, len(batch))
-        if len(full) < len(starts):  # the shorter last window
-            tail = tokens[starts[-1] :][None, :]
-            inputs, targets = np.ascontiguousarray(tail[:, :-1]), np.ascontiguousarray(tail[:, 1:])
-            nats += model.model.loss(inputs, targets) * targets.size
-            progress.advance(task)
-    predicted = len(tokens) - 1
-    loss = nats / predicted
-    typer.echo(f"files       {len(files)}")
-    typer.echo(f"tokens      {predicted:,} scored ({n_bytes:,} bytes of text)")
-    typer.echo(f"loss        {loss:.4f} nats/token")
-    typer.echo(f"perplexity  {math.exp(loss):.2f}")
-    typer.echo(f"bits/byte   {nats / math.log(2) / max(n_bytes, 1):.4f}")
+    with Progress(*columns, console=Console(stderr=True), disable=no_progress) as bar:
+        task = bar.add_task("eval", total=None)
+        result = model.evaluate(data, ext, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    typer.echo(f"files       {result.files}")
+    typer.echo(f"tokens      {result.tokens:,} scored ({result.bytes:,} bytes of text)")
+    typer.echo(f"loss        {result.loss:.4f} nats/token")
+    typer.echo(f"perplexity  {result.perplexity:.2f}")
+    typer.echo(f"bits/byte   {result.bits_per_byte:.4f}")
 
 
 # -- models ------------------------------------------------------------------
@@ -205,21 +172,6 @@ models_app = typer.Typer(cls=_ModelsGroup, help="List, inspect and delete traine
                          no_args_is_help=False)
 
 
-def _runs_under(root: Path) -> list[Path]:
-    """Run directories (holding checkpoints) at or below `root`."""
-    if checkpoint.list_checkpoints(root):
-        return [root]
-    return sorted(p for p in root.rglob("*") if p.is_dir() and checkpoint.list_checkpoints(p)
-                  and not p.name.startswith(checkpoint.PREFIX))
-
-
-def _summary(ckpt: Path) -> dict:
-    state = checkpoint.read_state(ckpt)
-    cfg = ModelConfig(**state["model"])
-    return dict(state=state, cfg=cfg, params=cfg.num_parameters(),
-                bytes=sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()))
-
-
 def _shape(cfg: ModelConfig) -> str:
     return f"V={cfg.vocab_size} C={cfg.n_embd} L={cfg.n_layer} H={cfg.n_head} T={cfg.block_size}"
 
@@ -235,7 +187,7 @@ def list_models(
     """List runs and their checkpoints: config, parameters, step, last validation loss."""
     if not directory.is_dir():
         raise UserError(f"{directory} is not a directory; pass the directory that holds your runs")
-    runs = _runs_under(directory)
+    runs = checkpoint.find_runs(directory)
     if not runs:
         typer.echo(f"no runs under {directory}")
         return
@@ -244,42 +196,37 @@ def list_models(
     for run in runs:
         for ckpt in checkpoint.list_checkpoints(run):
             try:
-                s = _summary(ckpt)
-            except (UserError, KeyError, TypeError, ValueError):
+                s = checkpoint.summarize(ckpt)
+            except UserError:
                 table.add_row("[red]unreadable state.json[/]", "", "", "", "", "", str(ckpt))
                 continue
-            st = s["state"]
-            saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((ckpt / checkpoint.STATE).stat().st_mtime))
-            table.add_row(_shape(s["cfg"]), f"{s['params']:,}", str(st.get("step", "?")),
-                          _loss(st.get("train_loss")), _loss(st.get("val_loss")), saved, str(ckpt))
+            st = s.state
+            table.add_row(_shape(st.model), f"{s.parameters:,}", str(st.step), _loss(st.train_loss),
+                          _loss(st.val_loss), time.strftime("%Y-%m-%d %H:%M", time.localtime(s.saved)), str(ckpt))
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: no wrapping
 
 
 @models_app.command("info")
 def info(checkpoint_path: Annotated[Path, Arg(metavar="CHECKPOINT", help=CHECKPOINT_HELP)]) -> None:
     """Everything a checkpoint's state.json records, readably."""
-    ckpt = checkpoint.resolve(checkpoint_path)
-    try:
-        s = _summary(ckpt)
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{ckpt / checkpoint.STATE} has no valid model config ({err})") from None
-    st, cfg = s["state"], s["cfg"]
+    s = checkpoint.summarize(checkpoint.resolve(checkpoint_path))
+    st = s.state
     lines = [
-        ("checkpoint", str(ckpt)),
-        ("model", _shape(cfg)),
-        ("parameters", f"{s['params']:,}"),
-        ("step", str(st.get("step"))),
-        ("train loss", _loss(st.get("train_loss"))),
-        ("val loss", _loss(st.get("val_loss"))),
-        ("tokenizer sha256", str(st.get("tokenizer_hash"))),
-        ("size on disk", f"{s['bytes'] / 2**20:,.1f} MiB"),
-        ("other checkpoints", ", ".join(p.name for p in checkpoint.list_checkpoints(ckpt.parent) if p != ckpt)
+        ("checkpoint", str(s.path)),
+        ("model", _shape(st.model)),
+        ("parameters", f"{s.parameters:,}"),
+        ("step", str(st.step)),
+        ("train loss", _loss(st.train_loss)),
+        ("val loss", _loss(st.val_loss)),
+        ("tokenizer sha256", st.tokenizer_hash),
+        ("size on disk", f"{s.disk_bytes / 2**20:,.1f} MiB"),
+        ("other checkpoints", ", ".join(p.name for p in checkpoint.list_checkpoints(s.path.parent) if p != s.path)
          or "none"),
     ]
     for key, value in lines:
         typer.echo(f"{key:18} {value}")
     typer.echo("training config:")
-    typer.echo(json.dumps(st.get("config", {}), indent=2))
+    typer.echo(json.dumps(asdict(st.config), indent=2))
 
 
 @models_app.command("delete")
@@ -288,15 +235,10 @@ def delete(
     yes: Annotated[bool, Opt("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Delete a checkpoint, or a whole run; asks first unless --yes."""
-    if (path / checkpoint.STATE).is_file():
-        what = f"checkpoint {path}"
-    elif path.is_dir() and checkpoint.list_checkpoints(path):
-        what = f"run {path} ({len(checkpoint.list_checkpoints(path))} checkpoint(s) and its metrics)"
-    else:
-        raise UserError(f"{path} is neither a checkpoint nor a run directory; nothing deleted")
+    what = checkpoint.describe(path)
     if not yes and not typer.confirm(f"Delete {what}?", default=False):
         raise UserError("nothing deleted", exit_code=1)
-    shutil.rmtree(path)
+    checkpoint.delete(path)
     typer.echo(f"deleted {what}")
 
 

@@ -3,7 +3,6 @@ the loss curves of a run to a PNG."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +11,9 @@ from rich.console import Console
 
 from crystalline import checkpoint
 from crystalline.errors import UserError
-from crystalline.train import Trainer, build_config
+from crystalline.plot import plot_losses
+from crystalline.config import build_config, canonical
+from crystalline.train import Trainer
 
 Opt = typer.Option
 
@@ -60,7 +61,7 @@ def train(
         checkpoint_dir, data = str(data[0]), []
     if resume and not checkpoint_dir:
         raise UserError("--resume needs the run: pass --checkpoint-dir RUN_DIR or `crystalline train --resume RUN_DIR`")
-    overrides = dict(
+    overrides = canonical(dict(  # the flags' names to the config's
         data=[str(p) for p in data] or None, vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers,
         num_heads=num_heads, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, epochs=epochs,
         threads=threads, checkpoint_dir=checkpoint_dir, seed=seed, warmup_steps=warmup_steps,
@@ -68,7 +69,7 @@ def train(
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
         watch=str(watch) if watch else None, watch_interval=watch_interval,
-    )
+    ))
     console = Console(stderr=True, soft_wrap=True)
     if resume:
         if config is not None:
@@ -92,36 +93,4 @@ def plot(
     out: Annotated[Optional[Path], Opt(help="PNG to write (default RUN_DIR/loss.png).")] = None,
 ) -> None:
     """Draw the training and validation loss curves of a run to a PNG."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl; is it a run directory?")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install 'crystalline[plot]'") from None
-    steps, losses, vsteps, vlosses = [], [], [], []
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise UserError(f"{metrics}:{n} is not valid JSON") from None
-        steps.append(rec["step"])
-        losses.append(rec["loss"])
-        if "val_loss" in rec:
-            vsteps.append(rec["step"])
-            vlosses.append(rec["val_loss"])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, losses, label="train", linewidth=0.8)
-    if vsteps:
-        ax.plot(vsteps, vlosses, "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats)")
-    ax.set_title(f"Crystalline run {run_dir.name}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    target = out or run_dir / "loss.png"
-    fig.savefig(target, dpi=120, bbox_inches="tight")
-    typer.echo(str(target))
+    typer.echo(str(plot_losses(run_dir, out)))

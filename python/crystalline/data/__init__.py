@@ -1,2 +1,3 @@
 """The data pipeline: corpus walking, the byte-level BPE tokenizer, prepared
-token datasets (`crystalline prepare`) and model-size advice (`crystalline size`)."""
+token datasets (`crystalline prepare`), model-size advice and the statistics
+of `tokenize --stats` and `crystalline size`."""

@@ -160,6 +160,12 @@ def walk(
     return sorted(found.values(), key=lambda f: f.name), stats
 
 
+def total_bytes(paths: list[Path], extensions: list[str] | None = None, exclude: Path | None = None) -> int:
+    """Bytes of the text files `walk` finds."""
+    files, _ = walk(paths, extensions, exclude)
+    return sum(f.size for f in files)
+
+
 def _sniff(path: str) -> bytes:
     with open(path, "rb") as fh:
         return fh.read(SNIFF_BYTES)

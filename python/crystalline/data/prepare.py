@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crystalline.data import corpus
+from crystalline.data import corpus, sizing
 from crystalline.data.corpus import FileRead, SourceFile
 from crystalline.data.progress import Progress
 from crystalline.data.corpus import file_hash
@@ -180,6 +180,16 @@ def prepare(
     for line in report.warnings:
         Progress.warn(line)
     return _dataset(out_dir, manifest, report)
+
+
+def default_vocab_size(paths: list[Path], out_dir: Path, extensions: list[str] | None = None) -> int:
+    """The vocab size `prepare` uses when given none: the one of the
+    tokenizer already in `out_dir`, else the design table's for the amount
+    of text."""
+    manifest = read_manifest(Path(out_dir).expanduser())
+    if manifest is not None:
+        return manifest["requested_vocab_size"]
+    return sizing.vocab_for(corpus.total_bytes(paths, extensions, exclude=out_dir))
 
 
 def load_dataset(out_dir: Path) -> Dataset:

@@ -66,6 +66,11 @@ def table_row(data_bytes: int) -> Row:
     return next(row for row in TABLE if data_bytes < row.max_bytes)
 
 
+def vocab_for(data_bytes: int) -> int:
+    """The design table's vocabulary for `data_bytes` bytes of text."""
+    return table_row(data_bytes).config.vocab_size
+
+
 def recommend(num_tokens: int, data_bytes: int) -> ModelConfig:
     """The largest shape, up to the table's row for `data_bytes`, with at
     least MIN_TOKENS_PER_PARAM tokens per parameter (else the smallest)."""

@@ -1,0 +1,63 @@
+"""A run's loss curves: its `metrics.jsonl` read back (`read_metrics`) and
+drawn to a PNG with matplotlib (`plot_losses`, `crystalline plot`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from crystalline.checkpoint import METRICS
+from crystalline.errors import UserError
+
+
+@dataclass
+class Curves:
+    steps: list[int] = field(default_factory=list)  # every step
+    losses: list[float] = field(default_factory=list)  # its training loss
+    val_steps: list[int] = field(default_factory=list)  # the steps with a validation loss
+    val_losses: list[float] = field(default_factory=list)  # that loss
+
+
+def read_metrics(run_dir: Path) -> Curves:
+    metrics = Path(run_dir) / METRICS
+    if not metrics.is_file():
+        raise UserError(f"{run_dir} has no {METRICS}; is it a run directory?")
+    curves = Curves()
+    for n, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise UserError(f"{metrics}:{n} is not valid JSON") from None
+        curves.steps.append(rec["step"])
+        curves.losses.append(rec["loss"])
+        if "val_loss" in rec:
+            curves.val_steps.append(rec["step"])
+            curves.val_losses.append(rec["val_loss"])
+    return curves
+
+
+def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
+    """Draw the training and validation losses of `run_dir` to `out`
+    (default RUN_DIR/loss.png); returns the file written."""
+    curves = read_metrics(run_dir)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install 'crystalline[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(curves.steps, curves.losses, label="train", linewidth=0.8)
+    if curves.val_steps:
+        ax.plot(curves.val_steps, curves.val_losses, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats)")
+    ax.set_title(f"Crystalline run {Path(run_dir).name}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    target = out or Path(run_dir) / "loss.png"
+    fig.savefig(target, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return target
