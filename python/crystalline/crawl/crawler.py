@@ -27,6 +27,7 @@ from urllib.robotparser import RobotFileParser
 
 import httpx
 
+import crystalline
 from crystalline.crawl import extract
 from crystalline.crawl.store import Link, Page, Store, content_hash
 from crystalline.crawl.urls import Scope, UnsupportedScheme, host_key, normalize
@@ -39,7 +40,7 @@ READ_CHUNK = 64 << 10
 class CrawlConfig:
     data_dir: Path
     start_urls: list[str] = field(default_factory=list)
-    user_agent: str = "Crystalline-crawler (+crystalline)"
+    user_agent: str = f"Crystalline-crawler/{crystalline.__version__} (+crystalline)"
     delay: float = 1.0
     timeout: float = 10.0
     max_redirects: int = 5
