@@ -1,5 +1,5 @@
 """`crystalline crawl`: flags to a CrawlConfig for `crystalline.crawl.run`,
-with a progress line on stderr and a summary on stdout."""
+with a progress line and notes on stderr and a summary on stdout."""
 
 from __future__ import annotations
 
@@ -86,7 +86,12 @@ def crawl(
     console = Console(stderr=True)
     live = Live(Text(""), console=console, transient=True, auto_refresh=False) if progress else None
     with live if live is not None else nullcontext():
-        summary = run(config, resume, _progress_line(live) if live is not None else None)
+        summary = run(
+            config,
+            resume,
+            _progress_line(live) if live is not None else None,
+            lambda note: console.print(note, markup=False, highlight=False, soft_wrap=True),
+        )
     _print_summary(summary, data_dir)
 
 

@@ -7,7 +7,8 @@ disallow rules are honoured; 429 and 5xx answers are retried with backoff,
 waiting as long as Retry-After asks (up to MAX_RETRY_WAIT).
 
 Every page ends in one state with a reason, recorded in the store: nothing a
-page or a server does stops the crawl. Links are followed breadth first, up
+page or a server does stops the crawl (an unexpected error fails its URL as
+"unexpected error (its type)" and goes to `on_note`). Links are followed breadth first, up
 to `max_depth`, within the scope (same domain, --allow/--deny), and each host
 gets at most `max_per_host` URLs, which bounds link traps.
 """
@@ -98,13 +99,19 @@ class RunStats:
 
 class Crawler:
     def __init__(
-        self, config: CrawlConfig, store: Store, client: httpx.AsyncClient, on_change: Callable[[], None]
+        self,
+        config: CrawlConfig,
+        store: Store,
+        client: httpx.AsyncClient,
+        on_change: Callable[[], None],
+        on_note: Callable[[str], None],
     ) -> None:
         self.config = config
         self.store = store
         self.client = client
         self.scope = Scope(store.start_domains() if config.same_domain else (), config.allow, config.deny)
         self.on_change = on_change
+        self.on_note = on_note  # a message for the user, one line
         self.stats = RunStats()
         self.stored = store.stored_pages()[0]
         self.in_flight = 0
@@ -157,10 +164,15 @@ class Crawler:
             digest = content_hash(page.text)
             if self.store.has_content(digest):
                 raise skipped("duplicate content")
+            self.stats.bytes += self.store.save(page, digest, self._links(links, depth), self.config.max_per_host)
         except Outcome as outcome:
             self.store.finish(url, outcome.state, outcome.reason, outcome.http_status)
             return
-        self.stats.bytes += self.store.save(page, digest, self._links(links, depth), self.config.max_per_host)
+        except Exception as err:  # a bug or a case not foreseen costs this URL, not the crawl
+            reason = f"unexpected error ({type(err).__name__})"
+            self.on_note(f"{url}: {reason}: {err}")
+            self.store.finish(url, "failed", reason)
+            return
         self.stats.fetched += 1
         self.stored += 1
 

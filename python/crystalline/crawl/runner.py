@@ -35,9 +35,14 @@ class Summary:
 
 
 def run(
-    config: CrawlConfig, resume: bool = False, on_progress: Callable[[Store, RunStats], None] | None = None
+    config: CrawlConfig,
+    resume: bool = False,
+    on_progress: Callable[[Store, RunStats], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> Summary:
     """Crawl into `config.data_dir` and return what it holds afterwards.
+    `on_progress` is called whenever a page ends, `on_note` with each
+    message for the user (one line, e.g. an unexpected error on a URL).
 
     Raises UserError for bad settings, a directory that cannot be used, or a
     crawl already there without `resume` (or none there with it and no
@@ -60,14 +65,19 @@ def run(
         try:
             store.requeue_interrupted()
             store.add(starts, config.max_per_host)
-            stats = asyncio.run(_crawl(config, store, on_progress))
+            stats = asyncio.run(_crawl(config, store, on_progress, on_note or (lambda note: None)))
             stored, total = store.stored_pages()
             return Summary(stored, total, stats.fetched, store.counts(), store.reasons())
         finally:
             store.close()
 
 
-async def _crawl(config: CrawlConfig, store: Store, on_progress: Callable[[Store, RunStats], None] | None) -> RunStats:
+async def _crawl(
+    config: CrawlConfig,
+    store: Store,
+    on_progress: Callable[[Store, RunStats], None] | None,
+    on_note: Callable[[str], None],
+) -> RunStats:
     async with httpx.AsyncClient(
         headers={"User-Agent": config.user_agent},
         timeout=config.timeout,
@@ -80,7 +90,7 @@ async def _crawl(config: CrawlConfig, store: Store, on_progress: Callable[[Store
             if on_progress is not None:
                 on_progress(store, crawler.stats)
 
-        crawler = Crawler(config, store, client, changed)
+        crawler = Crawler(config, store, client, changed, on_note)
         await crawler.run()
         return crawler.stats
 
