@@ -180,6 +180,20 @@ def test_robots_crawl_delay(site, tmp_path):
     assert site.times[2] - site.times[1] >= 0.95
 
 
+def test_robots_wildcards_and_longest_match(site, tmp_path):
+    """RFC 9309: `*` and `$` match, and the longest matching rule wins
+    whatever the order of the lines."""
+    site.robots = "User-agent: *\nDisallow: /*.pdf$\nDisallow: /docs/\nAllow: /docs/public/\n"
+    site.routes["/"] = page("Library", ["/files/report.pdf", "/docs/internal", "/docs/public/guide", "/files/notes"])
+    for path in ("/files/report.pdf", "/docs/internal", "/docs/public/guide", "/files/notes"):
+        site.routes[path] = page(f"Document {path}")
+    summary = run(config(tmp_path, site.url("/")))
+    fetched = site.fetched()
+    assert "/files/report.pdf" not in fetched and "/docs/internal" not in fetched
+    assert fetched["/docs/public/guide"] == 1 and fetched["/files/notes"] == 1
+    assert summary.stored == 3 and summary.reasons["robots"] == 2
+
+
 def test_depth_and_page_limits(site, tmp_path):
     for i in range(10):
         site.routes[f"/chain/{i}"] = page(f"Chain {i}", [f"/chain/{i + 1}"])

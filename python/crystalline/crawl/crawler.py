@@ -3,7 +3,8 @@
 Politeness: at most one request in flight per host, and `delay` seconds (or
 the host's robots.txt crawl-delay, if longer) between the end of one request
 and the start of the next; robots.txt is read once per host per run and its
-disallow rules are honoured; 429 and 5xx answers are retried with backoff,
+rules are honoured as RFC 9309 says (protego: `*` and `$` wildcards, the
+longest matching rule wins); 429 and 5xx answers are retried with backoff,
 waiting as long as Retry-After asks (up to MAX_RETRY_WAIT).
 
 Every page ends in one state with a reason, recorded in the store: nothing a
@@ -24,9 +25,8 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urljoin
-from urllib.robotparser import RobotFileParser
-
 import httpx
+from protego import Protego
 
 import crystalline
 from crystalline.crawl import extract
@@ -117,7 +117,7 @@ class Crawler:
         self.in_flight = 0
         self.busy: set[str] = set()  # hosts with a request in flight
         self.next_time: dict[str, float] = {}  # host -> earliest start of its next request
-        self.robots: dict[str, RobotFileParser] = {}
+        self.robots: dict[str, Protego] = {}
         self.changed = asyncio.Event()
 
     async def run(self) -> None:
@@ -208,7 +208,7 @@ class Crawler:
         chain = {url}
         current = url
         while True:
-            if not (await self._robots(current)).can_fetch(self.config.user_agent, current):
+            if not (await self._robots(current)).can_fetch(current, self.config.user_agent):
                 raise skipped("robots")
             fetched = await self._get(current)
             if fetched.status not in (301, 302, 303, 307, 308):
@@ -231,14 +231,13 @@ class Crawler:
             chain.add(target)
             current = target
 
-    async def _robots(self, url: str) -> RobotFileParser:
+    async def _robots(self, url: str) -> Protego:
         """The robots.txt rules of `url`'s host, fetched once per run. A host
         whose robots.txt cannot be reached fails the page with that reason
         (and is asked again for its next page)."""
         host = host_key(url)
         if host in self.robots:
             return self.robots[host]
-        parser = RobotFileParser()
         robots_url = url.split("/", 3)[0] + "//" + host + "/robots.txt"
         try:
             fetched = await self._get(robots_url, robots=True)
@@ -247,13 +246,13 @@ class Crawler:
                 raise
             fetched = Fetched(robots_url, outcome.http_status or 500, "", None, b"", False)
         if fetched.status in (401, 403) or fetched.status >= 500:
-            parser.disallow_all = True
+            text = "User-agent: *\nDisallow: /\n"
         elif fetched.status >= 300:  # missing (404) or redirected: no rules
-            parser.allow_all = True
+            text = ""
         else:
-            parser.parse(extract.decode(fetched.body, fetched.charset, False).splitlines())
-        self.robots[host] = parser
-        return parser
+            text = extract.decode(fetched.body, fetched.charset, False)
+        self.robots[host] = rules = Protego.parse(text)
+        return rules
 
     async def _get(self, url: str, robots: bool = False) -> Fetched:
         """One polite GET (with retries on 429 and 5xx). A redirect comes back
