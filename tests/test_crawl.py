@@ -79,7 +79,7 @@ def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
             with site.lock:
                 site.requests.append(self.path)
             site.times.append(time.monotonic())
-            if self.path == "/robots.txt":
+            if self.path == "/robots.txt" and self.path not in site.routes:
                 return self.send(200, site.robots.encode(), "text/plain")
             route = site.routes.get(self.path.split("?")[0])
             if route is None and self.path.startswith("/trap/"):
@@ -178,6 +178,32 @@ def test_robots_crawl_delay(site, tmp_path):
     assert summary.stored == 2 and summary.reasons["robots"] == 1
     assert site.requests == ["/robots.txt", "/", "/next"]
     assert site.times[2] - site.times[1] >= 0.95
+
+
+def test_robots_behind_redirects_and_unavailable(site, tmp_path):
+    """robots.txt after five redirects is obeyed; a 403 means no rules; a 5xx
+    means nothing of the host is fetched this run (robots.txt asked once)."""
+    site.routes["/robots.txt"] = lambda h: h.send(301, b"", Location="/policy/1")
+    for hop in range(1, 5):
+        site.routes[f"/policy/{hop}"] = lambda h, hop=hop: h.send(302, b"", Location=f"/policy/{hop + 1}")
+    site.routes["/policy/5"] = lambda h: h.send(200, b"User-agent: *\nDisallow: /secret\n", "text/plain")
+    site.routes["/"] = page("Home", ["/secret", "/open"])
+    site.routes["/secret"] = page("Secret")
+    site.routes["/open"] = page("Open")
+    summary = run(config(tmp_path / "redirect", site.url("/")))
+    assert "/secret" not in site.fetched() and site.fetched()["/open"] == 1
+    assert summary.stored == 2 and summary.reasons == {"robots": 1}
+
+    site.routes["/robots.txt"] = lambda h: h.send(403, b"forbidden", "text/plain")
+    summary = run(config(tmp_path / "forbidden", site.url("/")))
+    assert summary.stored == 3 and summary.reasons == {}
+
+    with site.lock:
+        site.requests.clear()
+    site.routes["/robots.txt"] = lambda h: h.send(503, b"down", "text/plain")
+    summary = run(config(tmp_path / "down", site.url("/"), site.url("/open"), retries=0))
+    assert site.fetched() == {"/robots.txt": 1}
+    assert summary.stored == 0 and summary.reasons == {"robots.txt server error": 2}
 
 
 def test_robots_wildcards_and_longest_match(site, tmp_path):

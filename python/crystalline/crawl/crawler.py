@@ -2,16 +2,20 @@
 
 Politeness: at most one request in flight per host, and `delay` seconds (or
 the host's robots.txt crawl-delay, if longer) between the end of one request
-and the start of the next; robots.txt is read once per host per run and its
-rules are honoured as RFC 9309 says (protego: `*` and `$` wildcards, the
-longest matching rule wins); 429 and 5xx answers are retried with backoff,
+and the start of the next; 429 and 5xx answers are retried with backoff,
 waiting as long as Retry-After asks (up to MAX_RETRY_WAIT).
+
+robots.txt is read once per host per run and honoured as RFC 9309 says:
+protego applies `*` and `$` wildcards and the longest matching rule;
+redirects are followed; a 4xx means no rules; a 5xx or an unreachable host
+means nothing of that host is fetched this run (its pages fail).
 
 Every page ends in one state with a reason, recorded in the store: nothing a
 page or a server does stops the crawl (an unexpected error fails its URL as
-"unexpected error (its type)" and goes to `on_note`). Links are followed breadth first, up
-to `max_depth`, within the scope (same domain, --allow/--deny), and each host
-gets at most `max_per_host` URLs, which bounds link traps.
+"unexpected error (its type)" and goes to `on_note`). Links are followed
+breadth first, up to `max_depth`, within the scope (same domain,
+--allow/--deny), and each host gets at most `max_per_host` URLs, which
+bounds link traps.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from crystalline.crawl.store import Link, Page, Store, content_hash
 from crystalline.crawl.urls import Scope, UnsupportedScheme, host_key, normalize
 
 MAX_RETRY_WAIT = 60.0  # seconds; a longer Retry-After is cut to this
+ROBOTS_REDIRECTS = 5  # followed for robots.txt, as RFC 9309 asks at least
 READ_CHUNK = 64 << 10
 
 
@@ -86,6 +91,14 @@ class Fetched:
 
 
 @dataclass
+class Robots:
+    """What one host's robots.txt says to this run."""
+
+    rules: Protego
+    unavailable: str | None = None  # why nothing of the host is fetched (its robots.txt: 5xx or unreachable)
+
+
+@dataclass
 class RunStats:
     """What this run did, for the progress line."""
 
@@ -117,7 +130,7 @@ class Crawler:
         self.in_flight = 0
         self.busy: set[str] = set()  # hosts with a request in flight
         self.next_time: dict[str, float] = {}  # host -> earliest start of its next request
-        self.robots: dict[str, Protego] = {}
+        self.robots: dict[str, Robots] = {}
         self.changed = asyncio.Event()
 
     async def run(self) -> None:
@@ -208,7 +221,10 @@ class Crawler:
         chain = {url}
         current = url
         while True:
-            if not (await self._robots(current)).can_fetch(current, self.config.user_agent):
+            robots = await self._robots(current)
+            if robots.unavailable:
+                raise failed(robots.unavailable)
+            if not robots.rules.can_fetch(current, self.config.user_agent):
                 raise skipped("robots")
             fetched = await self._get(current)
             if fetched.status not in (301, 302, 303, 307, 308):
@@ -231,28 +247,34 @@ class Crawler:
             chain.add(target)
             current = target
 
-    async def _robots(self, url: str) -> Protego:
-        """The robots.txt rules of `url`'s host, fetched once per run. A host
-        whose robots.txt cannot be reached fails the page with that reason
-        (and is asked again for its next page)."""
+    async def _robots(self, url: str) -> Robots:
+        """The robots.txt of `url`'s host, read once per run."""
         host = host_key(url)
-        if host in self.robots:
-            return self.robots[host]
-        robots_url = url.split("/", 3)[0] + "//" + host + "/robots.txt"
-        try:
-            fetched = await self._get(robots_url, robots=True)
-        except Outcome as outcome:
-            if outcome.reason != "http error":
-                raise
-            fetched = Fetched(robots_url, outcome.http_status or 500, "", None, b"", False)
-        if fetched.status in (401, 403) or fetched.status >= 500:
-            text = "User-agent: *\nDisallow: /\n"
-        elif fetched.status >= 300:  # missing (404) or redirected: no rules
-            text = ""
-        else:
-            text = extract.decode(fetched.body, fetched.charset, False)
-        self.robots[host] = rules = Protego.parse(text)
-        return rules
+        if host not in self.robots:
+            self.robots[host] = await self._read_robots(url.split("/", 3)[0] + "//" + host + "/robots.txt")
+        return self.robots[host]
+
+    async def _read_robots(self, url: str) -> Robots:
+        """RFC 9309 §2.3.1: redirects are followed (to any host), up to
+        ROBOTS_REDIRECTS; a 4xx answer, more redirects or a bad one mean no
+        rules; a 5xx answer or an unreachable host mean nothing of the host is
+        fetched this run."""
+        no_rules = Robots(Protego.parse(""))
+        for _ in range(ROBOTS_REDIRECTS + 1):
+            try:
+                fetched = await self._get(url, robots=True)
+            except Outcome as outcome:
+                status = outcome.http_status or 0
+                if 400 <= status < 500:
+                    return no_rules
+                return Robots(no_rules.rules, "robots.txt server error" if status >= 500 else outcome.reason)
+            if fetched.location is None:
+                return Robots(Protego.parse(extract.decode(fetched.body, fetched.charset, False)))
+            try:
+                url = normalize(urljoin(url, fetched.location))
+            except ValueError:  # also an unsupported scheme
+                return no_rules
+        return no_rules
 
     async def _get(self, url: str, robots: bool = False) -> Fetched:
         """One polite GET (with retries on 429 and 5xx). A redirect comes back
@@ -309,8 +331,8 @@ class Crawler:
             await asyncio.sleep(wait)
 
     def _delay(self, host: str) -> float:
-        parser = self.robots.get(host)
-        crawl_delay = parser.crawl_delay(self.config.user_agent) if parser is not None else None
+        robots = self.robots.get(host)
+        crawl_delay = robots.rules.crawl_delay(self.config.user_agent) if robots is not None else None
         return max(self.config.delay, float(crawl_delay or 0))
 
 
