@@ -20,6 +20,7 @@ import pytest
 
 from crystalline import cli
 from crystalline.crawl import CrawlConfig, extract, page_files, run
+from crystalline.crawl.crawler import MAX_CRAWL_DELAY, Robots
 from crystalline.crawl.urls import normalize
 from crystalline.data import corpus
 
@@ -204,6 +205,20 @@ def test_robots_behind_redirects_and_unavailable(site, tmp_path):
     summary = run(config(tmp_path / "down", site.url("/"), site.url("/open"), retries=0))
     assert site.fetched() == {"/robots.txt": 1}
     assert summary.stored == 0 and summary.reasons == {"robots.txt server error": 2}
+
+
+def test_crawl_delay_is_capped_with_a_note(site, tmp_path):
+    """Crawl-delay: 100000 would stall the crawl for a day per page: it is
+    cut to MAX_CRAWL_DELAY, with one note for the host; a crawl whose queue
+    is empty ends without waiting out the delay."""
+    robots = Robots.parse("User-agent: *\nCrawl-delay: 100000\n", "crystalline")
+    assert robots.asked_delay == 100000 and robots.delay == MAX_CRAWL_DELAY == 60
+    site.robots = "User-agent: *\nCrawl-delay: 100000\n"
+    site.routes["/"] = page("Patient home")
+    notes = []
+    summary = run(config(tmp_path, site.url("/")), on_note=notes.append)
+    assert summary.stored == 1
+    assert notes == [f"127.0.0.1:{site.port}: robots.txt asks a Crawl-delay of 100000 s; waiting 60 s"]
 
 
 def test_robots_wildcards_and_longest_match(site, tmp_path):

@@ -1,7 +1,7 @@
 """The crawl loop: fetch pages concurrently but politely, store their text.
 
 Politeness: at most one request in flight per host, and `delay` seconds (or
-the host's robots.txt crawl-delay, if longer) between the end of one request
+the host's robots.txt crawl-delay, if longer, up to MAX_CRAWL_DELAY) between the end of one request
 and the start of the next; 429 and 5xx answers are retried with backoff,
 waiting as long as Retry-After asks (up to MAX_RETRY_WAIT).
 
@@ -39,6 +39,7 @@ from crystalline.crawl.urls import Scope, UnsupportedScheme, host_key, normalize
 
 MAX_RETRY_WAIT = 60.0  # seconds; a longer Retry-After is cut to this
 ROBOTS_REDIRECTS = 5  # followed for robots.txt, as RFC 9309 asks at least
+MAX_CRAWL_DELAY = 60.0  # seconds; a longer robots.txt Crawl-delay is cut to this (with a note)
 READ_CHUNK = 64 << 10
 
 
@@ -96,6 +97,14 @@ class Robots:
 
     rules: Protego
     unavailable: str | None = None  # why nothing of the host is fetched (its robots.txt: 5xx or unreachable)
+    asked_delay: float = 0.0  # its Crawl-delay for our user agent, in seconds
+    delay: float = 0.0  # the one kept: asked_delay, at most MAX_CRAWL_DELAY
+
+    @classmethod
+    def parse(cls, text: str, user_agent: str) -> Robots:
+        rules = Protego.parse(text)
+        asked = float(rules.crawl_delay(user_agent) or 0.0)
+        return cls(rules, None, asked, min(asked, MAX_CRAWL_DELAY))
 
 
 @dataclass
@@ -146,11 +155,10 @@ class Crawler:
         while True:
             now = time.monotonic()
             self.next_time = {h: t for h, t in self.next_time.items() if t > now}
-            job = None
-            if limit is None or self.stored + self.in_flight < limit:
-                job = self.store.claim(self.busy | set(self.next_time))
+            room = limit is None or self.stored + self.in_flight < limit
+            job = self.store.claim(self.busy | set(self.next_time)) if room else None
             if job is None:
-                if self.in_flight == 0 and not self.next_time:
+                if self.in_flight == 0 and not (room and self.store.has_queued()):
                     self._notify()  # let the other workers see the end too
                     return
                 wait = min(self.next_time.values(), default=now + 3600) - now
@@ -251,7 +259,12 @@ class Crawler:
         """The robots.txt of `url`'s host, read once per run."""
         host = host_key(url)
         if host not in self.robots:
-            self.robots[host] = await self._read_robots(url.split("/", 3)[0] + "//" + host + "/robots.txt")
+            robots = await self._read_robots(url.split("/", 3)[0] + "//" + host + "/robots.txt")
+            if robots.delay < robots.asked_delay:
+                self.on_note(
+                    f"{host}: robots.txt asks a Crawl-delay of {robots.asked_delay:g} s; waiting {robots.delay:g} s"
+                )
+            self.robots[host] = robots
         return self.robots[host]
 
     async def _read_robots(self, url: str) -> Robots:
@@ -259,7 +272,7 @@ class Crawler:
         ROBOTS_REDIRECTS; a 4xx answer, more redirects or a bad one mean no
         rules; a 5xx answer or an unreachable host mean nothing of the host is
         fetched this run."""
-        no_rules = Robots(Protego.parse(""))
+        no_rules = Robots.parse("", self.config.user_agent)
         for _ in range(ROBOTS_REDIRECTS + 1):
             try:
                 fetched = await self._get(url, robots=True)
@@ -269,7 +282,7 @@ class Crawler:
                     return no_rules
                 return Robots(no_rules.rules, "robots.txt server error" if status >= 500 else outcome.reason)
             if fetched.location is None:
-                return Robots(Protego.parse(extract.decode(fetched.body, fetched.charset, False)))
+                return Robots.parse(extract.decode(fetched.body, fetched.charset, False), self.config.user_agent)
             try:
                 url = normalize(urljoin(url, fetched.location))
             except ValueError:  # also an unsupported scheme
@@ -332,8 +345,7 @@ class Crawler:
 
     def _delay(self, host: str) -> float:
         robots = self.robots.get(host)
-        crawl_delay = robots.rules.crawl_delay(self.config.user_agent) if robots is not None else None
-        return max(self.config.delay, float(crawl_delay or 0))
+        return max(self.config.delay, robots.delay if robots is not None else 0.0)
 
 
 def _retry_after(response: httpx.Response, attempt: int, delay: float) -> float:

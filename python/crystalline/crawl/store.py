@@ -170,6 +170,9 @@ class Store:
             self.conn.execute("UPDATE frontier SET state = 'fetching' WHERE id = ?", (row[0],))
         return row[1], row[2]
 
+    def has_queued(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM frontier WHERE state = 'queued' LIMIT 1").fetchone() is not None
+
     def has_url(self, url: str) -> bool:
         return self.conn.execute("SELECT 1 FROM frontier WHERE url = ?", (url,)).fetchone() is not None
 
