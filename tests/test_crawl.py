@@ -4,6 +4,7 @@ server the tests start themselves; nothing here touches the outside network
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import os
 import signal
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
+import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -302,6 +305,46 @@ def test_hostile_pages_are_counted_not_fatal(site, tmp_path):
     assert "broken markup" in texts and "Redirect target" in texts and "Flaky" in texts
     big = [p for p in page_files(tmp_path / "crawl") if p.read_text().startswith("big page line")]
     assert len(big) == 1 and big[0].stat().st_size <= 10_001
+
+
+def test_compressed_pages_and_a_decompression_bomb(site, tmp_path):
+    """The page cap counts decoded bytes while reading: a gzip body inflating
+    to 8 GB (32 MB per 32 KB member, the server sending 256 MB of them) is
+    skipped as too large after a few KB, with memory bounded and the rest of
+    the body never read; ordinary gzip and deflate pages are decoded, and a
+    long compressed page is truncated as an uncompressed one is."""
+    member = gzip.compress(bytes(32 << 20))
+    members = (256 << 20) // len(member)
+    sent = []
+
+    def bomb(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/html")
+        h.send_header("Content-Encoding", "gzip")
+        h.send_header("Content-Length", str(len(member) * members))
+        h.end_headers()
+        for _ in range(members):
+            h.wfile.write(member)
+            sent.append(len(member))
+
+    long_text = os.urandom(40_000).hex().encode()  # compresses about 2:1
+    site.routes["/bomb"] = bomb
+    site.routes["/"] = page("Home", ["/bomb", "/gzipped", "/deflated", "/long.txt"])
+    gzipped, deflated = gzip.compress(html("Gzipped", prose("gzip"))), zlib.compress(html("Deflated", prose("deflate")))
+    site.routes["/gzipped"] = lambda h: h.send(200, gzipped, Content_Encoding="gzip")
+    site.routes["/deflated"] = lambda h: h.send(200, deflated, Content_Encoding="deflate")
+    site.routes["/long.txt"] = lambda h: h.send(200, gzip.compress(long_text), "text/plain", Content_Encoding="gzip")
+    tracemalloc.start()
+    try:
+        summary = run(config(tmp_path, site.url("/"), max_page_bytes=10_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20 and sum(sent) < len(member) * members
+    assert summary.reasons == {"too large": 1, "truncated": 1} and summary.stored == 4
+    texts = "".join(p.read_text() for p in page_files(tmp_path / "crawl"))
+    assert "article about gzip" in texts and "article about deflate" in texts
+    assert long_text[:10_000].decode() + "\n" in texts
 
 
 NOT_TEXT_CODECS = ("hex", "base64", "zlib", "rot13", "bz2", "uu", "quopri", "idna", "punycode")

@@ -15,7 +15,9 @@ page or a server does stops the crawl (an unexpected error fails its URL as
 "unexpected error (its type)" and goes to `on_note`). Links are followed
 breadth first, up to `max_depth`, within the scope (same domain,
 --allow/--deny), and each host gets at most `max_per_host` URLs, which
-bounds link traps.
+bounds link traps. A body is read up to `max_page_bytes` decoded bytes
+(body.py): a longer page is stored truncated, unless it got there by
+inflating more than MAX_EXPANSION-fold: that is skipped as "too large".
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import asyncio
 import re
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -34,13 +37,13 @@ from protego import Protego
 
 import crystalline
 from crystalline.crawl import extract
+from crystalline.crawl.body import ACCEPT_ENCODING, UnsupportedEncoding, read_body
 from crystalline.crawl.store import Link, Page, Store, content_hash
 from crystalline.crawl.urls import Scope, UnsupportedScheme, host_key, normalize
 
 MAX_RETRY_WAIT = 60.0  # seconds; a longer Retry-After is cut to this
 ROBOTS_REDIRECTS = 5  # followed for robots.txt, as RFC 9309 asks at least
 MAX_CRAWL_DELAY = 60.0  # seconds; a longer robots.txt Crawl-delay is cut to this (with a note)
-READ_CHUNK = 64 << 10
 
 
 @dataclass
@@ -299,7 +302,7 @@ class Crawler:
             retry_wait = None
             try:
                 async with asyncio.timeout(self.config.timeout):
-                    async with self.client.stream("GET", url) as response:
+                    async with self.client.stream("GET", url, headers={"Accept-Encoding": ACCEPT_ENCODING}) as response:
                         status = response.status_code
                         if (status == 429 or status >= 500) and attempt < self.config.retries:
                             retry_wait = _retry_after(response, attempt, self.config.delay)
@@ -313,7 +316,7 @@ class Crawler:
                 raise failed("dns failure" if _is_dns(err) else "connection error") from None
             except httpx.TooManyRedirects:
                 raise failed("redirect limit") from None
-            except (httpx.TransportError, httpx.DecodingError):
+            except httpx.TransportError:
                 raise failed("connection error") from None
             finally:
                 self.next_time[host] = time.monotonic() + self._delay(host)
@@ -329,14 +332,15 @@ class Crawler:
         content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
         if not robots and content_type not in extract.HTML_TYPES + extract.TEXT_TYPES:
             raise skipped("content type")
-        body, truncated = bytearray(), False
-        async for chunk in response.aiter_bytes(READ_CHUNK):
-            body += chunk
-            if len(body) > self.config.max_page_bytes:
-                del body[self.config.max_page_bytes :]
-                truncated = True
-                break
-        return Fetched(url, status, content_type, response.charset_encoding, bytes(body), truncated)
+        try:
+            body = await read_body(response, self.config.max_page_bytes)
+        except UnsupportedEncoding:
+            raise failed("content encoding", status) from None
+        except zlib.error:
+            raise failed("bad compression", status) from None
+        if body.bomb:
+            raise skipped("too large")
+        return Fetched(url, status, content_type, response.charset_encoding, body.data, body.truncated)
 
     async def _wait_turn(self, host: str) -> None:
         wait = self.next_time.get(host, 0.0) - time.monotonic()
