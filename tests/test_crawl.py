@@ -1,6 +1,7 @@
 """`crystalline crawl` against a generated site served on 127.0.0.1 by a
-server the tests start themselves; nothing here touches the outside network
-(the DNS-failure case uses the `.invalid` TLD, which never resolves)."""
+server the tests start themselves (so crawls pass allow_private, except those
+testing the refusal); nothing here touches the outside network (the
+DNS-failure case uses the `.invalid` TLD, which never resolves)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from crystalline import cli
-from crystalline.crawl import CrawlConfig, extract, page_files, run
+from crystalline.crawl import CrawlConfig, extract, net, page_files, run
 from crystalline.crawl.crawler import MAX_CRAWL_DELAY, Robots
 from crystalline.crawl.urls import normalize
 from crystalline.data import corpus
@@ -119,6 +120,7 @@ def page(title: str, links: list[str] = (), body: str | None = None):
 def config(tmp_path: Path, *starts: str, **kw) -> CrawlConfig:
     kw.setdefault("delay", 0.0)
     kw.setdefault("timeout", 2.0)
+    kw.setdefault("allow_private", True)
     return CrawlConfig(data_dir=tmp_path / "crawl", start_urls=list(starts), **kw)
 
 
@@ -388,6 +390,25 @@ def test_unexpected_error_fails_its_url_only(site, tmp_path, monkeypatch):
     assert notes == [f"{site.url('/poison')}: unexpected error (RuntimeError): extractor bug"]
 
 
+def test_private_addresses_refused_unless_allowed(site, tmp_path, monkeypatch):
+    """Without allow_private, a host on a loopback address is refused (robots.txt
+    included) and counted; so is a redirect from an allowed host to a refused
+    one. No public host is reachable here, so for the redirect 127.0.0.1 is
+    let through and 0.0.0.0 (which would connect to this machine) refused."""
+    assert all(map(net.forbidden, ["127.0.0.1", "10.1.2.3", "169.254.169.254", "0.0.0.0", "224.0.0.1", "::1"]))
+    assert not any(map(net.forbidden, ["93.184.215.14", "2606:4700::6810:84e5"]))
+    site.routes["/"] = page("Local home")
+    summary = run(config(tmp_path / "local", site.url("/"), allow_private=False))
+    assert site.fetched() == {} and summary.stored == 0 and summary.reasons == {"private address": 1}
+
+    monkeypatch.setattr(net, "forbidden", lambda address: address == "0.0.0.0")
+    site.routes["/jump"] = lambda h: h.send(302, b"", Location=f"http://0.0.0.0:{site.port}/inside")
+    site.routes["/inside"] = page("Inside")
+    summary = run(config(tmp_path / "hop", site.url("/jump"), allow_private=False, same_domain=False))
+    assert site.fetched() == {"/robots.txt": 1, "/jump": 1}
+    assert summary.stored == 0 and summary.reasons == {"private address": 1}
+
+
 def test_resume_after_kill_stores_each_page_once(site, tmp_path):
     count = 40
     site.routes["/"] = page("Index", [f"/p/{i}" for i in range(count)])
@@ -396,7 +417,7 @@ def test_resume_after_kill_stores_each_page_once(site, tmp_path):
     site.page_sleep = 0.03
     data_dir = tmp_path / "crawl"
     args = [sys.executable, "-m", "crystalline", "crawl", site.url("/"), "--data-dir", str(data_dir)]
-    args += ["--delay", "0", "--timeout", "2", "--no-progress"]
+    args += ["--delay", "0", "--timeout", "2", "--no-progress", "--allow-private"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -44,6 +44,9 @@ def crawl(
     same_domain: Annotated[bool, typer.Option(help="Follow links only to the start URLs' domains.")] = (
         DEFAULTS.same_domain
     ),
+    allow_private: Annotated[
+        bool, typer.Option(help="Also fetch from loopback, private and link-local addresses (refused by default).")
+    ] = DEFAULTS.allow_private,
     allow: Annotated[Optional[list[str]], typer.Option(help="Follow only URLs matching this regex (repeatable).")] = (
         None
     ),
@@ -80,6 +83,7 @@ def crawl(
         max_page_bytes=max_page_bytes,
         concurrency=concurrency,
         same_domain=same_domain,
+        allow_private=allow_private,
         allow=patterns("--allow", allow),
         deny=patterns("--deny", deny),
     )

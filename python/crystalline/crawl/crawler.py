@@ -15,7 +15,9 @@ page or a server does stops the crawl (an unexpected error fails its URL as
 "unexpected error (its type)" and goes to `on_note`). Links are followed
 breadth first, up to `max_depth`, within the scope (same domain,
 --allow/--deny), and each host gets at most `max_per_host` URLs, which
-bounds link traps. A body is read up to `max_page_bytes` decoded bytes
+bounds link traps. Hosts that resolve to loopback, private or link-local
+addresses are refused unless `allow_private` (net.py), on every redirect
+hop too: such a page fails as "private address". A body is read up to `max_page_bytes` decoded bytes
 (body.py): a longer page is stored truncated, unless it got there by
 inflating more than MAX_EXPANSION-fold: that is skipped as "too large".
 """
@@ -32,12 +34,14 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urljoin
+
 import httpx
 from protego import Protego
 
 import crystalline
 from crystalline.crawl import extract
 from crystalline.crawl.body import ACCEPT_ENCODING, UnsupportedEncoding, read_body
+from crystalline.crawl.net import PrivateAddress
 from crystalline.crawl.store import Link, Page, Store, content_hash
 from crystalline.crawl.urls import Scope, UnsupportedScheme, host_key, normalize
 
@@ -61,6 +65,7 @@ class CrawlConfig:
     max_page_bytes: int = 2 << 20
     concurrency: int = 4
     same_domain: bool = True  # follow links only to the start URLs' domains
+    allow_private: bool = False  # connect to loopback and private addresses too (net.py)
     allow: tuple[re.Pattern[str], ...] = ()
     deny: tuple[re.Pattern[str], ...] = ()
 
@@ -313,7 +318,7 @@ class Crawler:
             except TimeoutError:
                 raise failed("timeout") from None
             except httpx.ConnectError as err:
-                raise failed("dns failure" if _is_dns(err) else "connection error") from None
+                raise failed(_connect_failure(err)) from None
             except httpx.TooManyRedirects:
                 raise failed("redirect limit") from None
             except httpx.TransportError:
@@ -369,10 +374,13 @@ def _retry_after(response: httpx.Response, attempt: int, delay: float) -> float:
     return min(max(wait, 0.0), MAX_RETRY_WAIT)
 
 
-def _is_dns(err: BaseException) -> bool:
+def _connect_failure(err: BaseException) -> str:
+    """The reason for a failed connection, from the chain of causes."""
     seen: BaseException | None = err
     while seen is not None:
+        if isinstance(seen, PrivateAddress):
+            return "private address"
         if isinstance(seen, socket.gaierror):
-            return True
+            return "dns failure"
         seen = seen.__cause__ or seen.__context__
-    return False
+    return "connection error"

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from crystalline.crawl.crawler import CrawlConfig, Crawler, RunStats
+from crystalline.crawl.net import GuardedTransport
 from crystalline.crawl.store import DB_NAME, Link, Store
 from crystalline.crawl.urls import UnsupportedScheme, normalize
 from crystalline.errors import UserError
@@ -82,7 +83,7 @@ async def _crawl(
         headers={"User-Agent": config.user_agent},
         timeout=config.timeout,
         follow_redirects=False,
-        limits=httpx.Limits(max_connections=config.concurrency * 2),
+        transport=GuardedTransport(config.allow_private, httpx.Limits(max_connections=config.concurrency * 2)),
     ) as client:
         crawler: Crawler
 
