@@ -447,6 +447,39 @@ def test_resume_after_kill_stores_each_page_once(site, tmp_path):
     assert db_rows(data_dir, "SELECT count(*) FROM frontier WHERE state != 'done'") == [(0,)]
 
 
+# Runs the command line with a file size limit: a write past it fails with
+# EFBIG (SIGXFSZ ignored, as Python does anyway), as a full disk fails with ENOSPC.
+LIMITED = (
+    "import resource, runpy, signal, sys; limit = int(sys.argv.pop(1));"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+    "runpy.run_module('crystalline', run_name='__main__')"
+)
+
+
+def test_disk_full_stops_cleanly_and_resumes(site, tmp_path):
+    big = "".join(f"line {i} of a page larger than the space left\n" for i in range(30_000)).encode()
+    site.routes["/"] = page("Index", ["/a", "/big.txt", "/c"])
+    site.routes["/a"] = page("Page a")
+    site.routes["/big.txt"] = lambda h: h.send(200, big, "text/plain")
+    site.routes["/c"] = page("Page c")
+    data_dir = tmp_path / "crawl"
+    args = ["crawl", site.url("/"), "--data-dir", str(data_dir), "--delay", "0", "--no-progress", "--allow-private"]
+    full = subprocess.run(
+        [sys.executable, "-c", LIMITED, str(len(big) // 2), *args], capture_output=True, text=True, timeout=60
+    )
+    assert full.returncode == 2 and "Traceback" not in full.stderr
+    assert f"disk full while writing {data_dir / 'pages'}" in full.stderr
+    assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]
+    big_row = db_rows(data_dir, "SELECT state, reason FROM frontier WHERE url LIKE '%/big.txt'")
+    assert big_row == [("queued", "disk full")]
+    assert not list((data_dir / "pages").rglob(".*"))  # no temp file left behind
+
+    resumed = subprocess.run([sys.executable, "-m", "crystalline", *args, "--resume"], capture_output=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert db_rows(data_dir, "SELECT state, count(*) FROM frontier GROUP BY state") == [("done", 4)]
+    assert big.decode() in [p.read_text() for p in page_files(data_dir)]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -25,8 +25,10 @@ inflating more than MAX_EXPANSION-fold: that is skipped as "too large".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
+import sqlite3
 import time
 import zlib
 from collections.abc import Callable
@@ -42,7 +44,7 @@ import crystalline
 from crystalline.crawl import extract
 from crystalline.crawl.body import ACCEPT_ENCODING, UnsupportedEncoding, read_body
 from crystalline.crawl.net import PrivateAddress
-from crystalline.crawl.store import Link, Page, Store, content_hash
+from crystalline.crawl.store import DiskFull, Link, Page, Store, content_hash
 from crystalline.crawl.urls import Scope, UnsupportedScheme, host_key, normalize
 
 MAX_RETRY_WAIT = 60.0  # seconds; a longer Retry-After is cut to this
@@ -151,7 +153,15 @@ class Crawler:
         self.changed = asyncio.Event()
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._worker() for _ in range(self.config.concurrency)))
+        """Crawl until nothing is queued (or max_pages); an exception (DiskFull)
+        stops the other workers: their URLs stay `fetching`, requeued on resume."""
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.config.concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     def _notify(self) -> None:
         self.changed.set()
@@ -197,6 +207,10 @@ class Crawler:
         except Outcome as outcome:
             self.store.finish(url, outcome.state, outcome.reason, outcome.http_status)
             return
+        except DiskFull:  # the crawl stops; the URL is fetched again on resume
+            with contextlib.suppress(sqlite3.Error):  # the database may be out of space too: `fetching` is requeued
+                self.store.finish(url, "queued", "disk full")
+            raise
         except Exception as err:  # a bug or a case not foreseen costs this URL, not the crawl
             reason = f"unexpected error ({type(err).__name__})"
             self.on_note(f"{url}: {reason}: {err}")

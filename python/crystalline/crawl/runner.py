@@ -17,7 +17,7 @@ import httpx
 
 from crystalline.crawl.crawler import CrawlConfig, Crawler, RunStats
 from crystalline.crawl.net import GuardedTransport
-from crystalline.crawl.store import DB_NAME, Link, Store
+from crystalline.crawl.store import DB_NAME, DiskFull, Link, Store
 from crystalline.crawl.urls import UnsupportedScheme, normalize
 from crystalline.errors import UserError
 
@@ -45,9 +45,10 @@ def run(
     `on_progress` is called whenever a page ends, `on_note` with each
     message for the user (one line, e.g. an unexpected error on a URL).
 
-    Raises UserError for bad settings, a directory that cannot be used, or a
+    Raises UserError for bad settings, a directory that cannot be used, a
     crawl already there without `resume` (or none there with it and no
-    start URLs)."""
+    start URLs), or a disk that fills up (the crawl stops, its database
+    intact, and resumes where it stopped)."""
     starts = _check(config)
     data_dir = config.data_dir
     if data_dir.exists() and not data_dir.is_dir():
@@ -66,7 +67,10 @@ def run(
         try:
             store.requeue_interrupted()
             store.add(starts, config.max_per_host)
-            stats = asyncio.run(_crawl(config, store, on_progress, on_note or (lambda note: None)))
+            try:
+                stats = asyncio.run(_crawl(config, store, on_progress, on_note or (lambda note: None)))
+            except DiskFull as err:
+                raise UserError(f"{err}; free some space, then continue with --resume") from None
             stored, total = store.stored_pages()
             return Summary(stored, total, stats.fetched, store.counts(), store.reasons())
         finally:
