@@ -53,7 +53,7 @@ def crawl(
     deny: Annotated[Optional[list[str]], typer.Option(help="Never follow URLs matching this regex (repeatable).")] = (
         None
     ),
-    max_page_bytes: Annotated[int, typer.Option(help="Bytes read per page; longer pages are truncated.")] = (
+    max_page_bytes: Annotated[int, typer.Option(help="Decoded bytes read per page; longer pages are truncated.")] = (
         DEFAULTS.max_page_bytes
     ),
     concurrency: Annotated[int, typer.Option(help="Requests in flight at once (one per host).")] = (
