@@ -40,7 +40,7 @@ app.add_typer(inference_command.models_app, name="models")
 app.command("export")(inference_command.export)
 app.command("import")(inference_command.import_model)
 
-from crystalline.crawl import command as crawl_command  # noqa: E402
+from crystalline.cli import crawl as crawl_command  # noqa: E402
 
 app.command("crawl")(crawl_command.crawl)
 

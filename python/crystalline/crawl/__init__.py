@@ -5,8 +5,8 @@ database of the frontier, so a crawl resumes after any interruption.
 `page_files(data_dir)` lists the stored text files (for `train --watch`).
 """
 
-from crystalline.crawl.command import Summary, run
 from crystalline.crawl.crawler import CrawlConfig
+from crystalline.crawl.runner import Summary, run
 from crystalline.crawl.store import page_files
 
 __all__ = ["CrawlConfig", "Summary", "page_files", "run"]

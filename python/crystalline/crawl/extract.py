@@ -3,6 +3,9 @@
 Decoding: the charset the server declared, else one an HTML page declares in
 a <meta> tag, else the one charset-normalizer detects; bytes that still do
 not decode become U+FFFD, so a wrong guess costs characters, never the page.
+A declared name counts only if it is a text charset: Python also knows
+codecs from bytes to bytes (hex, base64, zlib...) and from text to text
+(rot13), and host-name codecs (idna, punycode) that are no charset at all.
 
 HTML becomes its main content by trafilatura (navigation, scripts, headers,
 footers and boilerplate dropped); links are read from the same lxml tree.
@@ -24,6 +27,7 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 TEXT_TYPES = ("text/plain",)
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_.:-]+)""", re.IGNORECASE)
 _PARSER = lxml.html.HTMLParser(encoding="utf-8", remove_comments=True)
+_NOT_CHARSETS = ("idna", "punycode", "undefined")  # text codecs by Python's flag, but not for documents
 
 
 def decode(body: bytes, declared: str | None, is_html: bool) -> str:
@@ -42,9 +46,12 @@ def _known(name: str | None) -> str | None:
     if not name:
         return None
     try:
-        return codecs.lookup(name).name
+        info = codecs.lookup(name)
     except LookupError:
         return None
+    if not info._is_text_encoding or info.name in _NOT_CHARSETS:  # the stdlib's own flag (bytes.decode checks it)
+        return None
+    return info.name
 
 
 def html_to_text(html: str, url: str) -> tuple[str, list[str]]:

@@ -13,11 +13,14 @@ one transaction records the page, marks its URL done and queues its links.
 Killed at any moment, the crawl loses at most the pages in flight: on resume
 rows left in `fetching` go back to `queued`, and a URL marked done is never
 fetched again. A file renamed into place whose row was not committed yet is
-rewritten under the same name when its URL is fetched again.
+rewritten under the same name when its URL is fetched again. A page that
+cannot be written for lack of space raises DiskFull: the crawl stops, and
+the URL goes back to `queued` for the resumed run.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import sqlite3
@@ -55,6 +58,15 @@ CREATE TABLE IF NOT EXISTS pages (
     truncated INTEGER NOT NULL
 );
 """
+
+
+class DiskFull(Exception):
+    """A page file could not be written for lack of space (ENOSPC, EDQUOT)
+    or a file size limit (EFBIG)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"disk full while writing {path}")
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,9 @@ class Store:
             self.conn.execute("UPDATE frontier SET state = 'fetching' WHERE id = ?", (row[0],))
         return row[1], row[2]
 
+    def has_queued(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM frontier WHERE state = 'queued' LIMIT 1").fetchone() is not None
+
     def has_url(self, url: str) -> bool:
         return self.conn.execute("SELECT 1 FROM frontier WHERE url = ?", (url,)).fetchone() is not None
 
@@ -187,10 +202,15 @@ class Store:
     def save(self, page: Page, digest: str, links: list[Link], host_cap: int) -> int:
         """Store a page: its file atomically, then in one transaction its row,
         its URL (and the URL it redirected to) marked `done`, and its links.
-        Returns the bytes written."""
+        Returns the bytes written; raises DiskFull."""
         data = page.text.encode("utf-8")
         rel = Path(PAGES_DIR) / _safe_host(host_key(page.url)) / (hashlib.sha1(page.url.encode()).hexdigest() + ".txt")
-        _write_atomic(self.root / rel, data)
+        try:
+            _write_atomic(self.root / rel, data)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise DiskFull(self.root / rel) from err
+            raise
         with self.conn:
             self.conn.execute(
                 "INSERT OR REPLACE INTO pages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
