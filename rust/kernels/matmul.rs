@@ -121,18 +121,34 @@ pub fn matmul_forward(
     oc: usize,
     threads: usize,
 ) {
-    if n == 0 || oc == 0 {
-        return;
-    }
     match bias {
         Some(bias) => {
-            for row in out[..n * oc].chunks_exact_mut(oc) {
-                row.copy_from_slice(&bias[..oc]);
-            }
-            sgemm(n, oc, c, inp, false, weight, false, out, true, threads);
+            out[..n * oc].fill(0.0);
+            matmul_accumulate(out, inp, weight, bias, n, c, oc, threads);
         }
         None => sgemm(n, oc, c, inp, false, weight, false, out, false, threads),
     }
+}
+
+/// out += inp @ weight + bias: a projection added onto what `out` holds
+/// (zeros for `matmul_forward`, the residual stream for
+/// `residual_matmul_forward`).
+///
+/// out:    [N, OC]  (+=)
+/// inp:    [N, C]
+/// weight: [C, OC]
+/// bias:   [OC]
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_accumulate(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, oc: usize, threads: usize) {
+    if n == 0 || oc == 0 {
+        return;
+    }
+    for row in out[..n * oc].chunks_exact_mut(oc) {
+        for (o, b) in row.iter_mut().zip(&bias[..oc]) {
+            *o += b;
+        }
+    }
+    sgemm(n, oc, c, inp, false, weight, false, out, true, threads);
 }
 
 /// Backward of `matmul_forward`, accumulating into every gradient.

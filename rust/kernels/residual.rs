@@ -1,6 +1,6 @@
 //! Residual connections: a plain sum, and a projection added onto the stream.
 
-use crate::kernels::matmul::sgemm;
+use crate::kernels::matmul::matmul_accumulate;
 
 /// out = a + b
 ///
@@ -43,15 +43,8 @@ pub fn residual_matmul_forward(
     oc: usize,
     threads: usize,
 ) {
-    if n == 0 || oc == 0 {
-        return;
-    }
-    for (o, r) in out[..n * oc].chunks_exact_mut(oc).zip(residual.chunks_exact(oc)) {
-        for j in 0..oc {
-            o[j] = r[j] + bias[j];
-        }
-    }
-    sgemm(n, oc, ic, inp, false, weight, false, out, true, threads);
+    out[..n * oc].copy_from_slice(&residual[..n * oc]);
+    matmul_accumulate(out, inp, weight, bias, n, ic, oc, threads);
 }
 
 #[cfg(test)]
