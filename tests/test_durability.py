@@ -189,8 +189,9 @@ def test_a_second_train_on_a_running_run_directory_is_refused(tmp_path, own_env)
         lock = run / locks.LOCK_NAME
         wait_until(lambda: lock.exists() and lock.read_text().strip() == str(proc.pid), "the first run's lock")
         wait_until(lambda: checkpoint.list_checkpoints(run), "the first run's checkpoint")
-        assert_refused(cli([*args, "--checkpoint-dir", str(run)], own_env), f"{run} is in use by process {proc.pid}")
-        assert_refused(cli(["train", "--resume", str(run), *RESUME], own_env),
+        assert_refused(cli([*args, "--checkpoint-dir", str(run)], own_env, timeout=60),
+                       f"{run} is in use by process {proc.pid}")
+        assert_refused(cli(["train", "--resume", str(run), *RESUME], own_env, timeout=60),
                        f"{run} is in use by process {proc.pid}")
         assert proc.poll() is None
     finally:
