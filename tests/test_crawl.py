@@ -27,6 +27,7 @@ from crystalline.crawl import CrawlConfig, extract, net, page_files, run
 from crystalline.crawl.crawler import MAX_CRAWL_DELAY, Robots
 from crystalline.crawl.urls import normalize
 from crystalline.data import corpus
+from commandline import cli_limited
 
 
 def prose(topic: str, sentences: int = 6) -> str:
@@ -447,15 +448,6 @@ def test_resume_after_kill_stores_each_page_once(site, tmp_path):
     assert db_rows(data_dir, "SELECT count(*) FROM frontier WHERE state != 'done'") == [(0,)]
 
 
-# Runs the command line with a file size limit: a write past it fails with
-# EFBIG (SIGXFSZ ignored, as Python does anyway), as a full disk fails with ENOSPC.
-LIMITED = (
-    "import resource, runpy, signal, sys; limit = int(sys.argv.pop(1));"
-    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
-    "runpy.run_module('crystalline', run_name='__main__')"
-)
-
-
 def test_disk_full_stops_cleanly_and_resumes(site, tmp_path):
     big = "".join(f"line {i} of a page larger than the space left\n" for i in range(30_000)).encode()
     site.routes["/"] = page("Index", ["/a", "/big.txt", "/c"])
@@ -464,9 +456,7 @@ def test_disk_full_stops_cleanly_and_resumes(site, tmp_path):
     site.routes["/c"] = page("Page c")
     data_dir = tmp_path / "crawl"
     args = ["crawl", site.url("/"), "--data-dir", str(data_dir), "--delay", "0", "--no-progress", "--allow-private"]
-    full = subprocess.run(
-        [sys.executable, "-c", LIMITED, str(len(big) // 2), *args], capture_output=True, text=True, timeout=60
-    )
+    full = cli_limited(args, None, len(big) // 2, timeout=60)
     assert full.returncode == 2 and "Traceback" not in full.stderr
     assert f"disk full while writing {data_dir / 'pages'}" in full.stderr
     assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]

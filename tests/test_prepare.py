@@ -176,7 +176,9 @@ def test_half_written_dataset_is_never_trusted(tmp_path, monkeypatch):
     (out / "manifest.json").unlink()
     with pytest.raises(UserError, match="not a complete dataset"):
         load_dataset(out)
-    assert prepare([src], out, VOCAB, progress=False).report.tokenizer_trained
+    # without its manifest nothing marks the directory as a dataset: prepare leaves it alone
+    with pytest.raises(UserError, match="not a crystalline dataset"):
+        prepare([src], out, VOCAB, progress=False)
 
 
 def test_walk_skips_hidden_binary_other_extensions_and_survives_link_loops(tmp_path):

@@ -1,8 +1,11 @@
 """Checkpoint directories: weights, optimizer moments, training state and the
 tokenizer, written atomically and verified on load.
 
-A run directory holds `metrics.jsonl` (a line per training step) and
-`ckpt-00001234/` directories, one per saved step:
+A run directory holds `metrics.jsonl` (a line per training step: a run
+that goes on from a checkpoint first cuts it back to that step, and readers
+skip a last line cut short by a crash), `.crystalline.lock` (one training
+run at a time, see `crystalline.locks`) and `ckpt-00001234/` directories,
+one per saved step:
 
 - `model.safetensors`: the weights, under their GPT-2 tensor names
 - `optimizer.safetensors`: AdamW's moments, `m.<name>` and `v.<name>`
@@ -16,8 +19,8 @@ This module owns that schema: `State` is what state.json holds, and
 `_core.Trainer`, refusing one whose names or shapes differ.
 
 Each checkpoint is written into a temporary directory, fsynced, then renamed
-into place, so a crash or `kill -9` at any moment leaves every earlier
-checkpoint intact; a leftover temporary directory is never read.
+into place, so a crash, `kill -9` or a full disk at any moment leaves every
+earlier checkpoint intact; a leftover temporary directory is never read.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from crystalline import _core
-from crystalline.atomic import fsync_path
+from crystalline.atomic import disk_full_at, fsync_path, fsync_tree, is_temporary, write_atomic
 from crystalline.config import ModelConfig, TrainConfig
 from crystalline.data.corpus import file_hash
 from crystalline.errors import UserError
@@ -106,33 +109,31 @@ def save(
     tokenizer_path: Path,
     keep: int,
 ) -> Path:
-    """Write checkpoint `state.step` into `run_dir` atomically; keep the newest `keep`."""
+    """Write checkpoint `state.step` into `run_dir` atomically; keep the newest
+    `keep`. A full disk raises DiskFull naming the checkpoint, leaving the
+    earlier ones intact and no temporary directory behind."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"{PREFIX}{state.step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=run_dir))
-    try:
-        save_file({k: np.ascontiguousarray(a) for k, a in params.items()}, str(tmp / MODEL))
-        moments = {f"m.{k}": np.ascontiguousarray(a) for k, a in m.items()}
-        moments.update({f"v.{k}": np.ascontiguousarray(a) for k, a in v.items()})
-        save_file(moments, str(tmp / OPTIMIZER))
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-        files = {}
-        for name in (MODEL, OPTIMIZER, TOKENIZER):
-            fsync_path(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_hash(tmp / name)}
-        full_state = replace(state, format_version=FORMAT_VERSION, files=files)
-        with open(tmp / STATE, "w") as f:
-            json.dump(full_state.to_json(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        if final.exists():  # re-saving a step (e.g. after resume): replace it
-            discard(final)
-        os.rename(tmp, final)
-        fsync_path(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with disk_full_at(final):
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=run_dir))
+        try:
+            save_file({k: np.ascontiguousarray(a) for k, a in params.items()}, str(tmp / MODEL))
+            moments = {f"m.{k}": np.ascontiguousarray(a) for k, a in m.items()}
+            moments.update({f"v.{k}": np.ascontiguousarray(a) for k, a in v.items()})
+            save_file(moments, str(tmp / OPTIMIZER))
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+            files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_hash(tmp / name)}
+                     for name in (MODEL, OPTIMIZER, TOKENIZER)}
+            full_state = replace(state, format_version=FORMAT_VERSION, files=files)
+            (tmp / STATE).write_text(json.dumps(full_state.to_json(), indent=2))
+            fsync_tree(tmp)
+            if final.exists():  # re-saving a step (e.g. after resume): replace it
+                discard(final)
+            os.rename(tmp, final)
+            fsync_path(run_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         discard(old)
     return final
@@ -199,11 +200,61 @@ def delete(path: Path) -> None:
 
 
 def remove_temporaries(run_dir: Path) -> None:
-    """Delete half-written checkpoints left by a crash."""
+    """Delete half-written checkpoints and files left by a crash (the run
+    directory is locked: no other run is writing them)."""
     if run_dir.is_dir():
         for p in run_dir.iterdir():
             if p.name.startswith(TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
+            elif is_temporary(p.name):
+                p.unlink(missing_ok=True)
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl, one per step. A last line cut
+    short by a crash (no newline, not a record) is left out; any other line
+    that is not a record is a UserError naming it."""
+    path = Path(run_dir) / METRICS
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} has no {METRICS}; is it a run directory?") from None
+    *lines, last = text.split("\n")  # `last` is "" when the file ends with a newline
+    records = []
+    for n, line in enumerate(lines, 1):
+        record = _metrics_record(line)
+        if record is None:
+            raise UserError(f"{path}:{n} is not a metrics record (a JSON object with step and loss): "
+                            "the file is corrupt there; delete that line to go on")
+        records.append(record)
+    record = _metrics_record(last)
+    return records + ([record] if record is not None else [])
+
+
+def _metrics_record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "loss" not in record:
+        return None
+    return record
+
+
+def cut_metrics(run_dir: Path, step: int) -> None:
+    """Make RUN_DIR/metrics.jsonl hold one record for each of steps
+    1..`step`, for a run that goes on from `step`: the records written after
+    its checkpoint (written again by the resumed run) and a last line cut
+    short by a crash go, and of a step recorded twice (by versions that did
+    not cut) the later record stays. Rewritten atomically, and only when
+    that changes it."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return
+    latest = {r["step"]: r for r in metrics_records(run_dir)}
+    kept = "".join(json.dumps(latest[s]) + "\n" for s in sorted(latest) if s <= step)
+    if kept != path.read_text(errors="replace"):
+        write_atomic(path, lambda tmp: tmp.write_text(kept))
 
 
 def resolve(path: Path) -> Path:

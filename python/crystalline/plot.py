@@ -3,11 +3,10 @@ drawn to a PNG with matplotlib (`plot_losses`, `crystalline plot`)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crystalline.checkpoint import METRICS
+from crystalline import checkpoint
 from crystalline.errors import UserError
 
 
@@ -20,15 +19,9 @@ class Curves:
 
 
 def read_metrics(run_dir: Path) -> Curves:
-    metrics = Path(run_dir) / METRICS
-    if not metrics.is_file():
-        raise UserError(f"{run_dir} has no {METRICS}; is it a run directory?")
+    """The loss curves in `run_dir`'s metrics.jsonl (see `checkpoint.metrics_records`)."""
     curves = Curves()
-    for n, line in enumerate(metrics.read_text().splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise UserError(f"{metrics}:{n} is not valid JSON") from None
+    for rec in checkpoint.metrics_records(run_dir):
         curves.steps.append(rec["step"])
         curves.losses.append(rec["loss"])
         if "val_loss" in rec:

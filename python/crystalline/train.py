@@ -22,7 +22,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from crystalline import _core, checkpoint
+from crystalline import _core, checkpoint, locks
+from crystalline.atomic import DiskFull, disk_full_at
 from crystalline.config import WATCH_EPOCHS, TrainConfig, resume_config
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
@@ -135,10 +136,9 @@ class Trainer:
         return trainer
 
     def setup(self) -> None:
-        """Check the settings and the run directory, prepare the data, pick
+        """Check the run directory (locked by `run`), prepare the data, pick
         the shape for --preset auto, build the Rust trainer (restoring a
         resumed run) and report the plan."""
-        self.cfg.validate()
         self._check_run_dir()
         self._find_data()
         auto = self.cfg.preset == "auto" and self.resume_from is None  # a resumed run keeps the shape it chose
@@ -156,7 +156,6 @@ class Trainer:
         self._report_plan()
 
     def _check_run_dir(self) -> None:
-        check_writable(self.run_dir)
         if self.resume_from is None and checkpoint.list_checkpoints(self.run_dir):
             raise UserError(
                 f"--checkpoint-dir {self.run_dir} already holds a run; add --resume to continue it "
@@ -236,6 +235,7 @@ class Trainer:
             progress=progress,
             extensions=self.extensions,
         )
+        self.dataset.check_token_ids()
         old = len(getattr(self, "train_tokens", ()))
         self.train_tokens = self.dataset.train_tokens()
         self.val_tokens = self.dataset.val_tokens()
@@ -267,8 +267,12 @@ class Trainer:
         self._load_data(progress=False)
 
     def _refresh_watched(self) -> bool:
-        """Pick up files added to or changed in the watched directory."""
-        changed = self._load_data(progress=False)
+        """Pick up files added to or changed in the watched directory (at the
+        next chance when another run is preparing the same data)."""
+        try:
+            changed = self._load_data(progress=False)
+        except locks.InUse:
+            return False
         while self.steps_per_epoch == 0:  # files were removed: wait until one step fits again
             self._wait_for_data(UserError(f"{len(self.train_tokens):,} tokens are fewer than one step"))
             changed = True
@@ -376,19 +380,50 @@ class Trainer:
                                self.dataset.tokenizer_path, self.cfg.keep)
 
     def run(self) -> Run:
-        """Set up, train until the plan is done or Ctrl-C (saving every
-        --save-interval steps and at the end), then sample the model."""
-        self.setup()
-        self.last_checkpoint = self.resume_from
+        """Lock the run directory, set up, train until the plan is done or
+        Ctrl-C (saving every --save-interval steps and at the end), then
+        sample the model."""
+        self.cfg.validate()
+        check_writable(self.run_dir)
+        created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with locks.locked(self.run_dir):
+            try:
+                self.setup()
+            except BaseException:
+                if created:
+                    self._remove_run_dir()
+                raise
+            self._train_locked()
+            return self._finish()
+
+    def _remove_run_dir(self) -> None:
+        """Remove the run directory this run made when setting up failed, if
+        nothing but the lock file is in it."""
+        if [p.name for p in self.run_dir.iterdir()] == [locks.LOCK_NAME]:
+            (self.run_dir / locks.LOCK_NAME).unlink()
+            self.run_dir.rmdir()
+
+    def _train_locked(self) -> None:
+        """The training loop, with metrics.jsonl cut back to the step it
+        starts from (a crash may have left later records, or half of one)."""
+        self.last_checkpoint = self.resume_from
         checkpoint.remove_temporaries(self.run_dir)
+        metrics_path = self.run_dir / checkpoint.METRICS
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
-            with open(self.run_dir / checkpoint.METRICS, "a", buffering=1) as metrics, self._progress_bar() as bar:
-                self._train(metrics, bar)
+            with disk_full_at(metrics_path):
+                checkpoint.cut_metrics(self.run_dir, self.step)
+                with open(metrics_path, "a", buffering=1) as metrics, self._progress_bar() as bar:
+                    self._train(metrics, bar)
+        except DiskFull as err:
+            advice = "free some space, then start again"
+            if self.last_checkpoint is not None:
+                advice = (f"the last checkpoint, {self.last_checkpoint}, is intact: free some space, then continue "
+                          f"with `crystalline train --resume {self.run_dir}`")
+            raise UserError(f"{err}; {advice}") from None
         finally:
             signal.signal(signal.SIGINT, previous)
-        return self._finish()
 
     def _progress_bar(self) -> Progress:
         return Progress(

@@ -41,10 +41,11 @@ import httpx
 from protego import Protego
 
 import crystalline
+from crystalline.atomic import DiskFull
 from crystalline.crawl import extract
 from crystalline.crawl.body import ACCEPT_ENCODING, UnsupportedEncoding, read_body
 from crystalline.crawl.net import PrivateAddress
-from crystalline.crawl.store import DiskFull, Link, Page, Store, content_hash
+from crystalline.crawl.store import Link, Page, Store, content_hash
 from crystalline.crawl.urls import Scope, UnsupportedScheme, host_key, normalize
 
 MAX_RETRY_WAIT = 60.0  # seconds; a longer Retry-After is cut to this

@@ -5,23 +5,19 @@ of what the directory holds afterwards."""
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
+from crystalline.atomic import DiskFull
 from crystalline.crawl.crawler import CrawlConfig, Crawler, RunStats
 from crystalline.crawl.net import GuardedTransport
-from crystalline.crawl.store import DB_NAME, DiskFull, Link, Store
+from crystalline.crawl.store import DB_NAME, Link, Store
 from crystalline.crawl.urls import UnsupportedScheme, normalize
 from crystalline.errors import UserError
-
-LOCK_NAME = ".crawl.lock"
+from crystalline.locks import locked
 
 
 @dataclass
@@ -62,7 +58,7 @@ def run(
         raise UserError(f"{data_dir} already holds a crawl; pass --resume to continue it, or use another --data-dir")
     if resume and not had_crawl and not starts:
         raise UserError(f"{data_dir} holds no crawl to resume; give start URLs")
-    with _locked(data_dir):
+    with locked(data_dir):
         store = Store(data_dir)
         try:
             store.requeue_interrupted()
@@ -125,20 +121,6 @@ def _check(config: CrawlConfig) -> list[Link]:
         except ValueError:
             raise UserError(f"start URL {raw!r} is not a valid URL; write it as https://host/path") from None
     return links
-
-
-@contextmanager
-def _locked(data_dir: Path) -> Iterator[None]:
-    """One crawl per directory at a time (the lock dies with the process)."""
-    fd = os.open(data_dir / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another crawl is writing to {data_dir}") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def patterns(option: str, values: list[str] | None) -> tuple[re.Pattern[str], ...]:

@@ -20,7 +20,6 @@ the URL goes back to `queued` for the resumed run.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import re
 import sqlite3
@@ -29,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from crystalline.atomic import write_atomic
+from crystalline.atomic import disk_full_at, write_atomic
 from crystalline.crawl.urls import domain_of, host_key
 
 DB_NAME = "crawl.sqlite3"
@@ -59,14 +58,6 @@ CREATE TABLE IF NOT EXISTS pages (
 );
 """
 
-
-class DiskFull(Exception):
-    """A page file could not be written for lack of space (ENOSPC, EDQUOT)
-    or a file size limit (EFBIG)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"disk full while writing {path}")
-        self.path = path
 
 
 @dataclass(frozen=True)
@@ -205,12 +196,8 @@ class Store:
         Returns the bytes written; raises DiskFull."""
         data = page.text.encode("utf-8")
         rel = Path(PAGES_DIR) / _safe_host(host_key(page.url)) / (hashlib.sha1(page.url.encode()).hexdigest() + ".txt")
-        try:
+        with disk_full_at(self.root / rel):
             _write_atomic(self.root / rel, data)
-        except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise DiskFull(self.root / rel) from err
-            raise
         with self.conn:
             self.conn.execute(
                 "INSERT OR REPLACE INTO pages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

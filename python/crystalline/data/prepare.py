@@ -18,6 +18,19 @@ describes; `load_dataset` checks the tokenizer hash and the file sizes
 against it. A run that dies half-way therefore leaves either the previous
 dataset or one that is refused, never one that is silently wrong.
 
+The manifest's `"format": "crystalline-dataset/1"` is what makes a directory
+a Crystalline dataset: `prepare` writes into a directory only when it is new,
+empty, or holds such a manifest (a first run marks a new directory with a
+manifest holding only that, before it writes anything else). Datasets made
+before the marker existed have `"format": 1`; they count when their manifest
+has exactly the keys those versions wrote, and get the marker on their next
+`prepare`. Anything else is refused untouched. Even in a dataset, `prepare`
+deletes only names it gives its own files: `train-`/`val-<12 hex>.bin`,
+`shards/<16 hex>/<2 hex>/<sha256>.bin` and its temporaries.
+
+One `prepare` at a time works in a directory (`crystalline.locks`, the lock
+file `.crystalline.lock`): a second one is refused while the first runs.
+
 The tokenizer already in the directory is reused when it was made for the
 same `--vocab-size`: adding or changing files does not retrain it (pass
 `--retrain-tokenizer` for that). The tokenizer is trained on at most
@@ -30,9 +43,11 @@ by a hash of their relative path, so adding files never moves old ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -46,10 +61,15 @@ from crystalline.data.corpus import FileRead, SourceFile
 from crystalline.data.progress import Progress
 from crystalline.data.corpus import file_hash
 from crystalline.data.tokenizer import Tokenizer, check_vocab_size
-from crystalline.atomic import copy_atomic, write_atomic, write_json_atomic
+from crystalline import locks
+from crystalline.atomic import copy_atomic, disk_full_at, is_temporary, temporary_name, write_atomic, write_json_atomic
 from crystalline.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT = "crystalline-dataset/1"
+# The manifests written before FORMAT: this "format", and exactly these keys.
+LEGACY_FORMAT = 1
+LEGACY_KEYS = frozenset({"format", "requested_vocab_size", "vocab_size", "tokenizer_hash", "eot_id", "dtype",
+                         "val_fraction", "seed", "files", "train_file", "val_file", "train_count", "val_count"})
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 SHARDS = "shards"
@@ -58,7 +78,11 @@ SHARDS = "shards"
 BATCH_BYTES = 1 << 20
 # Most text the tokenizer is trained on.
 TRAIN_SAMPLE_BYTES = 256 << 20
-_OURS = {MANIFEST, TOKENIZER, SHARDS}
+# The names of the files prepare makes (besides MANIFEST and TOKENIZER), the
+# only ones it ever deletes.
+TOKEN_FILE = re.compile(r"(train|val)-[0-9a-f]{12}\.bin")
+SHARD_DIR = re.compile(r"[0-9a-f]{16}")  # shards/<tokenizer hash[:16]>
+SHARD_FILE = re.compile(r"[0-9a-f]{64}\.bin")  # shards/<tokenizer hash[:16]>/<sha256[:2]>/<sha256>.bin
 
 
 @dataclass
@@ -105,6 +129,18 @@ class Dataset:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(self.root / name, dtype=self.dtype, mode="r", shape=(count,))
 
+    def check_token_ids(self) -> None:
+        """Refuse token files holding an id outside the vocabulary (a corrupt
+        dataset: the sizes `load_dataset` checks were right). One pass over
+        the memory map."""
+        for name, tokens in ((self.train_file, self.train_tokens()), (self.val_file, self.val_tokens())):
+            top = int(tokens.max()) if len(tokens) else 0
+            if top >= self.vocab_size:
+                raise UserError(
+                    f"the prepared dataset {self.root} is corrupt: {name} holds token id {top}, but the vocabulary "
+                    f"has {self.vocab_size} tokens; delete {self.root} and run again to prepare it afresh"
+                )
+
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "uint32"
@@ -138,10 +174,37 @@ def prepare(
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create output directory {out_dir}: {err.strerror}") from None
-    _remove_temporaries(out_dir)
-
     report = PrepareReport(files=len(files), bytes=sum(f.size for f in files), skipped=skipped)
     report.warnings.extend(skipped.warnings)
+    with locks.locked(out_dir), disk_full_at(out_dir):
+        if _marked_manifest(out_dir) is None:  # new or empty: mark it as ours before anything else
+            write_json_atomic(out_dir / MANIFEST, {"format": FORMAT})
+        _remove_temporaries(out_dir)
+        manifest = _update(out_dir, files, vocab_size, tokenizer, val_fraction, seed, progress, retrain_tokenizer,
+                           report)
+
+    report.files_with_replacements = sum(1 for e in manifest["files"] if e["replaced"])
+    if report.files_with_replacements:
+        report.warnings.append(
+            f"{report.files_with_replacements} file(s) had invalid UTF-8; the bad bytes became U+FFFD"
+        )
+    for line in report.warnings:
+        Progress.warn(line)
+    return _dataset(out_dir, manifest, report)
+
+
+def _update(
+    out_dir: Path,
+    files: list[SourceFile],
+    vocab_size: int | None,
+    tokenizer: Path | None,
+    val_fraction: float,
+    seed: int,
+    progress: bool,
+    retrain_tokenizer: bool,
+    report: PrepareReport,
+) -> dict:
+    """Bring the dataset in `out_dir` (locked) up to date with `files`; its new manifest."""
     old = read_manifest(out_dir)
     with Progress(enabled=progress) as bar:
         tok, requested, hashes = _tokenizer_for(
@@ -154,7 +217,7 @@ def prepare(
 
     _assign_splits(entries, val_fraction, seed, report)
     manifest = {
-        "format": FORMAT_VERSION,
+        "format": FORMAT,
         "requested_vocab_size": requested,
         "vocab_size": tok.vocab_size,
         "tokenizer_hash": tok_hash,
@@ -171,15 +234,7 @@ def prepare(
     if manifest != old:
         write_json_atomic(out_dir / MANIFEST, manifest)
     _remove_unreferenced(out_dir, manifest, shard_dir)
-
-    report.files_with_replacements = sum(1 for e in entries if e["replaced"])
-    if report.files_with_replacements:
-        report.warnings.append(
-            f"{report.files_with_replacements} file(s) had invalid UTF-8; the bad bytes became U+FFFD"
-        )
-    for line in report.warnings:
-        Progress.warn(line)
-    return _dataset(out_dir, manifest, report)
+    return manifest
 
 
 def default_vocab_size(paths: list[Path], out_dir: Path, extensions: list[str] | None = None) -> int:
@@ -386,7 +441,7 @@ def _encode_files(
             if text is not None:
                 ids = np.asarray(next(ids_iter), dtype=dtype)
                 if index not in writers:
-                    tmp = shard_dir / f".{uuid.uuid4().hex}.tmp"
+                    tmp = temporary_name(shard_dir / "shard")
                     writers[index] = (tmp, open(tmp, "wb"))
                 writers[index][1].write(ids.tobytes())
                 work[index][1]["tokens"] += ids.size
@@ -462,21 +517,18 @@ def _write_token_files(
     generation = uuid.uuid4().hex[:12]
     for split in ("train", "val"):
         name = f"{split}-{generation}.bin"
-        tmp = out_dir / f".{name}.tmp"
-        count = 0
-        with open(tmp, "wb") as out:
-            for e in entries:
-                if e["split"] != split:
-                    continue
-                with open(_shard_path(shard_dir, e["sha256"]), "rb") as shard:
-                    shutil.copyfileobj(shard, out, 1 << 20)
-                out.write(eot)
-                count += e["tokens"] + 1
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, out_dir / name)
+        chosen = [e for e in entries if e["split"] == split]
+
+        def write(tmp: Path, chosen: list[dict] = chosen) -> None:
+            with open(tmp, "wb") as out:
+                for e in chosen:
+                    with open(_shard_path(shard_dir, e["sha256"]), "rb") as shard:
+                        shutil.copyfileobj(shard, out, 1 << 20)
+                    out.write(eot)
+
+        write_atomic(out_dir / name, write)
         manifest[f"{split}_file"] = name
-        manifest[f"{split}_count"] = count
+        manifest[f"{split}_count"] = sum(e["tokens"] + 1 for e in chosen)
 
 
 def _same_layout(old: dict, new: dict) -> bool:
@@ -501,27 +553,37 @@ def _token_files_ok(out_dir: Path, manifest: dict) -> bool:
 
 
 def _check_out_dir(out_dir: Path) -> None:
+    """Refuse, touching nothing, an --out that is a file or a directory that
+    is neither empty (but for a lock file) nor a Crystalline dataset."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file, not a directory; choose a new or empty directory")
-    if out_dir.is_dir():
-        names = {p.name for p in out_dir.iterdir()}
-        if names and not names & _OURS:
+    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} - {locks.LOCK_NAME}:
+        if _marked_manifest(out_dir) is None:
             raise UserError(
-                f"--out {out_dir} is a non-empty directory that is not a crystalline dataset; "
-                "choose a new or empty directory"
+                f"--out {out_dir} is a non-empty directory that is not a crystalline dataset (no {MANIFEST} "
+                f'with "format": "{FORMAT}"); nothing in it was changed: choose a new or empty directory'
             )
 
 
-def read_manifest(out_dir: Path) -> dict | None:
-    """The manifest, or None when missing, unreadable or from another format."""
+def _marked_manifest(out_dir: Path) -> dict | None:
+    """The manifest when it marks `out_dir` as a Crystalline dataset (see the
+    module's docstring), complete or not; else None."""
     try:
         manifest = json.loads((out_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    required = ("format", "tokenizer_hash", "requested_vocab_size", "files", "dtype", "train_file", "val_file")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+    if not isinstance(manifest, dict):
         return None
-    if any(k not in manifest for k in required):
+    legacy = manifest.get("format") == LEGACY_FORMAT and manifest.keys() == LEGACY_KEYS
+    return manifest if legacy or manifest.get("format") == FORMAT else None
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    """The manifest of a complete dataset, or None when missing, unreadable,
+    from another format or only the mark of a first run not finished."""
+    manifest = _marked_manifest(out_dir)
+    required = ("format", "tokenizer_hash", "requested_vocab_size", "files", "dtype", "train_file", "val_file")
+    if manifest is None or any(k not in manifest for k in required):
         return None
     return manifest
 
@@ -543,22 +605,35 @@ def _dataset(out_dir: Path, manifest: dict, report: PrepareReport | None) -> Dat
 
 
 def _remove_temporaries(out_dir: Path) -> None:
+    """Delete the temporaries a killed run left (the directory is locked: no
+    other run is writing them)."""
     for tmp in out_dir.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+        if is_temporary(tmp.name):
+            tmp.unlink(missing_ok=True)
 
 
 def _remove_unreferenced(out_dir: Path, manifest: dict, shard_dir: Path) -> None:
-    """Delete token files and shards the new manifest no longer uses."""
+    """Delete the token files and shards the new manifest no longer uses;
+    files under other names are never touched."""
     keep = {manifest["train_file"], manifest["val_file"]}
     for path in out_dir.glob("*.bin"):
-        if path.name not in keep:
+        if TOKEN_FILE.fullmatch(path.name) and path.name not in keep:
             path.unlink(missing_ok=True)
     for other in (out_dir / SHARDS).glob("*"):
-        if other != shard_dir:
-            shutil.rmtree(other, ignore_errors=True)
-    wanted = {_shard_path(shard_dir, e["sha256"]) for e in manifest["files"]}
-    for path in shard_dir.glob("*/*"):
-        if path not in wanted:
+        if other != shard_dir and SHARD_DIR.fullmatch(other.name):
+            _remove_shards(other, set())
+    _remove_shards(shard_dir, {_shard_path(shard_dir, e["sha256"]) for e in manifest["files"]})
+
+
+def _remove_shards(tok_dir: Path, keep: set[Path]) -> None:
+    """Delete the shards under shards/<hash>/ not in `keep`; with none kept,
+    the folders too when nothing else is left in them."""
+    for path in tok_dir.glob("*/*"):
+        if SHARD_FILE.fullmatch(path.name) and path not in keep:
             path.unlink(missing_ok=True)
+    if not keep:
+        for folder in [*tok_dir.glob("*"), tok_dir]:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
