@@ -248,8 +248,9 @@ SANE = {"checkpoint_path": ["run"], "run_dir": ["run"], "path": ["run"], "source
         "prompt_file": ["corpus/a.py"], "watch": ["corpus"], "directory": ["."], "vocab_size": ["300", "512"],
         "embed_dim": ["16", "32"], "num_layers": ["1", "2"], "num_heads": ["2"], "seq_len": ["8", "16"],
         "batch_size": ["2", "4"], "threads": ["1", "2"], "max_steps": ["1", "3"], "epochs": ["1"],
-        "max_tokens": ["4", "16"], "num_samples": ["1", "3"], "learning_rate": ["0.001", "0.01"], "ext": [".py", ".txt"],
-        "fmt": ["hf"], "preset": ["tiny", "auto"], "prompt": ["def f(x):", "x"], "text": ["hello world"],
+        "max_tokens": ["4", "16"], "num_samples": ["1", "3"], "learning_rate": ["0.001", "0.01"],
+        "ext": [".py", ".txt"], "fmt": ["hf"], "preset": ["tiny", "auto"], "prompt": ["def f(x):", "x"],
+        "text": ["hello world"],
         "start_urls": ["http://127.0.0.1:9/"], "allow": ["127"], "deny": ["x"], "user_agent": ["crystalline-fuzz"]}
 # Values no parameter takes; typer refuses most before a command runs.
 JUNK = ["", " ", "x", "-", "--", "1e23", "0x10", "\u00fc\u20ac\U0001f600", "\udcff", "nan", "\u202e1"]
@@ -288,7 +289,7 @@ def build_sandbox(root: Path) -> None:
     (root / "good.toml").write_text(GOOD_TOML)
     (root / "bad.toml").write_text('learning_rate = "x"\n')
     cfg = TrainConfig(data=[str(root / "corpus")], vocab_size=300, n_embd=16, n_layer=1, n_head=2, seq_len=16,
-                      batch_size=4, max_steps=2, sample_tokens=0, threads=2, progress=False,
+                      val_fraction=0.0, batch_size=4, max_steps=2, sample_tokens=0, threads=2, progress=False,
                       checkpoint_dir=str(root / "run"))
     Trainer(cfg, Console(file=io.StringIO())).run()
     hf.export(root / "run", root / "hf")
