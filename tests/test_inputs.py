@@ -9,12 +9,14 @@ module."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from crystalline import checkpoint, hf
 from crystalline.config import ModelConfig, TrainConfig, load_toml
@@ -22,6 +24,7 @@ from crystalline.errors import UserError
 from crystalline.guard import TEXT_LIMIT, read_text
 from crystalline.inference import Sampling
 from crystalline.plot import plot_losses
+from crystalline.train import Trainer
 from commandline import cli
 
 TINY = ["--vocab-size", "300", "--embed-dim", "16", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4",
@@ -119,11 +122,18 @@ def test_seeds_sampling_settings_and_sizes_out_of_range_name_their_flag(corpus, 
             Sampling(**settings).validate()
 
 
-def test_too_many_threads_are_capped_with_a_warning(run_dir, env):
+def test_too_many_threads_are_capped_with_a_warning(corpus, run_dir, env, tmp_path):
+    warning = "warning: --threads 100000 is more than 1024; using 1024"
     r = cli(["generate", str(run_dir), "--prompt", "x", "--max-tokens", "3", "--seed", "1", "--threads", "100000"], env)
-    assert r.returncode == 0, r.stderr
-    assert r.stderr == "warning: --threads 100000 is more than 1024; using 1024\n"
+    assert r.returncode == 0 and r.stderr == warning + "\n", r.stderr
     assert r.stdout.startswith("x")
+    # training caps them first too (stopped here by a run directory below a file, before any work)
+    said = io.StringIO()
+    trainer = Trainer(TrainConfig(data=[str(corpus)], threads=100000, checkpoint_dir="/dev/null/x"),
+                      Console(file=said))
+    with pytest.raises(UserError, match="/dev/null is not a directory"):
+        trainer.setup()
+    assert trainer.cfg.threads == 1024 and said.getvalue() == warning + "\n"
 
 
 def test_config_files_are_type_checked_and_bounded(corpus, env, tmp_path):
