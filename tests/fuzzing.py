@@ -1,21 +1,43 @@
-"""Fuzzers for `crystalline._core`: hypothesis draws dtypes, ranks, shapes
-(zeros, and sizes near 2**32 and 2**63 where another axis is empty), strides,
-token ids and scalar arguments for every function and method, and checks
+"""Fuzzers, each run in a child process.
+
+`core`: hypothesis draws dtypes, ranks, shapes (zeros, and sizes near 2**32
+and 2**63 where another axis is empty), strides, token ids and scalar
+arguments for every function and method of `crystalline._core`, and checks
 that each call either works or raises TypeError, ValueError or MemoryError.
 
+`cli`: hypothesis draws a command line for every command of the typer app,
+with any subset of its options (taken from the app itself, so new ones are
+fuzzed too) set to negative, zero, huge, nan, inf, empty, unicode or junk
+values, and paths into a sandbox (a tiny corpus, a tiny trained run, its
+Hugging Face export, settings files) or at /dev/zero and /dev/null/x. Each
+example runs `crystalline.cli.main` in-process on a fresh copy of the
+sandbox and must end in exit code 0, 1, 2 or 130 (3 only for a diverging
+loss) without a traceback; an example still running after `--limit-s`
+seconds is stopped and counted as having run legitimately.
+
 A crash (a signal, an abort) cannot be caught in-process, so callers run
-`main` in a child process: `python tests/fuzzing.py core --examples N`.
+`main` in a child process: `python tests/fuzzing.py core|cli --examples N`.
 `tests/test_fuzz.py` runs a few hundred examples; `benches/fuzz.py` many.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import io
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import traceback
+import typing
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import hypothesis
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 ALLOWED = (TypeError, ValueError, MemoryError)
@@ -206,14 +228,203 @@ def _short(a) -> str:
     return repr(a)
 
 
+# -- the command line ---------------------------------------------------------
+
+# Values for options and arguments by the type of the parameter: (sane, hostile).
+# Relative paths are inside the sandbox (the working directory of every example).
+VALUES = {
+    int: (["1", "2", "4", "16"], ["-1", "0", "3", "2147483648", "1000000000000", "18446744073709551616",
+                                  "-9223372036854775808", "1" + "0" * 30]),
+    float: (["0.001", "0.05", "0.5", "1"], ["nan", "inf", "-inf", "1e-50", "1e300", "-1", "0", "9.99", "1e23",
+                                            "18446744073709551616"]),
+    Path: (["corpus", "corpus/a.py", "run", "hf", "good.toml", "out"],
+           ["bad.toml", "missing", "out/deeper", "", ".", "/dev/null/x", "/dev/zero", "corpus/a.py/x", "\udcff"]),
+    str: (["quick", "tiny", "hf", ".py", "http://127.0.0.1:9/"],
+          ["auto", "onnx", "py", "a.*", "(", "https://localhost:1/", "ftp://example.com/", "http://[::1"]),
+}
+# Sane values of parameters (by name) that need more than their type's to get far.
+SANE = {"checkpoint_path": ["run"], "run_dir": ["run"], "path": ["run"], "source": ["hf"], "config": ["good.toml"],
+        "data": ["corpus", "corpus/a.py"], "tokenizer": ["run/ckpt-00000002/tokenizer.json"], "file": ["corpus/a.py"],
+        "prompt_file": ["corpus/a.py"], "watch": ["corpus"], "directory": ["."], "vocab_size": ["300", "512"],
+        "embed_dim": ["16", "32"], "num_layers": ["1", "2"], "num_heads": ["2"], "seq_len": ["8", "16"],
+        "batch_size": ["2", "4"], "threads": ["1", "2"], "max_steps": ["1", "3"], "epochs": ["1"],
+        "max_tokens": ["4", "16"], "num_samples": ["1", "3"], "learning_rate": ["0.001", "0.01"],
+        "ext": [".py", ".txt"], "fmt": ["hf"], "preset": ["tiny", "auto"], "prompt": ["def f(x):", "x"],
+        "text": ["hello world"],
+        "start_urls": ["http://127.0.0.1:9/"], "allow": ["127"], "deny": ["x"], "user_agent": ["crystalline-fuzz"]}
+# Values no parameter takes; typer refuses most before a command runs.
+JUNK = ["", " ", "x", "-", "--", "1e23", "0x10", "\u00fc\u20ac\U0001f600", "\udcff", "nan", "\u202e1"]
+# str parameters that name files or directories.
+PATH_NAMES = {"checkpoint_dir", "tokenizer", "data"}
+# Per example, the percentage of junk and of hostile values among its values:
+# calm examples get past typer and the checks to real work, wild ones rarely do.
+MOODS = [(0, 5), (10, 40), (30, 60)]
+# A few KB of text to train on, and settings that train on it in a moment.
+CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(150))
+GOOD_TOML = ("vocab_size = 300\nn_embd = 16\nn_layer = 1\nn_head = 2\nseq_len = 16\nbatch_size = 4\n"
+             "max_steps = 2\nsample_tokens = 4\nthreads = 2\nprogress = false\n")
+EXIT_CODES = {0, 1, 2, 130}  # success, a declined deletion or click's abort, bad input, Ctrl-C
+
+
+class Overrun(BaseException):
+    """An example ran past its time: legitimate work, stopped."""
+
+
+def _on_alarm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Overrun
+
+
+def build_sandbox(root: Path) -> None:
+    """The files every example starts from: a tiny corpus, a run trained on
+    it for two steps, that run's Hugging Face export and two settings files."""
+    from rich.console import Console
+
+    from crystalline import hf
+    from crystalline.config import TrainConfig
+    from crystalline.train import Trainer
+
+    (root / "corpus").mkdir(parents=True)
+    (root / "corpus" / "a.py").write_text(CORPUS)
+    (root / "corpus" / "b.txt").write_text(CORPUS.upper())
+    (root / "good.toml").write_text(GOOD_TOML)
+    (root / "bad.toml").write_text('learning_rate = "x"\n')
+    cfg = TrainConfig(data=[str(root / "corpus")], vocab_size=300, n_embd=16, n_layer=1, n_head=2, seq_len=16,
+                      val_fraction=0.0, batch_size=4, max_steps=2, sample_tokens=0, threads=2, progress=False,
+                      checkpoint_dir=str(root / "run"))
+    Trainer(cfg, Console(file=io.StringIO())).run()
+    hf.export(root / "run", root / "hf")
+
+
+def commands() -> dict[str, object]:
+    """'train', 'models info', ...: every command of the typer app, as click commands."""
+    import typer.main
+
+    import crystalline.cli
+
+    found = {}
+
+    def walk(cmd, path: tuple[str, ...]) -> None:
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, (*path, name))
+        if not hasattr(cmd, "commands"):
+            found[" ".join(path)] = cmd
+
+    walk(typer.main.get_command(crystalline.cli.app), ())
+    return found
+
+
+def values_for(param, mood: tuple[int, int]) -> st.SearchStrategy[str]:
+    """Values for one option or argument, by its annotation (list[X]: X's)."""
+    kind = param.type_descriptor.annotation
+    kind = (typing.get_args(kind) or (kind,))[0]
+    sane, hostile = VALUES[Path if param.name in PATH_NAMES else kind]
+    sane = SANE.get(param.name, sane)
+    junk, bad = mood  # hypothesis favours small integers and early choices: the sane pool comes first
+    pools = [sane] * (100 - junk - bad) + [hostile] * bad + [JUNK] * junk
+    return st.sampled_from(pools).flatmap(st.sampled_from)
+
+
+@st.composite
+def command_lines(draw, found: dict[str, object]) -> list[str]:
+    """A command and any subset of its parameters, in any order."""
+    name = draw(st.sampled_from(sorted(found)))
+    mood = draw(st.sampled_from(MOODS))
+    words: list[list[str]] = []
+    for param in found[name].params:
+        argument = param.param_type_name == "argument"
+        # optional arguments always: `train` without DATA would prepare the whole standard library
+        given = draw(st.sampled_from([True] * 9 + [False])) if param.required else (
+            argument or draw(st.sampled_from([False] * 3 + [True])))
+        if not given:
+            continue
+        repeats = draw(st.integers(1, 2)) if param.multiple or param.nargs == -1 else 1
+        if argument:
+            words += [[draw(values_for(param, mood))] for _ in range(repeats)]
+        elif getattr(param, "is_flag", False):
+            words.append([draw(st.sampled_from(param.opts + param.secondary_opts))])
+        else:
+            words += [[draw(st.sampled_from(param.opts)), draw(values_for(param, mood))] for _ in range(repeats)]
+    order = draw(st.permutations(range(len(words))))
+    return [*name.split(), *(w for i in order for w in words[i])]
+
+
+def run_command_line(argv: list[str], limit_s: float) -> tuple[str, str]:
+    """Run `crystalline ARGV` in this process for at most `limit_s` seconds:
+    (outcome, stderr), the outcome an exit code or "overran". Any exception
+    other than SystemExit escaping `main` propagates: that is a traceback."""
+    import crystalline.cli
+
+    sys.argv = ["crystalline", *argv]
+    err = io.StringIO()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, limit_s)
+        try:
+            with redirect_stdout(io.StringIO()), redirect_stderr(err):
+                crystalline.cli.main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except Overrun:
+        return "overran", err.getvalue()
+    return str(code), err.getvalue()
+
+
+def fuzz_cli(examples: int, seed: int, limit_s: float) -> collections.Counter:
+    """Run `examples` drawn command lines, each on a fresh copy of the
+    sandbox; raise on a traceback or an exit code outside EXIT_CODES (3 only
+    for a diverging loss). Returns the count of each outcome."""
+    tmp = Path(tempfile.mkdtemp(prefix="crystalline-fuzz-"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp / "xdg")
+    pristine, work = tmp / "pristine", tmp / "work"
+    build_sandbox(pristine)
+    found = commands()
+    signal.signal(signal.SIGALRM, _on_alarm)
+    counts: collections.Counter = collections.Counter()
+
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(command_lines(found))
+    def run(argv):
+        os.chdir(tmp)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(pristine, work, symlinks=True)
+        os.chdir(work)
+        print(f"crystalline {' '.join(map(repr, argv))}", file=sys.__stderr__, flush=True)
+        try:
+            outcome, stderr = run_command_line(argv, limit_s)
+        except Exception:
+            raise AssertionError(f"traceback from crystalline {argv}:\n{traceback.format_exc()}") from None
+        diverged = outcome == "3" and "training diverged" in stderr
+        if outcome != "overran" and int(outcome) not in EXIT_CODES and not diverged:
+            raise AssertionError(f"exit code {outcome} from crystalline {argv}:\n{stderr}")
+        if "Traceback" in stderr:
+            raise AssertionError(f"a traceback on stderr from crystalline {argv}:\n{stderr}")
+        counts[outcome] += 1
+
+    try:
+        hypothesis.seed(seed)(run)()
+    finally:
+        os.chdir("/")
+        shutil.rmtree(tmp, ignore_errors=True)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("target", choices=["core"])
+    ap.add_argument("target", choices=["core", "cli"])
     ap.add_argument("--examples", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit-s", type=float, default=1.0, help="cli: seconds one example may run before it is stopped")
     args = ap.parse_args(argv)
-    fuzz_core(args.examples, args.seed)
-    print(f"fuzzed {args.target}: {args.examples} examples, no crash", flush=True)
+    if args.target == "core":
+        fuzz_core(args.examples, args.seed)
+        print(f"fuzzed core: {args.examples} examples, no crash", flush=True)
+    else:
+        counts = fuzz_cli(args.examples, args.seed, args.limit_s)
+        outcomes = ", ".join(f"{'exit ' if k.isdigit() else ''}{k}: {n}" for k, n in sorted(counts.items()))
+        print(f"fuzzed cli: {sum(counts.values())} examples, no crash ({outcomes})", flush=True)
 
 
 if __name__ == "__main__":

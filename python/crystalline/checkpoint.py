@@ -29,8 +29,9 @@ import json
 import os
 import shutil
 import tempfile
+import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,10 @@ from safetensors.numpy import load_file, save_file
 
 from crystalline import _core
 from crystalline.atomic import disk_full_at, fsync_path, fsync_tree, is_temporary, write_atomic
-from crystalline.config import ModelConfig, TrainConfig
+from crystalline.config import ModelConfig, TrainConfig, canonical, check_types, check_unsigned
 from crystalline.data.corpus import file_hash
 from crystalline.errors import UserError
+from crystalline.guard import read_json
 
 METRICS = "metrics.jsonl"
 PREFIX = "ckpt-"
@@ -75,20 +77,32 @@ class State:
 
     @classmethod
     def from_json(cls, data: object, where: Path) -> State:
-        """The state in `data` (parsed from the file `where`), older field names included."""
-        if not isinstance(data, dict) or "files" not in data or "config" not in data:
-            raise UserError(f"checkpoint file {where} is not a Crystalline checkpoint state")
+        """The state in `data` (parsed from the file `where`), older field
+        names included. The one check of state.json: every field present
+        (but the losses) and of its type, counts in the core's range, the
+        model a shape the core can build; else a UserError naming `where`
+        and the field."""
+        name = f"checkpoint file {where}"
+        if not isinstance(data, dict):
+            raise UserError(f"{name} is not a Crystalline checkpoint state (not a JSON object)")
+        missing = [f.name for f in fields(cls) if f.name not in data and (f.name == "files" or f.default is MISSING)]
+        if missing:
+            raise UserError(f"{name} is not a complete checkpoint state: it has no {missing[0]}")
+        check_types(data, typing.get_type_hints(cls), name)
+        check_types(canonical(data["config"]), typing.get_type_hints(TrainConfig), f"{name}: config")
+        try:
+            for count in ("step", "epoch", "epoch_step", "optimizer_step", "dealt"):
+                check_unsigned(count, data[count])
+        except ValueError as err:
+            raise UserError(f"{name}: {err}") from None
         try:
             model = ModelConfig(**data["model"])
             model.validate()
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{where} has no valid model config ({err})") from None
-        try:
-            config = TrainConfig.from_dict(data["config"])
-            known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known} | {"config": config, "model": model})
-        except (AttributeError, TypeError) as err:
-            raise UserError(f"checkpoint file {where} is not a Crystalline checkpoint state ({err})") from None
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{name} has no valid model config ({err})") from None
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known}
+                   | {"config": TrainConfig.from_dict(data["config"]), "model": model})
 
 
 @dataclass
@@ -272,13 +286,9 @@ def resolve(path: Path) -> Path:
 
 def read_state(ckpt: Path) -> State:
     state_path = ckpt / STATE
-    try:
-        data = json.loads(state_path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {ckpt} has no {STATE}") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"checkpoint file {state_path} is corrupt or truncated ({err})") from None
-    return State.from_json(data, state_path)
+    if not state_path.exists():
+        raise UserError(f"checkpoint {ckpt} has no {STATE}")
+    return State.from_json(read_json(state_path, f"checkpoint file {state_path}"), state_path)
 
 
 def load(path: Path, *, with_optimizer: bool = True) -> Checkpoint:

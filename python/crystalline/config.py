@@ -16,12 +16,67 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from crystalline import _core
 from crystalline.errors import UserError
+from crystalline.guard import read_text
+
+# The core's sizes, counts and seeds are unsigned 64-bit integers.
+U64_END = 2**64
+# Bytes of one of the core's float32 values.
+F32_BYTES = 4
+
+
+def check_unsigned(name: str, value: object, minimum: int = 0) -> None:
+    """ValueError naming `name` unless `value` is an integer from `minimum`
+    to 2**64 - 1 (the core refuses other values without naming the argument)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value < U64_END:
+        raise ValueError(f"{name} must be an integer from {minimum} to 2**64 - 1, got {value!r}")
+
+
+def _matches(value: object, hint: object) -> bool:
+    """Whether a value parsed from TOML or JSON has the type `hint` (an int
+    counts as a float; a dataclass is read from a dict)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if is_dataclass(hint):
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _describe(hint: object) -> str:
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict or is_dataclass(hint):
+        return "a table"
+    return words.get(hint, str(hint))
+
+
+def check_types(values: Mapping, hints: Mapping[str, object], where: str) -> None:
+    """UserError naming `where` and the setting unless each of `values` that
+    `hints` names has its type."""
+    for name, value in values.items():
+        if name in hints and not _matches(value, hints[name]):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UserError(f"{where}: {name} must be {_describe(hints[name])}, got {shown}")
 
 
 @dataclass(frozen=True)
@@ -37,9 +92,8 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ValueError with a message that says what to change (the
         Rust core's check, the one every model it builds passes)."""
-        for name, value in asdict(self).items():  # what the core's unsigned sizes cannot even take
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in asdict(self).items():  # the core would refuse them without the name
+            check_unsigned(name, value, minimum=1)
         _core.validate_model(**asdict(self))
 
     def parameter_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
@@ -50,6 +104,16 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Exact parameter count (the output head is tied to `wte`, so not counted twice)."""
         return sum(math.prod(shape) for _, shape in self.parameter_shapes())
+
+    def model_bytes(self) -> int:
+        """Bytes a `_core.Model` of this shape allocates: its parameters and their gradients."""
+        return 2 * F32_BYTES * self.num_parameters()
+
+    def generation_bytes(self, sequences: int, rows: int) -> int:
+        """Bytes generating takes beside the model: key/value caches for
+        `sequences` sequences and the logits of `rows` rows decoded at once."""
+        cache = 2 * self.n_layer * self.block_size * self.n_embd
+        return F32_BYTES * (sequences * cache + rows * self.vocab_size)
 
     def training_memory_bytes(self, batch_size: int, seq_len: int, threads: int = 12) -> int:
         """Bytes the Rust trainer allocates to train this shape on this
@@ -121,15 +185,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse settings that cannot train, with the flag to change."""
-        for name in ("batch_size", "epochs", "threads", "save_interval", "eval_interval", "eval_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"{flag(name)} must be a positive integer, got {value!r}")
+        check_types(asdict(self), typing.get_type_hints(TrainConfig), "the training settings")
+        counts = ("batch_size", "epochs", "threads", "save_interval", "eval_interval", "eval_batches")
         try:
+            for name in counts:
+                check_unsigned(name, getattr(self, name), minimum=1)
+            check_unsigned("seed", self.seed)
             self.model_config().validate()
             _core.validate_optimizer(weight_decay=self.weight_decay, grad_clip=self.grad_clip)
         except ValueError as err:
-            raise flagged(err, [*asdict(self.model_config()), "weight_decay", "grad_clip"]) from None
+            raise flagged(err, [*counts, *asdict(self.model_config()), "weight_decay", "grad_clip", "seed"]) from None
         if self.watch_interval is not None and (self.watch is None or self.watch_interval < 1):
             raise UserError("--watch-interval needs --watch DIR and a positive number of steps")
         if self.watch is not None and not Path(self.watch).is_dir():
@@ -149,6 +214,14 @@ class TrainConfig:
 
 def field_names() -> set[str]:
     return {f.name for f in fields(TrainConfig)}
+
+
+def capped_threads(threads: int) -> tuple[int, str | None]:
+    """`threads`, at most the core's MAX_THREADS, and the warning that says
+    when it was capped."""
+    if threads <= _core.MAX_THREADS:
+        return threads, None
+    return _core.MAX_THREADS, f"--threads {threads} is more than {_core.MAX_THREADS}; using {_core.MAX_THREADS}"
 
 
 def canonical(values: dict) -> dict:
@@ -189,17 +262,18 @@ RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "sa
 
 
 def load_toml(path: Path) -> dict:
-    """Read a --config TOML file of TrainConfig fields (dashes or underscores, legacy names too)."""
+    """Read a --config TOML file of TrainConfig fields (dashes or underscores,
+    legacy names too), each of the type its field has."""
+    where = f"config file {path}"
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"config file {path} is not valid TOML ({err})") from None
+        raw = tomllib.loads(read_text(Path(path), where))
+    except (tomllib.TOMLDecodeError, RecursionError) as err:
+        raise UserError(f"{where} is not valid TOML ({err})") from None
     values = canonical(raw)
     unknown = sorted(set(values) - field_names())
     if unknown:
-        raise UserError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+        raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+    check_types(values, typing.get_type_hints(TrainConfig), where)
     return values
 
 

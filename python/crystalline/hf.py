@@ -23,9 +23,10 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from crystalline import checkpoint
 from crystalline.atomic import new_directory
-from crystalline.config import ModelConfig, TrainConfig
+from crystalline.config import F32_BYTES, ModelConfig, TrainConfig, check_types
 from crystalline.data.tokenizer import EOT, Tokenizer
 from crystalline.errors import UserError
+from crystalline.guard import ensure_memory, fresh_directory, inside, read_json, writing
 from crystalline.inference import load, write_run
 
 PREFIX = "transformer."
@@ -33,14 +34,22 @@ LAYER_NORM_EPSILON = 1e-5
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # Buffers older transformers versions store with the weights; they are masks, not parameters.
 BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# The types of the config.json settings that import reads.
+CONFIG_TYPES = {"model_type": str, "vocab_size": int, "n_embd": int, "n_layer": int, "n_head": int,
+                "n_positions": int, "n_inner": int | None, "activation_function": str, "layer_norm_epsilon": float,
+                "tie_word_embeddings": bool, "scale_attn_weights": bool, "scale_attn_by_inverse_layer_idx": bool,
+                "reorder_and_upcast_attn": bool}
+# Copies of the weights an import holds at once: as read, as float32, and
+# the two zero optimizer moments written with them.
+IMPORT_COPIES = 4
 
 
 def export(path: Path | str, out_dir: Path | str) -> Path:
     """Write the checkpoint (or a run's latest) at `path` as a Hugging Face
     GPT-2 directory `out_dir` (created atomically; must not exist yet)."""
+    out_dir = fresh_directory(Path(out_dir), "--out")
     loaded = load(path)
     cfg, eot = loaded.config, loaded.tokenizer.eot_id
-    out_dir = _fresh_target(Path(out_dir))
     config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -73,7 +82,7 @@ def export(path: Path | str, out_dir: Path | str) -> Path:
         "clean_up_tokenization_spaces": False,
     }
     tensors = {PREFIX + name: np.ascontiguousarray(a) for name, a in loaded.parameters().items()}
-    with new_directory(out_dir) as tmp:
+    with writing(out_dir, "--out"), new_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(loaded.path / checkpoint.TOKENIZER, tmp / "tokenizer.json")
         _write_json(tmp / "config.json", config)
@@ -92,6 +101,8 @@ def import_hf(src: Path | str, out_run: Path | str, data: list[str] | None = Non
     if not src.is_dir():
         raise UserError(f"{src} is not a directory; give a Hugging Face model directory (config.json + weights)")
     cfg = _model_config(src)
+    ensure_memory(IMPORT_COPIES * F32_BYTES * cfg.num_parameters(), f"importing the model in {src}",
+                  "it cannot be imported on this machine")
     params = _weights(src, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         tok_path = Path(tmp) / checkpoint.TOKENIZER
@@ -103,14 +114,6 @@ def import_hf(src: Path | str, out_run: Path | str, data: list[str] | None = Non
         return write_run(Path(out_run), params, cfg, tok_path, TrainConfig(data=list(data or [])))
 
 
-def _fresh_target(out_dir: Path) -> Path:
-    out_dir = out_dir.expanduser().absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists and is not an empty directory; choose a new --out")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return out_dir
-
-
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -118,12 +121,12 @@ def _write_json(path: Path, data: dict) -> None:
 def _model_config(src: Path) -> ModelConfig:
     """The GPT-2 shape from config.json, refusing what Crystalline cannot run."""
     path = src / "config.json"
-    try:
-        hf = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{src} has no config.json; is it a Hugging Face model directory?") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
+    if not path.exists():
+        raise UserError(f"{src} has no config.json; is it a Hugging Face model directory?")
+    hf = read_json(path, str(path))
+    if not isinstance(hf, dict):
+        raise UserError(f"{path} is not a model config (a JSON object)")
+    check_types(hf, CONFIG_TYPES, str(path))
     model_type = hf.get("model_type")
     if model_type != "gpt2":
         raise UserError(f"{path}: model_type is {model_type!r}; only GPT-2 models (model_type \"gpt2\") "
@@ -132,7 +135,7 @@ def _model_config(src: Path) -> ModelConfig:
     n_embd = hf.get("n_embd", 768)
     if hf.get("activation_function", "gelu_new") not in TANH_GELUS:
         refusals.append(f"activation_function {hf['activation_function']!r} (Crystalline uses the tanh GELU)")
-    if abs(hf.get("layer_norm_epsilon", LAYER_NORM_EPSILON) - LAYER_NORM_EPSILON) > 1e-12:
+    if not abs(hf.get("layer_norm_epsilon", LAYER_NORM_EPSILON) - LAYER_NORM_EPSILON) <= 1e-12:  # NaN too
         refusals.append(f"layer_norm_epsilon {hf['layer_norm_epsilon']} (Crystalline uses 1e-5)")
     if hf.get("n_inner") not in (None, 4 * n_embd):
         refusals.append(f"n_inner {hf['n_inner']} (Crystalline's MLP is 4 * n_embd wide)")
@@ -156,20 +159,29 @@ def _read_tensors(src: Path) -> dict[str, np.ndarray]:
     """All tensors of model.safetensors (or its shards), else pytorch_model.bin through torch."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _shards(src, index)
     elif (src / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        files = [src / "model.safetensors"]
     elif (src / "pytorch_model.bin").is_file():
         return _read_torch(src / "pytorch_model.bin")
     else:
         raise UserError(f"{src} has no model.safetensors (or pytorch_model.bin)")
     tensors: dict[str, np.ndarray] = {}
-    for name in files:
+    for path in files:
         try:
-            tensors.update(load_file(str(src / name)))
+            tensors.update(load_file(str(path)))
         except (SafetensorError, OSError, ValueError, TypeError) as err:
-            raise UserError(f"cannot read {src / name} ({err}); float32 or float16 weights are supported") from None
+            raise UserError(f"cannot read {path} ({err}); float32 or float16 weights are supported") from None
     return tensors
+
+
+def _shards(src: Path, index: Path) -> list[Path]:
+    """The files an index's weight_map names, each refused unless it lies inside `src`."""
+    weight_map = read_json(index, str(index))
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index} has no weight_map (an object of tensor names to file names)")
+    return [inside(src, name, str(index)) for name in sorted(set(weight_map.values()))]
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -178,8 +190,11 @@ def _read_torch(path: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise UserError(f"{path} is a PyTorch file; reading it needs torch (pip install torch), "
                         "or convert it to model.safetensors") from None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    except Exception as err:  # noqa: BLE001 - whatever unpickling an untrusted file raises is bad input
+        raise UserError(f"cannot read {path} as PyTorch weights ({err})") from None
 
 
 def _weights(src: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:

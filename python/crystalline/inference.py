@@ -25,10 +25,11 @@ import numpy as np
 
 from crystalline import _core, checkpoint
 from crystalline.atomic import new_directory
-from crystalline.config import ModelConfig, TrainConfig, flagged
+from crystalline.config import ModelConfig, TrainConfig, check_unsigned, flagged
 from crystalline.data import corpus
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
+from crystalline.guard import core_refusals, ensure_memory, fresh_directory, writing
 
 # Called with (sequence index, text that became stable since the last call).
 StreamCallback = Callable[[int, str], None]
@@ -52,12 +53,13 @@ class Sampling:
         Rust sampler's own check, but for the count of new tokens)."""
         if self.max_tokens < 0:
             raise UserError(f"--max-tokens must not be negative, got {self.max_tokens}")
-        if self.top_k < 0:  # the core's unsigned count cannot even take it
-            raise UserError(f"--top-k must be 0 (off) or more, got {self.top_k}")
         try:
+            check_unsigned("top_k", self.top_k)  # the core's own refusal would not name it
+            if self.seed is not None:
+                check_unsigned("seed", self.seed)
             _core.validate_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         except ValueError as err:
-            raise flagged(err, ["temperature", "top_k", "top_p"]) from None
+            raise flagged(err, ["temperature", "top_k", "top_p", "seed"]) from None
 
 
 @dataclass(frozen=True)
@@ -138,9 +140,11 @@ class LoadedModel:
         return self.config.block_size
 
     def set_threads(self, threads: int) -> None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}")
-        self.model.set_threads(threads)
+        try:
+            check_unsigned("threads", threads, minimum=1)
+            self.model.set_threads(threads)  # refuses more than MAX_THREADS
+        except ValueError as err:
+            raise flagged(err, ["threads"]) from None
 
     def parameters(self) -> dict[str, np.ndarray]:
         return self.model.parameters()
@@ -182,7 +186,8 @@ class LoadedModel:
         nats, done = 0.0, 0
         for batch in batches:
             inputs, targets = batch[:, :-1], batch[:, 1:]
-            nats += self.model.loss(inputs, targets) * targets.size
+            with core_refusals():  # the activations of a batch may not fit
+                nats += self.model.loss(inputs, targets) * targets.size
             done += len(batch)
             if progress is not None:
                 progress(done, total)
@@ -242,7 +247,9 @@ class LoadedModel:
                 raise UserError(f"a prompt must have 1 to {self.block_size} tokens, got {len(ids)}")
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         model, eot, window = self.model, self.tokenizer.eot_id, max(1, self.block_size // 2)
-        model.reset_cache(len(prompts), seed)
+        self.check_generation_memory(len(prompts), sum(map(len, prompts)))
+        with core_refusals():
+            model.reset_cache(len(prompts), seed)
         context = [list(ids) for ids in prompts]
         filled = [0] * len(prompts)  # positions in each sequence's cache
         outs: list[list[int]] = [[] for _ in prompts]
@@ -273,6 +280,13 @@ class LoadedModel:
             active = still
         return outs
 
+    def check_generation_memory(self, sequences: int, prompt_tokens: int) -> None:
+        """Refuse to generate `sequences` sequences from prompts of
+        `prompt_tokens` tokens in all when their caches and logits need more
+        memory than is available."""
+        ensure_memory(self.config.generation_bytes(sequences, prompt_tokens), f"generating {sequences:,} sequences",
+                      "ask for fewer samples")
+
     def _prefill(self, pending: dict[int, Sequence[int]], filled: list[int]) -> None:
         """Feed each sequence its tokens without computing logits, all in one
         decode call (a sequence listed k times takes k positions)."""
@@ -298,6 +312,7 @@ def load(path: Path | str, threads: int | None = None) -> LoadedModel:
     after checking that its tokenizer is the one the model was trained with."""
     ckpt = checkpoint.resolve(Path(path))
     state = checkpoint.read_state(ckpt)
+    ensure_memory(state.model.model_bytes(), f"the model in {ckpt}", "it cannot be loaded on this machine")
     tok_path = ckpt / checkpoint.TOKENIZER
     if not tok_path.is_file():
         raise UserError(f"checkpoint {ckpt} has no tokenizer: {tok_path} is missing (copy back the "
@@ -305,7 +320,8 @@ def load(path: Path | str, threads: int | None = None) -> LoadedModel:
     if state.tokenizer_hash != corpus.file_hash(tok_path):
         raise UserError(f"tokenizer {tok_path} is not the one the model was trained with "
                         f"(its sha256 differs from tokenizer_hash in {ckpt / checkpoint.STATE})")
-    model = _core.Model(**asdict(state.model))
+    with core_refusals():
+        model = _core.Model(**asdict(state.model))
     checkpoint.restore_into(checkpoint.load(ckpt, with_optimizer=False), model)
     loaded = LoadedModel(model, Tokenizer.load(tok_path), state.model, state, ckpt)
     if threads is not None:
@@ -320,10 +336,8 @@ def write_run(run_dir: Path, params: dict[str, np.ndarray], cfg: ModelConfig, to
     fine-tunes from these weights with this tokenizer (and `train_config`'s
     other settings). The directory is built under a temporary name and
     renamed into place."""
-    run_dir = run_dir.expanduser().absolute()
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise UserError(f"{run_dir} already exists and is not an empty directory; choose a new --out")
-    with new_directory(run_dir) as tmp:
+    run_dir = fresh_directory(run_dir, "--out")
+    with writing(run_dir, "--out"), new_directory(run_dir) as tmp:
         shutil.copyfile(tokenizer_path, tmp / checkpoint.TOKENIZER)
         train_cfg = replace(train_config or TrainConfig(), vocab_size=cfg.vocab_size, n_embd=cfg.n_embd,
                             n_layer=cfg.n_layer, n_head=cfg.n_head, seq_len=cfg.block_size,

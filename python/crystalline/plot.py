@@ -8,6 +8,7 @@ from pathlib import Path
 
 from crystalline import checkpoint
 from crystalline.errors import UserError
+from crystalline.guard import writing
 
 
 @dataclass
@@ -51,6 +52,11 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     target = out or Path(run_dir) / "loss.png"
-    fig.savefig(target, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with writing(target, "--out"):
+            fig.savefig(target, dpi=120, bbox_inches="tight")
+    except ValueError as err:  # an extension matplotlib has no format for
+        raise UserError(f"--out {target}: {err}") from None
+    finally:
+        plt.close(fig)
     return target

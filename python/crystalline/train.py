@@ -24,25 +24,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from crystalline import _core, checkpoint, locks
 from crystalline.atomic import DiskFull, disk_full_at
-from crystalline.config import WATCH_EPOCHS, TrainConfig, resume_config
+from crystalline.config import WATCH_EPOCHS, TrainConfig, capped_threads, resume_config
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
-from crystalline.inference import load, windows
+from crystalline.guard import check_writable, core_refusals, ensure_memory
+from crystalline.inference import Sampling, load, windows
 
 # Seconds between looks at a --watch directory that holds too little data to train.
 WATCH_POLL_S = 2.0
-
-
-def check_writable(run_dir: Path) -> None:
-    """Refuse a checkpoint dir that is a file or cannot be written."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--checkpoint-dir {run_dir} is a file; give a directory")
-    probe_dir = run_dir
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not os.access(probe_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--checkpoint-dir {run_dir} is not writable ({probe_dir} denies writing)")
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:
@@ -120,7 +110,6 @@ class Trainer:
         self.val_losses: list[tuple[int, float]] = []  # (step, validation loss), this session
         self.val: float | None = None  # the latest validation loss
         self.last_checkpoint: Path | None = None
-        self._tally = EpochTally.start(config.threads)
 
     # -- setup -------------------------------------------------------------
 
@@ -140,8 +129,10 @@ class Trainer:
         the shape for --preset auto, build the Rust trainer (restoring a
         resumed run) and report the plan."""
         self._check_run_dir()
-        self._find_data()
         auto = self.cfg.preset == "auto" and self.resume_from is None  # a resumed run keeps the shape it chose
+        if not auto:  # before preparing any data; an auto shape is known only after
+            self._check_memory()
+        self._find_data()
         data_bytes = corpus.total_bytes(self.paths, self.extensions) if auto else 0
         if auto:  # the tokenizer needs its vocabulary first: the design table's for the data size
             self.cfg = replace(self.cfg, vocab_size=sizing.vocab_for(data_bytes))
@@ -151,9 +142,19 @@ class Trainer:
         if auto:
             rec = sizing.recommend(len(self.train_tokens), data_bytes)
             self.cfg = replace(self.cfg, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head)
+            self._check_memory()
         self._check_data()
         self._build_trainer()
         self._report_plan()
+
+    def _check_memory(self) -> None:
+        """Refuse a shape, batch and thread count whose training buffers
+        need more memory than is available, before allocating them."""
+        cfg = self.cfg
+        with core_refusals():
+            needed = cfg.model_config().training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
+        ensure_memory(needed, f"training a model of {cfg.model_config().num_parameters():,} parameters",
+                      "choose a smaller --embed-dim, --num-layers, --vocab-size, --batch-size or --seq-len")
 
     def _check_run_dir(self) -> None:
         if self.resume_from is None and checkpoint.list_checkpoints(self.run_dir):
@@ -203,8 +204,9 @@ class Trainer:
 
     def _build_trainer(self) -> None:
         cfg = self.cfg
-        self.trainer = _core.Trainer(**asdict(cfg.model_config()), threads=cfg.threads, seed=cfg.seed,
-                                     weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+        with core_refusals():
+            self.trainer = _core.Trainer(**asdict(cfg.model_config()), threads=cfg.threads, seed=cfg.seed,
+                                         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         self.step, self.epoch, self.pos = 0, 0, 0
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -384,7 +386,12 @@ class Trainer:
         Ctrl-C (saving every --save-interval steps and at the end), then
         sample the model."""
         self.cfg.validate()
-        check_writable(self.run_dir)
+        threads, warning = capped_threads(self.cfg.threads)
+        if warning:
+            self.console.print(f"[yellow]warning:[/] {warning}")
+            self.cfg = replace(self.cfg, threads=threads)
+            self._tally = EpochTally.start(threads)
+        check_writable(self.run_dir, "--checkpoint-dir")
         created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with locks.locked(self.run_dir):
@@ -523,9 +530,13 @@ class Trainer:
         self._stop = True
 
     def sample(self, checkpoint_path: Path, n_tokens: int, prompt: str = "import os\nimport sys\n\n\ndef ") -> str:
-        """A short text from the trained model, with the KV-cache generator."""
+        """A short text from the trained model, with the KV-cache generator:
+        the prompt's last tokens that fit in half the block size (so a short
+        context still leaves room to generate), then what follows them."""
         model = load(checkpoint_path, threads=min(self.cfg.threads, _core.available_cores()))
-        return prompt + model.generate(prompt, max_tokens=n_tokens, temperature=0.8, top_k=40, seed=self.cfg.seed)
+        ids = model.tokenizer.encode(prompt)[-max(1, model.block_size // 2) :]
+        sampling = Sampling(n_tokens, temperature=0.8, top_k=40, seed=self.cfg.seed)
+        return model.tokenizer.decode(ids + model.generate_ids([ids], sampling)[0])
 
 
 def train(config: TrainConfig, console: Console | None = None) -> Run:

@@ -46,13 +46,22 @@ app.command("crawl")(crawl_command.crawl)
 
 
 def main() -> None:
-    """Console-script entry point: typer reports usage errors itself (exit
-    2); a UserError from any command becomes one line on stderr."""
+    """Console-script entry point: a UserError from any command, or a usage
+    error typer finds in the arguments, becomes one line on stderr and its
+    exit code (2 for bad input)."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+    except typer.TyperException as err:  # typer's usage errors, e.g. --top-k 1e23
+        message = err.format_message()
+        typer.echo(message if "\n" in message else f"error: {message} (see --help)", err=True)  # or the help
+        sys.exit(err.exit_code)
+    except typer.Abort:  # end of input at a confirmation
+        typer.echo("aborted", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(code) returns its code

@@ -18,9 +18,10 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from crystalline import checkpoint, hf
-from crystalline.config import ModelConfig
+from crystalline.config import U64_END, ModelConfig, capped_threads
 from crystalline.errors import UserError
-from crystalline.inference import Sampling, load
+from crystalline.guard import read_stdin, read_text
+from crystalline.inference import LoadedModel, Sampling, load
 
 Opt = typer.Option
 Arg = typer.Argument
@@ -58,16 +59,14 @@ def generate(
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     Sampling(max_tokens, temperature, top_k, top_p, seed).validate()
     if prompt_file is not None:
-        try:
-            prompt = prompt_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read --prompt-file {prompt_file} ({err})") from None
+        prompt = read_text(prompt_file, f"--prompt-file {prompt_file}")
     elif prompt is None:
         if sys.stdin.isatty():
             raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text to stdin")
-        prompt = sys.stdin.read()
-    model = load(checkpoint_path, threads=threads)
-    model.encode_prompt(prompt)  # refuse an empty or too long prompt before printing anything
+        prompt = read_stdin("the prompt on standard input")
+    model = _load(checkpoint_path, threads)
+    ids = model.encode_prompt(prompt)  # refuse an empty or too long prompt before printing anything
+    model.check_generation_memory(num_samples, num_samples * len(ids))  # before a list of num_samples prompts
     args = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if num_samples == 1:
         _write(prompt)
@@ -76,6 +75,15 @@ def generate(
         return
     for i, text in enumerate(model.generate_batch([prompt] * num_samples, **args)):
         _write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{prompt}{text}\n")
+
+
+def _load(checkpoint_path: Path, threads: int | None) -> LoadedModel:
+    """The model, on at most the core's MAX_THREADS threads (saying so when capped)."""
+    if threads is not None:
+        threads, warning = capped_threads(threads)
+        if warning:
+            typer.echo(f"warning: {warning}", err=True)
+    return load(checkpoint_path, threads=threads)
 
 
 def _write(text: str) -> None:
@@ -100,7 +108,7 @@ def chat(
     When a reply reaches the model's block size the window slides: it goes on
     from its last block_size/2 tokens."""
     Sampling(max_tokens, temperature, top_k, top_p, seed).validate()
-    model = load(checkpoint_path, threads=threads)
+    model = _load(checkpoint_path, threads)
     err = Console(stderr=True)
     err.print(f"[bold]{model.path}[/]: {model.config.num_parameters():,} parameters, context "
               f"{model.block_size} tokens. Ctrl-D to quit.", soft_wrap=True)
@@ -118,7 +126,7 @@ def chat(
         except UserError as bad:
             err.print(f"[red]error:[/] {bad}")
             continue
-        turn_seed = None if seed is None else seed + turn
+        turn_seed = None if seed is None else (seed + turn) % U64_END
         turn += 1
         _write(prompt)
         try:
@@ -142,7 +150,7 @@ def evaluate(
     non-overlapping windows of the block size, so every token but the first
     is predicted once. Bits per byte = total loss in nats / ln 2 / UTF-8 bytes
     of the text; unlike the loss it compares models with different tokenizers."""
-    model = load(checkpoint_path, threads=threads)
+    model = _load(checkpoint_path, threads)
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=no_progress) as bar:
         task = bar.add_task("eval", total=None)

@@ -66,14 +66,16 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"tokenizer file {path} does not exist")
-        try:
-            inner = _HFTokenizer.from_file(str(path))
+        try:  # read here, not by the library, which cannot open a path that is not valid UTF-8
+            inner = _HFTokenizer.from_str(path.read_text(encoding="utf-8"))
         except Exception as err:  # the library raises a bare Exception on bad JSON
             raise UserError(f"{path} is not a valid tokenizer.json ({err})") from None
         return cls(inner)
 
     def save(self, path: Path) -> None:
-        self.inner.save(str(path))
+        """Write tokenizer.json (the bytes the library's own `save` writes, to
+        any path the OS takes, not only UTF-8 ones)."""
+        Path(path).write_text(self.inner.to_str(pretty=True), encoding="utf-8")
 
     @property
     def vocab_size(self) -> int:
