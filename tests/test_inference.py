@@ -73,15 +73,16 @@ def test_greedy_generation_is_deterministic_and_follows_the_argmax(model):
 
 class NoEndOfText:
     """A model whose decoded logits never offer end-of-text, so generation
-    runs to max_tokens."""
+    runs to max_tokens; it keeps each step's logits."""
 
     def __init__(self, model: _core.Model, eot: int) -> None:
-        self.model, self.eot = model, eot
+        self.model, self.eot, self.seen = model, eot, []
 
     def decode(self, seqs, tokens, want_logits: bool = True):
         logits = self.model.decode(seqs, tokens, want_logits)
         if logits is not None:
             logits[:, self.eot] = -np.inf
+            self.seen.append(logits.copy())
         return logits
 
     def __getattr__(self, name: str):
@@ -91,19 +92,21 @@ class NoEndOfText:
 def test_the_window_slides_to_its_last_half_past_the_block_size(run_dir):
     model = load(run_dir)
     tok, block = model.tokenizer, model.block_size
-    model.model = NoEndOfText(model.model, tok.eot_id)
+    model.model = decoder = NoEndOfText(model.model, tok.eot_id)
     prompt = tok.encode(PROMPT)
     new = model.generate_ids([prompt], Sampling(max_tokens=3 * block, temperature=0))[0]
-    assert len(new) == 3 * block
-    # greedy, so each token is the argmax after the window the model saw: all the context until it
-    # passes the block size, then its last block_size // 2 tokens, growing to the block size again
+    assert len(new) == 3 * block == len(decoder.seen)
+    # each step decoded the window the full forward sees: all the context until it passes the
+    # block size, then its last block_size // 2 tokens, growing to the block size again; greedy
+    # picks that window's argmax
     context, start, slides = list(prompt), 0, 0
-    for tok_id in new:
+    for tok_id, decoded in zip(new, decoder.seen):
         if len(context) - start > block:
             start, slides = len(context) - block // 2, slides + 1
-        logits = model.logits(context[start:])[-1][: tok.vocab_size].astype(np.float64)
-        logits[tok.eot_id] = -np.inf
-        assert logits[tok_id] >= logits.max() - 1e-4, (len(context), start)  # the argmax, up to float ties
+        full = model.logits(context[start:])[-1]
+        full[tok.eot_id] = -np.inf
+        np.testing.assert_allclose(decoded[0], full, atol=1e-4, rtol=1e-4, err_msg=f"window {start}:{len(context)}")
+        assert tok_id == np.argmax(decoded[0][: tok.vocab_size])
         context.append(tok_id)
     assert slides >= 4
     assert max(model.model.cache_lengths()) <= block
