@@ -413,9 +413,14 @@ def test_plot_draws_the_loss_curves(tmp_path, env):
         return np.nonzero((np.abs(pixels - rgb).max(axis=2) < 0.1).any(axis=0))[0]
 
     train, val = columns_in("#1f77b4"), columns_in("#ff7f0e")  # C0 and C1: the train and validation lines
-    width = pixels.shape[1]
-    assert train.max() - train.min() > 0.6 * width  # the training curve runs across the axes
-    assert val.max() - val.min() > 0.25 * width  # from step 3 to step 6 (its legend entry lies farther left)
+    assert train.max() - train.min() > 0.6 * pixels.shape[1]  # the training curve spans steps 1 to 6
+
+    def x(step: int) -> float:
+        return train.min() + (step - 1) / 5 * (train.max() - train.min())
+
+    # the validation curve: a marker at step 3, its first, and a line on from there to step 6
+    assert abs(val.min() - x(3)) < 8
+    assert set(range(round(x(3)) + 8, round(x(6)) - 8)) <= set(val.tolist())
     missing = cli(["plot", str(tmp_path)], env)
     assert missing.returncode == 2 and "has no metrics.jsonl" in missing.stderr
 
@@ -469,6 +474,7 @@ def test_watch_waits_for_data_then_picks_up_a_file_added_while_it_runs(interval,
         ended = re.search(r"steps 1-(\d+)\), sequences dealt", lines[at + 1])
         assert ended and int(ended[1]) % interval == 0 and int(ended[1]) < per_epoch, lines[at : at + 2]
     else:  # every epoch before it was whole
-        epoch = int(re.match(r"Epoch (\d+) complete", lines[at - 1])[1])
-        steps_in = [sum(r["epoch"] == e for r in records) for e in range(1, epoch + 1)]
-        assert steps_in == [per_epoch] * epoch
+        ended = re.match(r"Epoch (\d+) complete", lines[at - 1])
+        assert ended, lines[at - 1 : at + 1]
+        steps_in = [sum(r["epoch"] == e for r in records) for e in range(1, int(ended[1]) + 1)]
+        assert steps_in == [per_epoch] * int(ended[1])
