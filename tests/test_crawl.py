@@ -187,6 +187,19 @@ def test_robots_crawl_delay(site, tmp_path):
     assert site.times[2] - site.times[1] >= 0.95
 
 
+def test_delay_flag_spaces_the_requests_to_a_host(site, tmp_path):
+    site.routes["/"] = page("Home", ["/next"])
+    site.routes["/next"] = page("Next")
+    delay = 1.2 * CrawlConfig.delay  # longer than the default, so a flag ignored would show
+    r = subprocess.run([sys.executable, "-m", "crystalline", "crawl", site.url("/"), "--data-dir", str(tmp_path / "crawl"),
+                        "--delay", str(delay), "--no-progress", "--allow-private"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert site.requests == ["/robots.txt", "/", "/next"]
+    # each request starts at least --delay after the one before it ended (monotonic clock, either process)
+    assert min(b - a for a, b in zip(site.times, site.times[1:])) >= 0.95 * delay
+
+
 def test_robots_behind_redirects_and_unavailable(site, tmp_path):
     """robots.txt after five redirects is obeyed; a 403 means no rules; a 5xx
     means nothing of the host is fetched this run (robots.txt asked once)."""

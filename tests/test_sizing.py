@@ -4,6 +4,7 @@ data check, through the API and `crystalline size`."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -88,6 +89,38 @@ def test_size_reports_parameters_memory_tokens_and_recommendation(dataset):
     assert f"parameters     {cfg.num_parameters():,}" in result.stdout
     assert "GiB to train at batch 8 x seq 64" in result.stdout
     assert "recommended" in result.stdout and "stated ~10M parameters, true 5,785,088" in result.stdout
+
+
+# A trainer of this shape, after one step, holds what `size` counts.
+MEASURED = dict(vocab_size=300, n_embd=384, n_layer=4, n_head=6, block_size=64, batch_size=24, threads=3)
+RESIDENT_GROWTH = f"""
+import numpy as np
+from crystalline import _core
+
+def resident():
+    status = open("/proc/self/status").read()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+s = {MEASURED!r}
+before = resident()
+trainer = _core.Trainer(s["vocab_size"], s["n_embd"], s["n_layer"], s["n_head"], s["block_size"], threads=s["threads"])
+trainer.step(np.random.default_rng(0).integers(0, 300, (s["batch_size"], s["block_size"] + 1)), 1e-3)
+print(resident() - before)
+"""
+
+
+def test_size_memory_is_what_a_trainer_of_that_shape_holds(dataset):
+    s = MEASURED
+    result = run_cli("size", "ds", "--embed-dim", str(s["n_embd"]), "--num-layers", str(s["n_layer"]),
+                     "--num-heads", str(s["n_head"]), "--seq-len", str(s["block_size"]),
+                     "--batch-size", str(s["batch_size"]), "--threads", str(s["threads"]), cwd=dataset)
+    assert result.returncode == 0, result.stderr
+    gib = float(re.search(r"memory +([\d.]+) GiB to train", result.stdout)[1])
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
+    measured = subprocess.run([sys.executable, "-c", RESIDENT_GROWTH], env=env, capture_output=True, text=True)
+    assert measured.returncode == 0, measured.stderr
+    held = int(measured.stdout) / 2**30
+    assert gib > 0.1 and held == pytest.approx(gib, rel=0.15), (gib, held)
 
 
 def test_size_exits_2_when_the_data_cannot_fill_one_step(dataset):

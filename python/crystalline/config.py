@@ -246,7 +246,7 @@ def flagged(err: ValueError, names: Iterable[str]) -> UserError:
 
 # Named shapes and schedules. Flags and --config override any field.
 PRESETS: dict[str, dict] = {
-    # The default: about five minutes on a 2-core machine, built-in corpus.
+    # The default: 4,000 steps of 2,048 tokens on the built-in corpus (README: Quick start).
     "quick": dict(vocab_size=4096, n_embd=128, n_layer=4, n_head=4, batch_size=16, seq_len=128,
                   learning_rate=3e-3, warmup_steps=100, max_steps=4000, eval_interval=500, epochs=1),
     # The three shapes of benches/train_vs_torch.py.

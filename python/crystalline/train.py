@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -69,20 +70,24 @@ class Run:
 
 @dataclass
 class EpochTally:
-    """Node Zero's figures for the epoch so far."""
+    """Node Zero's figures for the epoch so far (this session's steps of it),
+    summed from the core's step reports."""
 
-    spheres: list[dict]  # per sphere: micro_batches, busy_s, tokens, loss_sum
+    spheres: list[dict]  # per sphere: sequences, busy_s, tokens, loss_sum
+    groups: list[int]  # sequences the core dealt to each symmetry group
     losses: list[float] = field(default_factory=list)  # each step's loss
     wall: float = 0.0  # seconds of compute
 
     @classmethod
     def start(cls, threads: int) -> EpochTally:
-        return cls([dict(micro_batches=0, busy_s=0.0, tokens=0, loss_sum=0.0) for _ in range(threads)])
+        return cls([dict(sequences=0, busy_s=0.0, tokens=0, loss_sum=0.0) for _ in range(threads)],
+                   [0] * _core.SYMMETRY_GROUPS)
 
     def add(self, report: dict) -> None:
         """Count one step's report from the core."""
         self.wall += report["compute_s"]
         self.losses.append(report["loss"])
+        self.groups = [a + b for a, b in zip(self.groups, report["group_sequences"])]
         for total, sphere in zip(self.spheres, report["spheres"]):
             for key in total:
                 total[key] += sphere[key]
@@ -329,32 +334,25 @@ class Trainer:
 
     # -- reports -----------------------------------------------------------
 
-    def _epoch_start(self, epoch: int) -> None:
-        """Node Zero's plan for the epoch: sequences ("batches" of seq_len
-        tokens) per symmetry group, dealt in rotation so shares differ by at
-        most one whatever the corpus."""
-        cfg = self.cfg
-        steps = self.steps_per_epoch
-        if self.total_steps is not None:
-            steps = min(steps, self.total_steps - self.step)
-        n = steps * cfg.batch_size
-        self.console.print(f"[Node Zero] Distribution by symmetry group (epoch {self._epoch_name(epoch)}):")
-        groups = _core.SYMMETRY_GROUPS
-        for g in range(groups):
-            share = n // groups + (1 if g < n % groups else 0)
-            self.console.print(f"  Group {g:2d}: {share} batches ({100 * share / max(n, 1):.1f}%)")
-
     def _epoch_end(self, epoch: int) -> None:
-        """Each worker sphere's share of the epoch, and its mean loss; then a fresh tally."""
-        tally = self._tally
+        """What the core did in the epoch's steps of this session, in
+        sequences (of --seq-len tokens): how many it dealt to each symmetry
+        group (in rotation, so shares differ by at most one whatever the
+        corpus) and each worker sphere's share and mean loss; then a fresh tally."""
+        tally, c = self._tally, self.console
+        first = self.step - len(tally.losses) + 1
+        c.print(f"[Node Zero] Distribution by symmetry group (epoch {self._epoch_name(epoch)}, "
+                f"steps {first}-{self.step}), sequences dealt:")
+        dealt = sum(tally.groups)
+        for g, n in enumerate(tally.groups):
+            c.print(f"  Group {g:2d}: {n} sequences ({100 * n / max(dealt, 1):.1f}%)")
         for i, s in enumerate(tally.spheres):
             if i == 0 and self.cfg.threads > 1:
                 continue
             busy = 100 * s["busy_s"] / tally.wall if tally.wall > 0 else 0.0
-            self.console.print(f"[Sphere {i}] {s['micro_batches']} batches, busy {busy:.0f}%, "
-                               f"loss={sphere_loss(s):.4f}")
+            c.print(f"[Sphere {i}] {s['sequences']} sequences, busy {busy:.0f}%, loss={sphere_loss(s):.4f}")
         avg = sum(tally.losses) / len(tally.losses) if tally.losses else float("nan")
-        self.console.print(f"Epoch {self._epoch_name(epoch)} complete, average loss: {avg:.4f}")
+        c.print(f"Epoch {self._epoch_name(epoch)} complete, average loss: {avg:.4f}")
         self._tally = EpochTally.start(self.cfg.threads)
 
     def _epoch_name(self, epoch: int) -> str:
@@ -444,8 +442,6 @@ class Trainer:
         end of the epoch and a checkpoint when they are due."""
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
                             loss="-", tps="-")
-        if self.pos == 0 and not self._finished():
-            self._epoch_start(self.epoch)
         while not self._finished() and not self._stop:
             record = self._step()
             last = self.total_steps is not None and self.step >= self.total_steps
@@ -510,15 +506,13 @@ class Trainer:
         self.epoch, self.pos = self.epoch + 1, 0
         if cfg.watch is not None and not grew:
             self._refresh_watched()
-        if not self._finished():
-            self._epoch_start(self.epoch)
         return True
 
     def _finish(self) -> Run:
         interrupted = self._stop and not self._finished()
         if interrupted:
             self.console.print(f"[Node Zero] interrupted: saved {self.last_checkpoint}; continue with "
-                               f"`crystalline train --resume --checkpoint-dir {self.run_dir}`")
+                               f"`crystalline train --resume {shlex.quote(str(self.run_dir))}`")
         sample = None
         if not interrupted and self.cfg.sample_tokens > 0 and self.last_checkpoint is not None:
             sample = self.sample(self.last_checkpoint, self.cfg.sample_tokens)

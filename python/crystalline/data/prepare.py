@@ -354,7 +354,7 @@ def _tokenizer_for(
     if tok.vocab_size < vocab_size:
         report.warnings.append(
             f"the corpus only supports {tok.vocab_size} tokens, fewer than --vocab-size {vocab_size}; "
-            f"the model will use {tok.vocab_size}"
+            f"a model of --vocab-size {vocab_size} never sees ids {tok.vocab_size} and up"
         )
     write_atomic(target, tok.save)
     report.tokenizer_trained = True
