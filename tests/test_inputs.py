@@ -132,7 +132,7 @@ def test_too_many_threads_are_capped_with_a_warning(corpus, run_dir, env, tmp_pa
     trainer = Trainer(TrainConfig(data=[str(corpus)], threads=100000, checkpoint_dir="/dev/null/x"),
                       Console(file=said))
     with pytest.raises(UserError, match="/dev/null is not a directory"):
-        trainer.setup()
+        trainer.run()
     assert trainer.cfg.threads == 1024 and said.getvalue() == warning + "\n"
 
 

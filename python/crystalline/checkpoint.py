@@ -231,8 +231,10 @@ def metrics_records(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     try:
         text = path.read_text(errors="replace")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise UserError(f"{run_dir} has no {METRICS}; is it a run directory?") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror})") from None
     *lines, last = text.split("\n")  # `last` is "" when the file ends with a newline
     records = []
     for n, line in enumerate(lines, 1):

@@ -115,6 +115,7 @@ class Trainer:
         self.val_losses: list[tuple[int, float]] = []  # (step, validation loss), this session
         self.val: float | None = None  # the latest validation loss
         self.last_checkpoint: Path | None = None
+        self._tally = EpochTally.start(config.threads)  # what the core dealt and each sphere did, this epoch
 
     # -- setup -------------------------------------------------------------
 
