@@ -107,6 +107,14 @@ class Model:
     def sample(self, logits: F32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[int]:
         """One token per row of logits [M, V]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
 
+class Sampler:
+    """A seeded random stream of its own for drawing tokens, one per generated sequence:
+    what it draws depends on (seed, stream) alone, not on other sequences decoded beside it."""
+
+    def __init__(self, seed: int = 0, stream: int = 0) -> None: ...
+    def sample(self, logits: F32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[int]:
+        """One token per row of logits [M, V]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
+
 class Trainer:
     """The kissing-sphere trainer: a model, its AdamW state and `threads` threads."""
 

@@ -2,7 +2,7 @@
 //!
 //! One file per concept: `convert` (numpy in and out, shape and id checks),
 //! `kernels` (each layer kernel as a numpy function), `model` (the `Model`
-//! class and model/sampling checks) and `trainer` (the `Trainer` class and
+//! and `Sampler` classes and model/sampling checks) and `trainer` (the `Trainer` class and
 //! the figures a run is planned with). Every function checks its arguments
 //! and raises TypeError/ValueError naming the argument, borrows numpy inputs
 //! without copying where their layout allows, and releases the GIL around
@@ -23,6 +23,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LOGIT_CHUNK", crate::model::LOGIT_CHUNK)?;
     m.add("MAX_THREADS", crate::train::MAX_THREADS)?;
     m.add_class::<model::PyModel>()?;
+    m.add_class::<model::PySampler>()?;
     m.add_class::<trainer::PyTrainer>()?;
     m.add_function(wrap_pyfunction!(model::parameter_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(model::validate_model, m)?)?;

@@ -1,5 +1,5 @@
 //! `Model`: a GPT-2 model for Python (forward, loss and gradients, KV-cache
-//! decoding and sampling), and the checks of model shapes and sampling
+//! decoding and sampling), `Sampler` (a seeded sampler of its own), and the checks of model shapes and sampling
 //! settings that Python asks before it builds anything.
 
 use super::convert::{Int, expect_shape, f32_in, ids_in, out, refusal_error, tensor_views, value_error, zeros, Arr};
@@ -48,6 +48,44 @@ pub fn parameter_shapes(
     let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
     cfg.validate().map_err(value_error)?;
     Ok(cfg.parameter_shapes())
+}
+
+/// One token per row of logits [M, V], drawn with `rng`.
+fn sample_rows(logits: &Bound<'_, PyAny>, sampling: Sampling, rng: &mut ChaCha8Rng) -> PyResult<Vec<u32>> {
+    sampling.validate().map_err(value_error)?;
+    let l = f32_in(logits, "logits", 2)?;
+    let v = l.shape()[1];
+    if v == 0 {
+        return Err(value_error("logits has no columns"));
+    }
+    Ok(l.as_slice().chunks(v).map(|row| sample(row, &sampling, rng)).collect())
+}
+
+/// A seeded random stream of its own for drawing tokens: one per generated
+/// sequence, so that what a sequence draws depends on its seed and stream
+/// alone, not on the other sequences decoded beside it (the server's
+/// per-request `seed`).
+#[pyclass(name = "Sampler", module = "crystalline._core")]
+pub struct PySampler {
+    rng: ChaCha8Rng,
+}
+
+#[pymethods]
+impl PySampler {
+    /// Streams of one seed are independent of each other (one per choice of a request).
+    #[new]
+    #[pyo3(signature = (seed=Int(0), stream=Int(0)))]
+    fn new(seed: Int<u64>, stream: Int<u64>) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed.0);
+        rng.set_stream(stream.0);
+        PySampler { rng }
+    }
+
+    /// Draw one token per row of logits [M, V]: greedy at temperature 0, else top-k / nucleus (top-p) sampling.
+    #[pyo3(signature = (logits, temperature=1.0, top_k=Int(0), top_p=1.0))]
+    fn sample(&mut self, logits: &Bound<'_, PyAny>, temperature: f32, top_k: Int<usize>, top_p: f32) -> PyResult<Vec<u32>> {
+        sample_rows(logits, Sampling { temperature, top_k: top_k.0, top_p }, &mut self.rng)
+    }
 }
 
 /// A GPT-2 model whose parameters live in one flat float32 buffer in Rust.
@@ -237,16 +275,7 @@ impl PyModel {
     /// Draw one token per row of logits [M, V] with the model's seeded sampler.
     #[pyo3(signature = (logits, temperature=1.0, top_k=Int(0), top_p=1.0))]
     fn sample(&mut self, logits: &Bound<'_, PyAny>, temperature: f32, top_k: Int<usize>, top_p: f32) -> PyResult<Vec<u32>> {
-        let top_k = top_k.0;
-        let sampling = Sampling { temperature, top_k, top_p };
-        sampling.validate().map_err(value_error)?;
-        let l = f32_in(logits, "logits", 2)?;
-        let v = l.shape()[1];
-        if v == 0 {
-            return Err(value_error("logits has no columns"));
-        }
-        let x = l.as_slice();
-        Ok(x.chunks(v).map(|row| sample(row, &sampling, &mut self.rng)).collect())
+        sample_rows(logits, Sampling { temperature, top_k: top_k.0, top_p }, &mut self.rng)
     }
 
     /// (mean loss, name -> gradient view). The gradient views alias one
