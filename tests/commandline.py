@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def cli(args: list[str], env: dict, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
@@ -26,3 +27,10 @@ def cli_limited(args: list[str], env: dict | None, max_file_bytes: int,
     """`cli`, where no file may grow past `max_file_bytes`: writes past it fail as on a full disk."""
     return subprocess.run([sys.executable, "-c", LIMITED, str(max_file_bytes), *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def train(run: Path, data: Path, env: dict, *flags: str) -> Path:
+    """`crystalline train DATA FLAGS --checkpoint-dir RUN`, which must succeed; returns RUN."""
+    r = cli(["train", str(data), *flags, "--checkpoint-dir", str(run)], env)
+    assert r.returncode == 0, r.stderr
+    return run

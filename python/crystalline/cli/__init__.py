@@ -44,6 +44,10 @@ from crystalline.cli import crawl as crawl_command  # noqa: E402
 
 app.command("crawl")(crawl_command.crawl)
 
+from crystalline.cli import serve as serve_command  # noqa: E402
+
+app.command("serve")(serve_command.serve)
+
 
 def main() -> None:
     """Console-script entry point: a UserError from any command, or a usage
