@@ -181,6 +181,7 @@ def test_chat_continues_the_plain_template(server, model):
     client = server.client()
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
     assert r.choices[0].message.content == expected and r.choices[0].message.role == "assistant"
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert r.usage.prompt_tokens == len(model.tokenizer.encode(prompt))
     chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
                                                  stream=True))

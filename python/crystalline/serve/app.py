@@ -162,6 +162,7 @@ async def choice_texts(gen: Generation, texts: list[ChoiceText]) -> AsyncIterato
 
 class CompletionFormat:
     object = chunk_object = "text_completion"
+    id_prefix = "cmpl"
 
     @staticmethod
     def choice(i: int, text: str, finish: str | None) -> dict:
@@ -176,6 +177,7 @@ class CompletionFormat:
 
 class ChatFormat:
     object, chunk_object = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl"
 
     @staticmethod
     def choice(i: int, text: str, finish: str | None) -> dict:
@@ -201,8 +203,12 @@ class Job:
     ids: list[list[int]]
     stops: list[str]
     echo: bool = False
-    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def id(self) -> str:
+        return f"{self.fmt.id_prefix}-{self.uid}"
 
     def usage(self, texts: list[ChoiceText]) -> dict:
         prompt, completion = sum(map(len, self.ids)), sum(len(t.ids) for t in texts)
