@@ -367,6 +367,11 @@ def test_command_line_refusals(run_dir, env, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     r = cli(["serve", str(run_dir), "--host", "0.0.0.0", "--max-batch", "0"], env)
     assert r.returncode == 2 and "warning: listening on 0.0.0.0" in r.stderr and "error: --max-batch" in r.stderr
+    for flags, says in [(["--max-batch", str(10**15)], "--max-batch"), (["--api-key", ""], "--api-key"),
+                        (["--api-key", "a key"], "--api-key"), (["--host", "no.such.host.invalid"], "cannot listen"),
+                        (["--host", "\udcff" * 2], "cannot listen")]:
+        r = cli(["serve", str(run_dir), "--port", "0", *flags], env)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
     with serving(run_dir, env, tmp_path / "serve.log") as s:
         port = s.url.rsplit(":", 1)[1]
         r = cli(["serve", str(run_dir), "--port", port], env)

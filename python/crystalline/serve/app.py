@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import re
 import socket
 import time
 import uuid
@@ -45,6 +46,7 @@ BACKLOG = 2048
 # Seconds that Ctrl-C lets running requests finish before cancelling them.
 DRAIN_SECONDS = 5
 OPEN_PATHS = ("/health",)  # served without the API key
+API_KEY = re.compile(r"[!-~]+")  # what a client can send as `Authorization: Bearer KEY`
 # The status the access log shows for a request whose client left before its answer (as nginx).
 CLIENT_GONE = 499
 # How pydantic names the plain members of a union in an error's location.
@@ -284,11 +286,14 @@ def create_app(model: LoadedModel, max_batch: int = 8, max_queue: int = 64, api_
     """The app serving `model` as `name` (default: its run directory's name).
     `run` serves it, starting and stopping its scheduler's thread
     (`app.state.server.scheduler`)."""
+    if api_key is not None and not API_KEY.fullmatch(api_key):
+        raise UserError("--api-key must be one or more printable ASCII characters without spaces, as a Bearer "
+                        "token travels in an HTTP header")
     scheduler = Scheduler(model, max_batch, max_queue)
     app = FastAPI(title="crystalline", summary="An OpenAI-compatible server for a Crystalline model",
                   default_response_class=AsciiJSONResponse)
     app.state.server = Server(model, scheduler, name or model.path.parent.name)
-    if api_key:
+    if api_key is not None:
         app.add_middleware(BearerAuth, key=api_key)
     app.add_exception_handler(ApiError, lambda _req, err: err.response())
     app.add_exception_handler(RequestValidationError, _invalid)
@@ -468,10 +473,10 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind(address)
         sock.listen(BACKLOG)
         return sock
-    except OSError as err:
+    except (OSError, UnicodeError) as err:  # UnicodeError: a name IDNA cannot encode
         if sock is not None:
             sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
+        raise UserError(f"cannot listen on {host}:{port} ({getattr(err, 'strerror', None) or err})") from None
 
 
 def url(sock: socket.socket) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 
 from crystalline import _core
 from crystalline.errors import UserError
+from crystalline.guard import core_refusals, ensure_memory
 from crystalline.inference import LoadedModel, Sampling
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,11 @@ class Scheduler:
             raise UserError(f"--max-batch must be at least 1, got {max_batch}")
         if max_queue < 0:
             raise UserError(f"--max-queue must not be negative, got {max_queue}")
-        try:
+        # a key/value cache per slot, and the logits of a step that decodes every slot
+        ensure_memory(model.config.generation_bytes(max_batch, max_batch), f"--max-batch {max_batch:,}",
+                      "lower --max-batch")
+        with core_refusals():
             model.model.reset_cache(max_batch)
-        except (MemoryError, ValueError) as err:
-            raise UserError(f"--max-batch {max_batch}: {err}") from None
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
