@@ -370,7 +370,7 @@ def test_command_line_refusals(run_dir, env, tmp_path):
     for flags, says in [(["--max-batch", str(10**15)], "--max-batch"), (["--api-key", ""], "--api-key"),
                         (["--api-key", "a key"], "--api-key"), (["--host", "no.such.host.invalid"], "cannot listen"),
                         (["--host", "\udcff" * 2], "cannot listen")]:
-        r = cli(["serve", str(run_dir), "--port", "0", *flags], env)
+        r = cli(["serve", str(run_dir), "--port", "0", *flags], env, timeout=60)  # a server that starts: no answer
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (flags, r.stderr)
     with serving(run_dir, env, tmp_path / "serve.log") as s:
         port = s.url.rsplit(":", 1)[1]
