@@ -105,6 +105,14 @@ def test_huge_sizes_are_refused_with_the_figure_before_anything_is_allocated(cor
     big_hf = edited_hf(hf_dir, tmp_path / "big_hf", {**config, "n_embd": HUGE["n_embd"]})
     refused(["import", str(big_hf), "--out", str(tmp_path / "imported")], env, "importing the model", "needs")
 
+    # found by fuzzing: sizes that overflowed the memory count, or made the tokenizer trainer reserve 141 GB
+    sized = cli(["size", str(corpus), *TINY[:6], "--seq-len", str(10**12), "--no-progress"], env)
+    assert sized.returncode == 2, sized.stderr
+    assert sized.stderr.splitlines()[-1] == "error: the training memory of this shape overflows a 64-bit count"
+    prepared = cli(["prepare", str(corpus), "--out", str(tmp_path / "ds"), "--vocab-size", str(2**31),
+                    "--no-progress"], env)
+    assert prepared.returncode == 0 and f"fewer than --vocab-size {2**31}" in prepared.stderr, prepared.stderr
+
 
 def test_seeds_sampling_settings_and_sizes_out_of_range_name_their_flag(corpus, run_dir, env, tmp_path):
     in_range = "must be an integer from 0 to 2**64 - 1, got "

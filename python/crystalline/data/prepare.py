@@ -60,7 +60,7 @@ from crystalline.data import corpus, sizing
 from crystalline.data.corpus import FileRead, SourceFile
 from crystalline.data.progress import Progress
 from crystalline.data.corpus import file_hash
-from crystalline.data.tokenizer import Tokenizer, check_vocab_size
+from crystalline.data.tokenizer import MIN_VOCAB_SIZE, Tokenizer, check_vocab_size
 from crystalline import locks
 from crystalline.atomic import copy_atomic, disk_full_at, is_temporary, temporary_name, write_atomic, write_json_atomic
 from crystalline.errors import UserError
@@ -349,8 +349,12 @@ def _tokenizer_for(
         return Tokenizer.load(target), vocab_size, {}
 
     hashes: dict[str, str] = {}
-    bar.start("training tokenizer", min(sum(f.size for f in files), TRAIN_SAMPLE_BYTES), len(files))
-    tok = Tokenizer.train(_texts(files, hashes, bar), vocab_size)
+    sample = min(sum(f.size for f in files), TRAIN_SAMPLE_BYTES)
+    bar.start("training tokenizer", sample, len(files))
+    # Each merge shortens the text by a symbol, so the sample (at most 3 UTF-8
+    # bytes per byte read, U+FFFD replacing a bad one) bounds the vocabulary;
+    # the trainer reserves room for all it is asked (2**31: 141 GB, an abort).
+    tok = Tokenizer.train(_texts(files, hashes, bar), min(vocab_size, MIN_VOCAB_SIZE + 3 * sample))
     if tok.vocab_size < vocab_size:
         report.warnings.append(
             f"the corpus only supports {tok.vocab_size} tokens, fewer than --vocab-size {vocab_size}; "

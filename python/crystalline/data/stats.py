@@ -18,6 +18,7 @@ from crystalline.data import corpus, sizing
 from crystalline.data import prepare as prep
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
+from crystalline.guard import core_refusals
 
 # The settings that choose the model's shape: given none, `size` sizes the recommended model.
 SHAPE_SETTINGS = {"n_embd", "n_layer", "n_head", "seq_len"}
@@ -96,7 +97,8 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
             f"vocab size {model.vocab_size} is smaller than the tokenizer's {ds.vocab_size}; "
             f"use --vocab-size {ds.vocab_size}"
         )
-    memory = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
+    with core_refusals():  # a size whose memory overflows a 64-bit count
+        memory = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
     warnings = sizing.check_data(model, ds.train_count, cfg.batch_size, cfg.seq_len)
     ram = _physical_memory()
     if ram and memory > ram:
