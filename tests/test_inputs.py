@@ -112,6 +112,8 @@ def test_huge_sizes_are_refused_with_the_figure_before_anything_is_allocated(cor
     prepared = cli(["prepare", str(corpus), "--out", str(tmp_path / "ds"), "--vocab-size", str(2**31),
                     "--no-progress"], env)
     assert prepared.returncode == 0 and f"fewer than --vocab-size {2**31}" in prepared.stderr, prepared.stderr
+    refused(["crawl", "http://127.0.0.1:9/", "--data-dir", str(tmp_path / "pages"), "--concurrency", str(10**30)], env,
+            f"--concurrency must be at most 1024, not {10**30}")  # a worker task each: it ran out of memory
 
 
 def test_seeds_sampling_settings_and_sizes_out_of_range_name_their_flag(corpus, run_dir, env, tmp_path):

@@ -22,6 +22,8 @@ from crystalline.crawl.urls import UnsupportedScheme, normalize
 from crystalline.errors import UserError
 
 LOCK_NAME = ".crawl.lock"
+# Most requests in flight: each is a worker task, so --concurrency 10**30 ran out of memory.
+MAX_CONCURRENCY = 1024
 
 
 @dataclass
@@ -114,6 +116,8 @@ def _check(config: CrawlConfig) -> list[Link]:
     ):
         if value < least:
             raise UserError(f"{name} must be at least {least}, not {value}")
+    if config.concurrency > MAX_CONCURRENCY:
+        raise UserError(f"--concurrency must be at most {MAX_CONCURRENCY}, not {config.concurrency}")
     if config.max_pages is not None and config.max_pages < 1:
         raise UserError(f"--max-pages must be at least 1, not {config.max_pages}")
     links = []
