@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from crystalline import checkpoint, hf
+from crystalline import checkpoint, hf, load
 from crystalline.config import ModelConfig, TrainConfig, load_toml
 from crystalline.errors import UserError
 from crystalline.guard import TEXT_LIMIT, read_text
@@ -230,6 +230,10 @@ def test_prompts_and_sample_counts_are_bounded(run_dir, env, tmp_path):
         refused(generate, env, "the prompt on standard input is larger than 4 MiB", stdin=zeros)
     refused([*generate, "--prompt", "x", "--num-samples", str(10**12)], env,
             "generating 1,000,000,000,000 sequences needs", "ask for fewer samples")
+    # bytes that are not UTF-8 in an argument (found by fuzzing; chat's piped lines reach the same check)
+    refused([*generate, "--prompt", "\udcff"], env, "error: the prompt is not UTF-8 text")
+    with pytest.raises(UserError, match="the prompt is not UTF-8 text"):
+        load(run_dir).encode_prompt("x\udcff")
 
 
 def test_the_end_of_run_sample_fits_a_context_shorter_than_its_prompt(corpus, env, tmp_path):
