@@ -122,6 +122,8 @@ def test_seeds_sampling_settings_and_sizes_out_of_range_name_their_flag(corpus, 
             f"--seed {in_range}-1")
     refused(["generate", str(run_dir), "--prompt", "x", "--seed", str(2**64)], env, f"--seed {in_range}{2**64}")
     refused(["generate", str(run_dir), "--top-k", "1e23"], env, "'--top-k'")  # not an integer: typer's, one line
+    refused(["crawl", "http://127.0.0.1:9/", "--data-dir", str(tmp_path / "pages"), "--user-agent", "bot-\u00fc"], env,
+            "--user-agent must be printable ASCII, not 'bot-\u00fc'")  # found by fuzzing: httpx raised
     for settings, message in [(dict(seed=2**64), f"--seed {in_range}"), (dict(n_embd=2**70), "--embed-dim must be")]:
         with pytest.raises(UserError, match=re.escape(message)):
             TrainConfig(**settings).validate()
