@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from crystalline import checkpoint, hf
+from crystalline import checkpoint, hf, load
 from crystalline.config import ModelConfig, TrainConfig, load_toml
 from crystalline.errors import UserError
 from crystalline.guard import TEXT_LIMIT, read_text
@@ -112,6 +112,8 @@ def test_huge_sizes_are_refused_with_the_figure_before_anything_is_allocated(cor
     prepared = cli(["prepare", str(corpus), "--out", str(tmp_path / "ds"), "--vocab-size", str(2**31),
                     "--no-progress"], env)
     assert prepared.returncode == 0 and f"fewer than --vocab-size {2**31}" in prepared.stderr, prepared.stderr
+    refused(["crawl", "http://127.0.0.1:9/", "--data-dir", str(tmp_path / "pages"), "--concurrency", str(10**30)], env,
+            f"--concurrency must be at most 1024, not {10**30}")  # a worker task each: it ran out of memory
 
 
 def test_seeds_sampling_settings_and_sizes_out_of_range_name_their_flag(corpus, run_dir, env, tmp_path):
@@ -120,6 +122,8 @@ def test_seeds_sampling_settings_and_sizes_out_of_range_name_their_flag(corpus, 
             f"--seed {in_range}-1")
     refused(["generate", str(run_dir), "--prompt", "x", "--seed", str(2**64)], env, f"--seed {in_range}{2**64}")
     refused(["generate", str(run_dir), "--top-k", "1e23"], env, "'--top-k'")  # not an integer: typer's, one line
+    refused(["crawl", "http://127.0.0.1:9/", "--data-dir", str(tmp_path / "pages"), "--user-agent", "bot-\u00fc"], env,
+            "--user-agent must be printable ASCII, not 'bot-\u00fc'")  # found by fuzzing: httpx raised
     for settings, message in [(dict(seed=2**64), f"--seed {in_range}"), (dict(n_embd=2**70), "--embed-dim must be")]:
         with pytest.raises(UserError, match=re.escape(message)):
             TrainConfig(**settings).validate()
@@ -228,6 +232,10 @@ def test_prompts_and_sample_counts_are_bounded(run_dir, env, tmp_path):
         refused(generate, env, "the prompt on standard input is larger than 4 MiB", stdin=zeros)
     refused([*generate, "--prompt", "x", "--num-samples", str(10**12)], env,
             "generating 1,000,000,000,000 sequences needs", "ask for fewer samples")
+    # bytes that are not UTF-8 in an argument (found by fuzzing; chat's piped lines reach the same check)
+    refused([*generate, "--prompt", "\udcff"], env, "error: the prompt is not UTF-8 text")
+    with pytest.raises(UserError, match="the prompt is not UTF-8 text"):
+        load(run_dir).encode_prompt("x\udcff")
 
 
 def test_the_end_of_run_sample_fits_a_context_shorter_than_its_prompt(corpus, env, tmp_path):

@@ -64,6 +64,16 @@ def read_text(path: Path, what: str, limit: int = TEXT_LIMIT) -> str:
     return _decode(data, what)
 
 
+def utf8(text: str, what: str) -> str:
+    """`text`, refused when it holds bytes that are not UTF-8 (which Python
+    keeps as lone surrogates in arguments and piped input)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} is not UTF-8 text") from None
+    return text
+
+
 def read_json(path: Path, what: str) -> object:
     """The JSON value in the file `path`, read as `read_text` reads."""
     try:

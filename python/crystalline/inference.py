@@ -29,7 +29,7 @@ from crystalline.config import ModelConfig, TrainConfig, check_unsigned, flagged
 from crystalline.data import corpus
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
-from crystalline.guard import core_refusals, ensure_memory, fresh_directory, writing
+from crystalline.guard import core_refusals, ensure_memory, fresh_directory, utf8, writing
 
 # Called with (sequence index, text that became stable since the last call).
 StreamCallback = Callable[[int, str], None]
@@ -199,7 +199,7 @@ class LoadedModel:
         """Token ids of a prompt, refused when empty or longer than the block size."""
         if not prompt:
             raise UserError("the prompt is empty; give some text to continue")
-        ids = self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode(utf8(prompt, "the prompt"))
         if len(ids) > self.block_size:
             raise UserError(
                 f"the prompt is {len(ids)} tokens, longer than the model's block size of {self.block_size} "

@@ -22,6 +22,7 @@ from crystalline.data import sizing
 from crystalline.data.stats import TokenStats, size_run, token_stats
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
+from crystalline.guard import utf8
 
 
 def prepare(
@@ -93,7 +94,7 @@ def tokenize(
         sys.stdout.write(tok.decode(_parse_ids(raw)))
         return
 
-    pieces = [text] if text is not None else corpus.read_chunks(file, corpus.FileRead())
+    pieces = [utf8(text, "--text")] if text is not None else corpus.read_chunks(file, corpus.FileRead())
     if stats:
         _print_stats(token_stats(tok, pieces, top), json_out)
         return

@@ -19,6 +19,9 @@ from crystalline.crawl.urls import UnsupportedScheme, normalize
 from crystalline.errors import UserError
 from crystalline.locks import locked
 
+# Most requests in flight: each is a worker task, so --concurrency 10**30 ran out of memory.
+MAX_CONCURRENCY = 1024
+
 
 @dataclass
 class Summary:
@@ -110,6 +113,10 @@ def _check(config: CrawlConfig) -> list[Link]:
     ):
         if value < least:
             raise UserError(f"{name} must be at least {least}, not {value}")
+    if config.concurrency > MAX_CONCURRENCY:
+        raise UserError(f"--concurrency must be at most {MAX_CONCURRENCY}, not {config.concurrency}")
+    if not (config.user_agent.isascii() and config.user_agent.isprintable()):  # an HTTP header is ASCII
+        raise UserError(f"--user-agent must be printable ASCII, not {config.user_agent!r}")
     if config.max_pages is not None and config.max_pages < 1:
         raise UserError(f"--max-pages must be at least 1, not {config.max_pages}")
     links = []
