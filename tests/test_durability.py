@@ -325,6 +325,21 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones(tmp_path, ow
     assert checkpoint.load(run).state.step == 20
 
 
+def test_a_plot_that_cannot_be_finished_leaves_the_earlier_plot(tmp_path, own_env):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    ok = cli(["train", str(text_corpus(tmp_path / "src")), *TINY, "--max-steps", "4", "--checkpoint-dir", str(run)],
+             own_env)
+    assert ok.returncode == 0, ok.stderr
+    assert cli(["plot", str(run)], own_env).returncode == 0
+    png = run / "loss.png"
+    before = png.read_bytes()
+    full = cli_limited(["plot", str(run)], own_env, len(before) // 2)
+    assert_refused(full, f"cannot write --out {png}")
+    assert png.read_bytes() == before
+    assert not [p for p in run.iterdir() if atomic.is_temporary(p.name)]
+
+
 # --- 6. a corrupt token file ------------------------------------------------------
 
 
