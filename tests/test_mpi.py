@@ -196,3 +196,19 @@ def test_a_launched_process_without_mpi4py_says_what_to_install_and_a_plain_run_
              "assert 'mpi4py' not in sys.modules, 'imported'")
     r = subprocess.run([sys.executable, "-c", plain], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_the_readme_s_two_node_command_runs_on_two_local_ranks(tmp_path, env):
+    """The README's `mpiexec -hosts a,b` line as written, with both hosts this
+    one, its paths here, and flags added at the end for a tiny, short run."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("mpiexec -hosts a,b -n 2 crystalline train"))
+    shutil.copytree(STDLIB / "json", tmp_path / "my_code")
+    command = (line.replace("mpiexec", MPIEXEC, 1).replace("a,b", "localhost,localhost", 1)
+               .replace(" crystalline ", f" {sys.executable} -m crystalline ", 1)
+               .replace("/shared/runs/seed", str(tmp_path / "runs" / "seed")))
+    tiny = ["--vocab-size", "300", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--seq-len", "32",
+            "--max-steps", "2", "--threads", "1", "--no-progress", "--sample-tokens", "0"]
+    r = subprocess.run([*command.split(), *tiny], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "[Rank 1] pid" in r.stderr and latest_step(tmp_path / "runs" / "seed") == 2

@@ -17,10 +17,13 @@ when the environment shows an MPI launcher (`connect`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -140,16 +143,21 @@ class Cluster(Solo):
                 outcome = ("interrupted", "interrupted", 130)
             except BaseException as err:
                 outcome = ("failed", f"rank 0 failed: {err!r}", 1)
-                self.wait_for_leader()
-                self.comm.bcast(outcome)
+                self._share(outcome)
                 raise
-        self.wait_for_leader()
-        kind, value, code = self.comm.bcast(outcome if self.leader else None)
+            kind, value, code = self._share(outcome)
+        else:
+            with rank_0_decides():  # a Ctrl-C reaches rank 0 too, which says what comes of it
+                kind, value, code = self._share(None)
         if kind == "ok":
             return value  # type: ignore[return-value]
         if kind == "interrupted":
             raise KeyboardInterrupt
         raise UserError(str(value), exit_code=code)
+
+    def _share(self, outcome: tuple | None) -> tuple:
+        self.wait_for_leader()
+        return self.comm.bcast(outcome)
 
     def together(self, work: Callable[[], None]) -> None:
         """Every rank runs `work`; the first rank's error (by rank) stops all,
@@ -192,6 +200,19 @@ class Cluster(Solo):
     def describe(self, threads: int) -> list[str]:
         where = self.comm.allgather((os.getpid(), socket.gethostname()))
         return [f"[Rank {r}] pid {pid} on {host}, {threads} sphere threads" for r, (pid, host) in enumerate(where)]
+
+
+@contextlib.contextmanager
+def rank_0_decides() -> Iterator[None]:
+    """Ignore Ctrl-C in a rank waiting for rank 0 (in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def connect() -> Solo:

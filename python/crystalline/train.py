@@ -217,7 +217,7 @@ class Trainer:
             self.trainer = _core.Trainer(**asdict(cfg.model_config()), threads=cfg.threads, seed=cfg.seed,
                                          weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         self.step, self.epoch, self.pos = 0, 0, 0
-        if self.resume_from is not None:
+        if self.resume_from is not None and self.cluster.leader:  # the other ranks take rank 0's weights
             self._restore(self.resume_from)
 
     def _report_plan(self) -> None:
