@@ -462,7 +462,7 @@ class Trainer:
         """A rank other than 0: take rank 0's settings and prepared data (it
         prepares while the others wait), then train in step with it,
         printing and saving nothing."""
-        shared = self.cluster.lead(dict)
+        shared = self.cluster.lead(self._setup_for_cluster)  # run by rank 0
         self.cfg = shared["config"]
         self._use_dataset(shared["dataset"])
         self._join_cluster()
@@ -603,6 +603,7 @@ class Trainer:
         sample = None
         if not interrupted and self.cfg.sample_tokens > 0 and self.last_checkpoint is not None:
             sample = self.sample(self.last_checkpoint, self.cfg.sample_tokens)
+        self.cluster.wait_for_leader()  # the other ranks end with rank 0, not spinning in MPI's finalize
         return Run(self.run_dir, self.step, self.losses, self.val_losses, self.last_checkpoint, interrupted, sample)
 
     def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
