@@ -1,6 +1,6 @@
 """Files and concurrency: what `prepare` may touch and delete, one run per
 directory (the locks), metrics.jsonl after a crash, durable exports, a full
-disk while saving a checkpoint, a corrupt token file, and kill -9 at random
+disk while saving a checkpoint or a plot, a corrupt token file, and kill -9 at random
 moments ending bit-identical. Tiny models on a few KB of text."""
 
 from __future__ import annotations
