@@ -182,7 +182,8 @@ def test_a_second_prepare_on_a_locked_dataset_is_refused(tmp_path, env):
 def test_a_second_train_on_a_running_run_directory_is_refused(tmp_path, own_env):
     src = text_corpus(tmp_path / "src")
     run = tmp_path / "run"
-    args = ["train", str(src), *TINY, "--epochs", "10000", "--max-steps", "1000000", "--save-interval", "2"]
+    args = ["train", str(src), *TINY, "--epochs", "10000", "--max-steps", "1000000", "--save-interval", "2",
+            "--keep", "0"]
     proc = subprocess.Popen([sys.executable, "-m", "crystalline", *args, "--checkpoint-dir", str(run)],
                             env=own_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -193,6 +194,10 @@ def test_a_second_train_on_a_running_run_directory_is_refused(tmp_path, own_env)
                        f"{run} is in use by process {proc.pid}")
         assert_refused(cli(["train", "--resume", str(run), *RESUME], own_env, timeout=60),
                        f"{run} is in use by process {proc.pid}")
+        assert_refused(cli(["models", "delete", str(run), "--yes"], own_env, timeout=60),
+                       f"{run} is in use by process {proc.pid}")
+        assert_refused(cli(["models", "delete", str(checkpoint.list_checkpoints(run)[0]), "--yes"], own_env,
+                           timeout=60), f"{run} is in use by process {proc.pid}")
         assert proc.poll() is None
     finally:
         proc.kill()
