@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from crystalline import _core, checkpoint, locks
-from crystalline.cluster import SYNC_INTERVAL, Solo, connect
 from crystalline.atomic import DiskFull, disk_full_at
+from crystalline.cluster import SYNC_INTERVAL, Solo, connect
 from crystalline.config import WATCH_EPOCHS, TrainConfig, capped_threads, resume_config
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
