@@ -3,9 +3,11 @@ mpiexec): two ranks match one process to float rounding and are
 bit-identical from run to run; only rank 0 prints and saves; bad input is
 one message and exit 2 on every rank; a rank killed with kill -9 stops the
 job, which names it, and the run resumes, also with another number of
-ranks; Ctrl-C saves once and exits 130; weights that fall apart stop the
-run; without mpi4py a launched process says what to install. Two ranks of
-one thread each fit CI's two cores."""
+ranks; Ctrl-C saves once and exits 130; a failure on rank 0 alone (a
+locked run directory, a full disk) stops every rank instead of leaving
+them waiting; weights that fall apart stop the run; without mpi4py a
+launched process says what to install; the README's two-node command runs.
+Two ranks of one thread each fit CI's two cores."""
 
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from crystalline import checkpoint
+from crystalline import checkpoint, locks
 from crystalline.cluster import rows
-from commandline import cli
+from commandline import LIMITED, cli
 from test_train import TINY, latest_step, losses, poll_until
 
 pytest.importorskip("mpi4py")
@@ -99,6 +101,10 @@ def test_bad_input_is_one_message_from_rank_0_and_every_rank_exits_2(tmp_path, e
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("error:") == 1 and said in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and not new.exists()
+    # rank 0 alone finds the run directory locked by another run: the others must not wait for it forever
+    with locks.locked(taken):
+        r = run_mpi(2, [*ARGS, "--resume", "--checkpoint-dir", str(taken)], env, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1 and "is in use by process" in r.stderr, r.stderr
 
 
 def test_a_rank_killed_with_kill_9_stops_the_job_which_names_it_and_resume_goes_on_with_other_k(tmp_path, env):
@@ -147,6 +153,21 @@ def test_ctrl_c_on_mpiexec_saves_once_exits_130_and_two_ranks_resume_bit_identic
     assert resumed.returncode == 0, resumed.stderr
     assert losses(run) == losses(tmp_path / "full")
 
+
+
+def test_a_full_disk_on_rank_0_mid_run_stops_every_rank_with_its_message(tmp_path, env):
+    run = tmp_path / "run"
+    ok = run_mpi(2, [*ARGS, "--max-steps", "10", "--save-interval", "5", "--checkpoint-dir", str(run)], env)
+    assert ok.returncode == 0, ok.stderr
+    ck = checkpoint.list_checkpoints(run)[-1]
+    limit = ((ck / checkpoint.MODEL).stat().st_size + (ck / checkpoint.OPTIMIZER).stat().st_size) // 2
+    resume = ["train", "--resume", str(run), "--max-steps", "20", "--save-interval", "5", "--no-progress"]
+    # MPI starts before the limit, as its shared-memory files are larger than it
+    limited = [sys.executable, "-c", "import mpi4py.MPI;" + LIMITED, str(limit)]
+    r = subprocess.run([MPIEXEC, "-n", "2", *limited, *resume], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("error:") == 1, r.stderr
+    assert f"disk full while writing {run / 'ckpt-00000015'}" in r.stderr and "Traceback" not in r.stderr
+    assert checkpoint.load(run).state.step == 10
 
 SYNC_CHECK = """
 import numpy as np

@@ -36,8 +36,9 @@ RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 # Steps between checks that every rank holds the same weights.
 SYNC_INTERVAL = 50
-# Seconds between looks while the other ranks wait for rank 0 (not spinning a core).
-POLL_S = 0.01
+# Seconds between looks while the other ranks wait for rank 0, not spinning a
+# core: from the first (a step's metrics line) doubling to the last (a save).
+POLL_FIRST_S, POLL_S = 1e-5, 0.01
 # Exit code when the ranks' weights fell apart.
 OUT_OF_SYNC_EXIT = 1
 
@@ -78,7 +79,8 @@ class Solo:
         return trainer.step(batch, lr), interrupted
 
     def lead(self, work: Callable[[], T]) -> T:
-        """Run `work` on rank 0 and hand its result (or its error) to every rank."""
+        """Run `work` on rank 0 alone and hand its result (or its error) to
+        every rank: all call it, the others wait."""
         return work()
 
     def together(self, work: Callable[[], None]) -> None:
@@ -174,9 +176,10 @@ class Cluster(Solo):
                 raise UserError(message if rank == 0 else f"rank {rank}: {message}", exit_code=code)
 
     def wait_for_leader(self) -> None:
-        request = self.comm.Ibarrier()
+        request, pause = self.comm.Ibarrier(), POLL_FIRST_S
         while not request.Test():
-            time.sleep(POLL_S)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_S)
 
     def gather(self, value: T) -> list[T] | None:
         return self.comm.gather(value)

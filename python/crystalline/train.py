@@ -9,6 +9,7 @@ checkpoints, resume and a sample at the end. Its settings are a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -111,6 +112,7 @@ class Trainer:
         self.resume_from: Path | None = None
         self._stop = False  # save and stop after this step (Ctrl-C on any rank)
         self._interrupted = False  # Ctrl-C reached this process
+        self._created_run_dir = False  # this run made its directory (removed again if setting up fails)
         self.cluster: Solo = Solo()  # the processes training together (`run` connects them)
         self._waiting = False  # a --watch run has said it waits for data
         self._order_cache: tuple[int, int, np.ndarray] | None = None  # (epoch, sequences, permutation)
@@ -415,19 +417,26 @@ class Trainer:
             self._tally = EpochTally.start(threads)
         if not self.cluster.leader:
             return self._follow()
-        check_writable(self.run_dir, "--checkpoint-dir")
-        created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with locks.locked(self.run_dir):
+        with contextlib.ExitStack() as lock:
             try:
-                self.cluster.lead(self._setup_for_cluster)
+                self.cluster.lead(lambda: self._lock_and_set_up(lock))
                 self._join_cluster()
             except BaseException:
-                if created:
+                if self._created_run_dir:
                     self._remove_run_dir()
                 raise
             self._train_locked()
             return self._finish()
+
+    def _lock_and_set_up(self, lock: contextlib.ExitStack) -> dict:
+        """Check, make and lock (held by `lock`) the run directory, then set
+        up; returns what the other ranks need, which they wait for."""
+        check_writable(self.run_dir, "--checkpoint-dir")
+        self._created_run_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock.enter_context(locks.locked(self.run_dir))
+        self.setup()
+        return dict(config=self.cfg, dataset=self.dataset, position=(self.step, self.epoch, self.pos))
 
     def _check_cluster(self) -> None:
         """Refuse what several ranks cannot do (checked alike on every rank)."""
@@ -439,11 +448,6 @@ class Trainer:
         if cfg.batch_size < k:
             raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {k} MPI ranks: each rank needs "
                             f"a sequence of every step; use --batch-size {k} or more")
-
-    def _setup_for_cluster(self) -> dict:
-        """Rank 0's setup, and what the other ranks need from it."""
-        self.setup()
-        return dict(config=self.cfg, dataset=self.dataset, position=(self.step, self.epoch, self.pos))
 
     def _join_cluster(self) -> None:
         """Every rank builds its trainer (each refusal stops all), takes rank
@@ -462,7 +466,7 @@ class Trainer:
         """A rank other than 0: take rank 0's settings and prepared data (it
         prepares while the others wait), then train in step with it,
         printing and saving nothing."""
-        shared = self.cluster.lead(self._setup_for_cluster)  # run by rank 0
+        shared = self.cluster.lead(self._lock_and_set_up)  # run by rank 0, not here
         self.cfg = shared["config"]
         self._use_dataset(shared["dataset"])
         self._join_cluster()
@@ -514,7 +518,7 @@ class Trainer:
         """Step until the plan is done or Ctrl-C: each step's record, then the
         end of the epoch and a checkpoint when they are due. Under MPI every
         rank steps; rank 0 alone validates, writes `metrics` and saves,
-        while the others wait for it."""
+        while the others wait for it (and stop with it if that fails)."""
         cluster = self.cluster
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
                             loss="-", tps="-")
@@ -523,20 +527,22 @@ class Trainer:
             last = self.total_steps is not None and self.step >= self.total_steps
             if self.step % SYNC_INTERVAL == 0 or last:
                 cluster.check_in_sync(self.trainer, self.step)
-            if self.step % self.cfg.eval_interval == 0 or last:
-                if cluster.leader:
-                    self._validate(record)
-                cluster.wait_for_leader()
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
+            cluster.lead(lambda: self._record(record, last, metrics))
             bar.update(task, advance=1, epoch=self.epoch + 1, loss=f"{record['loss']:.4f}",
                        tps=f"{record['tokens_per_s']:,.0f}")
             if self._end_epoch_if_due(last):
                 bar.update(task, total=self.total_steps)
             if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
-                if cluster.leader:
-                    self.last_checkpoint = self.save()
-                cluster.wait_for_leader()
+                cluster.lead(self._save_checkpoint)
+
+    def _record(self, record: dict, last: bool, metrics: TextIO) -> None:
+        """The validation loss when it is due, then the step's line in metrics.jsonl."""
+        if self.step % self.cfg.eval_interval == 0 or last:
+            self._validate(record)
+        metrics.write(json.dumps(record) + "\n")
+
+    def _save_checkpoint(self) -> None:
+        self.last_checkpoint = self.save()
 
     def _step(self) -> dict:
         """One optimizer step on the next batch; returns its metrics record."""
@@ -600,11 +606,16 @@ class Trainer:
         if interrupted:
             self.console.print(f"[Node Zero] interrupted: saved {self.last_checkpoint}; continue with "
                                f"`crystalline train --resume {shlex.quote(str(self.run_dir))}`")
-        sample = None
-        if not interrupted and self.cfg.sample_tokens > 0 and self.last_checkpoint is not None:
-            sample = self.sample(self.last_checkpoint, self.cfg.sample_tokens)
-        self.cluster.wait_for_leader()  # the other ranks end with rank 0, not spinning in MPI's finalize
+        # the other ranks end with rank 0, not spinning in MPI's finalize while it samples
+        sample = self.cluster.lead(lambda: self._final_sample(interrupted))
+        if not self.cluster.leader:
+            sample = None  # printed by rank 0 alone
         return Run(self.run_dir, self.step, self.losses, self.val_losses, self.last_checkpoint, interrupted, sample)
+
+    def _final_sample(self, interrupted: bool) -> str | None:
+        if interrupted or self.cfg.sample_tokens <= 0 or self.last_checkpoint is None:
+            return None
+        return self.sample(self.last_checkpoint, self.cfg.sample_tokens)
 
     def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self._interrupted:  # a second Ctrl-C: stop now
