@@ -117,7 +117,8 @@ def main() -> None:
         print(f"| {k} | {m['threads']} | {m['compute_s']:.3f} | {m['allreduce_s']:.4f} | {m['apply_s']:.3f} | "
               f"{mb:.1f} | {2 * (k - 1) / k * mb:.1f} |")
     base = next(m for m in measured if m["ranks"] == 1)
-    print(f"\nhere, one process: {BATCH * SEED['block_size'] / base['compute_s']:,.0f} tokens/s in forward and backward")
+    tokens_per_s = BATCH * SEED["block_size"] / base["compute_s"]
+    print(f"\nhere, one process: {tokens_per_s:,.0f} tokens/s in forward and backward")
     t1, apply, grad_bytes = base["compute_s"], base["apply_s"], base["grad_bytes"]
     for title, per_node in (("global batch 32 (compute T1/K per node)", lambda k: t1 / k),
                             ("32 sequences per node (compute T1 per node)", lambda k: t1)):
