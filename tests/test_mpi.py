@@ -170,6 +170,7 @@ def test_a_full_disk_on_rank_0_mid_run_stops_every_rank_with_its_message(tmp_pat
     assert checkpoint.load(run).state.step == 10
 
 SYNC_CHECK = """
+import sys
 import numpy as np
 from crystalline import _core
 from crystalline.cluster import connect
@@ -186,17 +187,17 @@ if cluster.rank == 1:
     trainer.parameters()["wte.weight"][0, 0] += 1e-3
 try:
     cluster.check_in_sync(trainer, 2)
-except UserError as err:
-    print(f"rank {cluster.rank}: {err}")
+except UserError as err:  # a file per rank: lines the ranks print at once may interleave
+    open(f"{sys.argv[1]}/rank{cluster.rank}", "w").write(str(err))
 """
 
 
-def test_weights_that_fall_apart_stop_every_rank_with_an_error(env):
-    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", SYNC_CHECK], env=env, capture_output=True,
-                       text=True, timeout=120)
+def test_weights_that_fall_apart_stop_every_rank_with_an_error(tmp_path, env):
+    r = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-c", SYNC_CHECK, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    said = sorted(r.stdout.splitlines())
-    assert len(said) == 2 and all("the weights of rank(s) 1 differ from rank 0's after step 2" in s for s in said), said
+    said = [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)]
+    assert all("the weights of rank(s) 1 differ from rank 0's after step 2" in s for s in said), said
 
 
 def test_a_launched_process_without_mpi4py_says_what_to_install_and_a_plain_run_never_imports_it(tmp_path, env):
