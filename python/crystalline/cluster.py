@@ -87,9 +87,6 @@ class Solo:
         """Run `work` on every rank; an error on any stops all of them."""
         work()
 
-    def wait_for_leader(self) -> None:
-        """Let the other ranks wait while rank 0 alone evaluates or saves."""
-
     def gather(self, value: T) -> list[T] | None:
         """Every rank's `value` on rank 0, in rank order; None elsewhere."""
         return [value]
@@ -176,6 +173,7 @@ class Cluster(Solo):
                 raise UserError(message if rank == 0 else f"rank {rank}: {message}", exit_code=code)
 
     def wait_for_leader(self) -> None:
+        """Wait until every rank is here, rank 0 last, sleeping between looks."""
         request, pause = self.comm.Ibarrier(), POLL_FIRST_S
         while not request.Test():
             time.sleep(pause)
