@@ -5,9 +5,10 @@ T=128) at the default 12 sphere threads with --cores 1 and --cores 2, the
 two trainers taking alternate steps in one run (medians over timed steps).
 
 Then a time model. It measures the time of a one-sequence micro-batch on one
-core and on a team of two (from which the share of a pass that does not
-split over a team, by Amdahl's law), and the time Node Zero's reduction and
-AdamW take here. With the planner's schedule (`_core.plan_teams`: each
+core, the share of it that a team cannot split (the kernels that run on one
+core of the team: LayerNorms, GELU, the cross-entropy's softmax, timed one
+by one on one core, so the share holds however busy the machine is), and
+the time Node Zero's reduction and AdamW take here. With the planner's schedule (`_core.plan_teams`: each
 lane's team and sequences) it projects the step time at 16, 32, 64 and 128
 cores, with teams and without them (one core per worker sphere, so at most
 11 busy), and prints the memory traffic that bandwidth limits: the weights
@@ -63,6 +64,30 @@ def median(reports: list[dict], key) -> float:
     return statistics.median(key(r) for r in reports)
 
 
+def unsplit_seconds(steps: int) -> float:
+    """Median time, on one core, of the kernels of one sequence's forward and
+    backward pass that a team runs on one of its cores: every LayerNorm
+    (2 per block and the final one), every GELU, the cross-entropy."""
+    rng = np.random.default_rng(1)
+    c, v = SEED["n_embd"], SEED["vocab_size"]
+    x = rng.standard_normal((T, c), dtype=np.float32)
+    w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
+    h = rng.standard_normal((T, 4 * c), dtype=np.float32)
+    logits = rng.standard_normal((T, v), dtype=np.float32)
+    targets = rng.integers(0, v, T)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        for _ in range(2 * SEED["n_layer"] + 1):
+            out, mean, rstd = _core.layernorm_forward(x, w, b)
+            _core.layernorm_backward(out, x, w, mean, rstd)
+        for _ in range(SEED["n_layer"]):
+            _core.gelu_backward(h, _core.gelu_forward(h))
+        _core.softmax_crossentropy(logits, targets)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
@@ -82,29 +107,28 @@ def main() -> None:
               f"| {median(rs, lambda r: r['step_s'] - r['compute_s']):.3f} |")
     print(f"--cores 2 / --cores 1: {tok[2] / tok[1]:.2f}x")
 
-    # one worker sphere, one sequence: its team is every core it is given
-    one = alternate({k: trainer(2, k) for k in (1, 2)}, 1, args.steps)
-    seq_s = {k: median(rs, lambda r: r["spheres"][1]["busy_s"]) for k, rs in one.items()}
-    serial = min(1.0, max(0.0, 2 * seq_s[2] / seq_s[1] - 1))  # Amdahl: t2 / t1 = f + (1 - f) / 2
-    apply_s = median(one[1], lambda r: r["step_s"] - r["compute_s"])
+    # one worker sphere on one core, one sequence a step
+    one = alternate({1: trainer(2, 1)}, 1, args.steps)[1]
+    seq_s = median(one, lambda r: r["spheres"][1]["busy_s"])
+    serial = min(1.0, unsplit_seconds(args.steps) / seq_s)
+    apply_s = median(one, lambda r: r["step_s"] - r["compute_s"])
     here_gbs = F32 * params * (1 + NODE_ZERO_STREAMS) / apply_s / 1e9
-    print(f"\none sequence, forward and backward: {seq_s[1]:.3f} s on one core, {seq_s[2]:.3f} s on a team of two "
-          f"(so {serial:.0%} of a pass does not split over a team); Node Zero's reduction and AdamW of one lane: "
-          f"{apply_s:.3f} s ({here_gbs:.1f} GB/s here)")
+    print(f"\none sequence, forward and backward, on one core: {seq_s:.3f} s, of which {serial:.1%} in kernels a "
+          f"team runs on one core; Node Zero's reduction and AdamW of one lane: {apply_s:.3f} s ({here_gbs:.1f} GB/s here)")
 
     def projected(cores: int, teams: bool) -> tuple[float, float, int]:
         """(step s, compute s, lanes) at `cores` cores, from the planner's schedule."""
         plan = _core.plan_teams(threads=THREADS, cores=cores if teams else min(cores, THREADS - 1),
                                 batch_size=B, seq_len=T)
-        compute = max(w * seq_s[1] * (serial + (1 - serial) / k) for w, k in zip(plan["quota"], plan["cores"]))
+        compute = max(w * seq_s * (serial + (1 - serial) / k) for w, k in zip(plan["quota"], plan["cores"]))
         lanes = len(plan["cores"])
         apply = F32 * params * (lanes + NODE_ZERO_STREAMS) / (args.bandwidth_gbs * 1e9)
         return compute + apply, compute, lanes
 
-    one_core = B * seq_s[1] + F32 * params * (1 + NODE_ZERO_STREAMS) / (args.bandwidth_gbs * 1e9)
+    one_core = B * seq_s + F32 * params * (1 + NODE_ZERO_STREAMS) / (args.bandwidth_gbs * 1e9)
     print(f"\nprojected at {args.bandwidth_gbs:g} GB/s (one core: {one_core:.2f} s a step, "
           f"{B * T / one_core:,.0f} tokens/s):\n")
-    print("| cores | teams | step s | tokens/s | x one core | without teams: step s | x one core | "
+    print("| cores | teams | step s | tokens/s | x one core | without teams (a core per worker): step s | x one core | "
           "weight streams GB/s | Node Zero ms |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for cores in PROJECTED_CORES:
         step, compute, lanes = projected(cores, True)

@@ -41,7 +41,8 @@ const CHUNK: usize = 1 << 15;
 /// a shorter last validation batch use two.
 const CREWS: usize = 4;
 
-/// The sequences of one symmetry group in one step.
+/// The sequences of one symmetry group in one step, or the piece of them
+/// one sphere runs when the plan splits the group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MicroBatch {
     pub group: usize,
