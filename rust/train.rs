@@ -251,7 +251,7 @@ pub struct Trainer {
     pool: rayon::ThreadPool,
     lanes: Vec<Lane>,
     /// The latest batch shapes' plans with their team pools, oldest first.
-    crews: Mutex<Vec<((usize, usize), Arc<Crew>)>>,
+    crews: Mutex<Vec<(Shape, Arc<Crew>)>>,
     /// The plan the sphere threads are pinned for.
     pinned: Mutex<Option<Teams>>,
     /// Held while spheres run, so two calls never share the lanes.
@@ -278,6 +278,9 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+/// A batch's (B, T).
+type Shape = (usize, usize);
 
 /// The threads of one batch shape's plan: a rayon pool for each team of
 /// more than one core, pinned to the team's CPUs (None for one-core teams,
