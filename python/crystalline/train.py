@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from crystalline import _core, checkpoint, locks
+from crystalline import _core, checkpoint, locks, tensorboard_log
 from crystalline.atomic import DiskFull, disk_full_at
 from crystalline.config import WATCH_EPOCHS, TrainConfig, capped_threads, resume_config
 from crystalline.data import corpus, sizing
@@ -385,6 +385,8 @@ class Trainer:
         Ctrl-C (saving every --save-interval steps and at the end), then
         sample the model."""
         self.cfg.validate()
+        if self.cfg.tensorboard:  # before any work: say which extra is missing
+            tensorboard_log.require()
         threads, warning = capped_threads(self.cfg.threads)
         if warning:
             self.console.print(f"[yellow]warning:[/] {warning}")
@@ -420,8 +422,9 @@ class Trainer:
         try:
             with disk_full_at(metrics_path):
                 checkpoint.cut_metrics(self.run_dir, self.step)
-                with open(metrics_path, "a", buffering=1) as metrics, self._progress_bar() as bar:
-                    self._train(metrics, bar)
+                with (open(metrics_path, "a", buffering=1) as metrics, self._progress_bar() as bar,
+                      tensorboard_log.opened(self.run_dir, self.step + 1, self.cfg.tensorboard) as board):
+                    self._train(metrics, bar, board)
         except DiskFull as err:
             advice = "free some space, then start again"
             if self.last_checkpoint is not None:
@@ -438,9 +441,10 @@ class Trainer:
             console=self.console, disable=not self.cfg.progress, transient=False,
         )
 
-    def _train(self, metrics: TextIO, bar: Progress) -> None:
-        """Step until the plan is done or Ctrl-C: each step's record, then the
-        end of the epoch and a checkpoint when they are due."""
+    def _train(self, metrics: TextIO, bar: Progress, board: tensorboard_log.TensorBoardLog | None) -> None:
+        """Step until the plan is done or Ctrl-C: each step's record (to
+        metrics.jsonl, and to TensorBoard with --tensorboard), then the end of
+        the epoch and a checkpoint when they are due."""
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
                             loss="-", tps="-")
         while not self._finished() and not self._stop:
@@ -449,6 +453,8 @@ class Trainer:
             if self.step % self.cfg.eval_interval == 0 or last:
                 self._validate(record)
             metrics.write(json.dumps(record) + "\n")
+            if board is not None:
+                board.add(record)
             bar.update(task, advance=1, epoch=self.epoch + 1, loss=f"{record['loss']:.4f}",
                        tps=f"{record['tokens_per_s']:,.0f}")
             if self._end_epoch_if_due(last):
@@ -482,7 +488,8 @@ class Trainer:
                 if s["micro_batches"]:
                     self.console.print(f"[Sphere {i}] Forward pass complete, loss={sphere_loss(s):.4f}")
         return {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"],
-                "tokens_per_s": tps, "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
+                "tokens_per_s": tps, "sphere_busy_s": [s["busy_s"] for s in r["spheres"]],
+                "compute_s": r["compute_s"], "group_sequences": r["group_sequences"]}
 
     def _validate(self, record: dict) -> None:
         self.val = self.val_loss()
