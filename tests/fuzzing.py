@@ -250,7 +250,7 @@ SANE = {"checkpoint_path": ["run"], "run_dir": ["run"], "path": ["run"], "source
         "batch_size": ["2", "4"], "threads": ["1", "2"], "max_steps": ["1", "3"], "epochs": ["1"],
         "max_tokens": ["4", "16"], "num_samples": ["1", "3"], "learning_rate": ["0.001", "0.01"],
         "ext": [".py", ".txt"], "fmt": ["hf"], "preset": ["tiny", "auto"], "prompt": ["def f(x):", "x"],
-        "text": ["hello world"],
+        "text": ["hello world"], "runs_dir": ["."], "prompts": ["corpus/a.py"], "samples": ["1", "2"],
         "start_urls": ["http://127.0.0.1:9/"], "allow": ["127"], "deny": ["x"], "user_agent": ["crystalline-fuzz"]}
 # Values no parameter takes; typer refuses most before a command runs.
 JUNK = ["", " ", "x", "-", "--", "1e23", "0x10", "\u00fc\u20ac\U0001f600", "\udcff", "nan", "\u202e1"]

@@ -22,6 +22,7 @@ import ast
 import json
 import math
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -57,12 +58,12 @@ DEFAULT_PROMPTS = [
 ]
 DEFAULT_SAMPLING = Sampling(max_tokens=128, temperature=0.8, top_k=40, seed=0)
 
-# A line that opens a function: a `def` (or `async def`) header ending in a colon.
-HEADER = re.compile(r"\s*(async\s+)?def\s.*:\s*", re.S)
+# A prompt that opens a function: `def` (or `async def`), after any decorators.
+HEADER = re.compile(r"\s*(@[^\n]*\n\s*)*(async\s+)?def\s")
 
 
 def guess_kind(prompt: str) -> str:
-    return "code" if HEADER.fullmatch(prompt) else "text"
+    return "code" if HEADER.match(prompt) else "text"
 
 
 def read_prompts(path: Path) -> list[Prompt]:
@@ -94,8 +95,9 @@ def read_prompts(path: Path) -> list[Prompt]:
 def function_source(header: str, completion: str, finished: bool) -> str:
     """The header and the completion up to where the function ends: before
     the first non-blank line after the header that is indented no deeper
-    than the header's first line. A completion cut short by the token limit
-    (not `finished`) is judged without its last, partial line."""
+    than the header's first line; dedented, so that a method's header parses
+    on its own. A completion cut short by the token limit (not `finished`)
+    is judged without its last, partial line."""
     if not finished:
         completion = completion[: completion.rfind("\n") + 1]
     lines = (header + completion).split("\n")
@@ -105,7 +107,7 @@ def function_source(header: str, completion: str, finished: bool) -> str:
         if lines[i].strip() and indentation(lines[i]) <= depth:
             lines = lines[:i]
             break
-    return "\n".join(lines) + "\n"
+    return textwrap.dedent("\n".join(lines).rstrip() + "\n")
 
 
 def indentation(line: str) -> int:
