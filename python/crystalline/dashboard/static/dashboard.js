@@ -41,7 +41,8 @@ function fmt(x, digits) {
 function ago(seconds) {
   if (!seconds) return "";
   const s = Math.max(0, Date.now() / 1000 - seconds);
-  return s < 60 ? `${s.toFixed(0)} s ago` : s < 3600 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
+  if (s < 60) return `${s.toFixed(0)} s ago`;
+  return s < 3600 ? `${(s / 60).toFixed(0)} min ago` : `${(s / 3600).toFixed(1)} h ago`;
 }
 
 // -- charts ------------------------------------------------------------------
@@ -53,7 +54,8 @@ function lineChart(svg, series) {
   const { width, height, left, right, top, bottom } = CHART;
   const all = series.flatMap((s) => s.points).filter((p) => Number.isFinite(p[1]));
   if (!all.length) {
-    svg.appendChild(el("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty" }, "no data yet"));
+    svg.appendChild(el("text", { x: width / 2, y: height / 2, "text-anchor": "middle", class: "empty" },
+      "no data yet"));
     return;
   }
   let [x0, x1] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
@@ -80,14 +82,16 @@ function lineChart(svg, series) {
       points: pts.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "),
     });
     svg.appendChild(line);
-    if (s.dots) for (const p of pts) svg.appendChild(el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, class: `dot-${s.name}` }));
+    if (!s.dots) continue;
+    for (const p of pts) svg.appendChild(el("circle", { cx: sx(p[0]), cy: sy(p[1]), r: 2.5, class: `dot-${s.name}` }));
   }
 }
 
 function drawCurves() {
   const r = state.records;
   const pick = (key) => r.filter((x) => key in x).map((x) => [x.step, x[key]]);
-  lineChart($("loss-chart"), [{ name: "train", points: pick("loss") }, { name: "val", points: pick("val_loss"), dots: true }]);
+  lineChart($("loss-chart"), [{ name: "train", points: pick("loss") },
+    { name: "val", points: pick("val_loss"), dots: true }]);
   lineChart($("lr-chart"), [{ name: "lr", points: pick("lr") }]);
   lineChart($("grad-chart"), [{ name: "grad", points: pick("grad_norm") }]);
   lineChart($("tps-chart"), [{ name: "tps", points: pick("tokens_per_s") }]);
@@ -113,10 +117,11 @@ function drawSpheres(layout) {
     const g = el("g", { class: i === 0 ? "sphere node-zero" : "sphere", "data-sphere": i });
     const fill = `rgba(47, 158, 111, ${(0.12 + 0.78 * Math.min(share || 0, 1)).toFixed(2)})`;
     g.appendChild(el("circle", { cx: x, cy: y, r: i === 0 ? 38 : 30, fill }));
-    g.appendChild(el("text", { x, y: y - 6, "text-anchor": "middle", class: "label" }, i === 0 ? "Node Zero" : `sphere ${i}`));
+    const name = i === 0 ? "Node Zero" : `sphere ${i}`;
+    g.appendChild(el("text", { x, y: y - 6, "text-anchor": "middle", class: "label" }, name));
     const figure = share === null ? `${fmt(layout.busy_s[i], 2)} s` : `${(100 * share).toFixed(0)}%`;
     g.appendChild(el("text", { x, y: y + 10, "text-anchor": "middle", class: "figure" }, figure));
-    g.appendChild(el("title", {}, `${i === 0 ? "Node Zero" : `sphere ${i}`}: busy ${fmt(layout.busy_s[i], 3)} s`));
+    g.appendChild(el("title", {}, `${name}: busy ${fmt(layout.busy_s[i], 3)} s`));
     svg.appendChild(g);
   }
   $("layout-epoch").textContent = `epoch ${layout.epoch} (${layout.steps} steps)`;
@@ -186,7 +191,9 @@ async function pollMetrics() {
   const q = `name=${encodeURIComponent(name)}&after=${state.records.length}&generation=${state.generation}`;
   const m = await api(`/api/metrics?${q}`);
   if (name !== state.run) return;
-  if (m.generation !== state.generation || m.start !== state.records.length) state.records = state.records.slice(0, m.start);
+  if (m.generation !== state.generation || m.start !== state.records.length) {
+    state.records = state.records.slice(0, m.start);
+  }
   state.generation = m.generation;
   if (m.records.length || m.start === 0) {
     state.records = state.records.concat(m.records);
