@@ -10,6 +10,7 @@ cuts metrics.jsonl back, so TensorBoard shows each step once.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +27,11 @@ SPHERE_TAG = "sphere_busy_s/{:02d}"
 
 
 def require() -> None:
-    """UserError naming the extra unless tensorboardX can be imported."""
-    try:
-        import tensorboardX  # noqa: F401
-    except ModuleNotFoundError:
-        raise UserError("--tensorboard needs tensorboardX: pip install 'crystalline-cllm[tensorboard]'") from None
+    """UserError naming the extra unless tensorboardX is installed. Only
+    looked up, not imported: tensorboardX imports PyTorch when that is
+    installed too, which takes seconds."""
+    if importlib.util.find_spec("tensorboardX") is None:
+        raise UserError("--tensorboard needs tensorboardX: pip install 'crystalline-cllm[tensorboard]'")
 
 
 class TensorBoardLog:
