@@ -12,7 +12,7 @@ questions) and scores them:
   when it stopped there): how sure it is of its own text;
 - held-out perplexity, when text to score is given.
 
-`crystalline validate` prints the report and saves it beside the checkpoint
+`crystalline validate` prints the report and saves it in the checkpoint
 (`ckpt-N/validate.json`), where the dashboard shows it.
 """
 
@@ -173,8 +173,16 @@ class Report:
         return asdict(self)
 
 
-def _ratio(hits: int, total: int) -> float | None:
-    return hits / total if total else None
+def syntax_rate(completions: Sequence[Completion]) -> float | None:
+    """The fraction of the code completions among `completions` that parse (None: none is code)."""
+    code = [c for c in completions if c.parses is not None]
+    return sum(c.parses for c in code) / len(code) if code else None
+
+
+def mean_log_likelihood(completions: Sequence[Completion]) -> float | None:
+    """Nats per token over all the tokens scored (None: none)."""
+    tokens = sum(c.tokens for c in completions)
+    return sum(c.log_likelihood for c in completions) / tokens if tokens else None
 
 
 def score(model: LoadedModel, prompt_ids: list[int], out: list[int], finished: bool) -> tuple[float, int]:
@@ -220,18 +228,12 @@ def validate(model: LoadedModel, prompts: Sequence[Prompt] = DEFAULT_PROMPTS, sa
             text = model.tokenizer.decode(out)
             ok = parses(function_source(prompt.text, text, finished)) if prompt.kind == "code" else None
             done.append(Completion(text, finished, ll, n, ok))
-        tokens = sum(c.tokens for c in done)
-        report.prompts.append(PromptResult(
-            prompt.text, prompt.kind, done,
-            syntax_rate=_ratio(sum(bool(c.parses) for c in done), len(done)) if prompt.kind == "code" else None,
-            distinct_2=distinct_2([c.text for c in done]),
-            mean_log_likelihood=sum(c.log_likelihood for c in done) / tokens if tokens else None))
+        report.prompts.append(PromptResult(prompt.text, prompt.kind, done, syntax_rate(done),
+                                           distinct_2([c.text for c in done]), mean_log_likelihood(done)))
     everything = [c for r in report.prompts for c in r.completions]
-    code = [c for c in everything if c.parses is not None]
-    report.syntax_rate = _ratio(sum(bool(c.parses) for c in code), len(code))
+    report.syntax_rate = syntax_rate(everything)
     report.distinct_2 = distinct_2([c.text for c in everything])
-    tokens = sum(c.tokens for c in everything)
-    report.mean_log_likelihood = sum(c.log_likelihood for c in everything) / tokens if tokens else None
+    report.mean_log_likelihood = mean_log_likelihood(everything)
     if held_out:
         report.perplexity = model.evaluate(held_out).perplexity
         report.held_out = [str(p) for p in held_out]
