@@ -24,7 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from crystalline import _core, checkpoint, locks
+from crystalline import _core, checkpoint, locks, tensorboard_log
 from crystalline.atomic import DiskFull, disk_full_at
 from crystalline.cluster import SYNC_INTERVAL, Solo, connect
 from crystalline.config import WATCH_EPOCHS, TrainConfig, capped_threads, resume_config
@@ -413,6 +413,8 @@ class Trainer:
         self.cluster = connect()
         self.console.quiet = self.console.quiet or not self.cluster.leader
         self._check_cluster()
+        if self.cfg.tensorboard:  # before any work: say which extra is missing
+            tensorboard_log.require()
         threads, warning = capped_threads(self.cfg.threads)
         if warning:
             self.console.print(f"[yellow]warning:[/] {warning}")
@@ -481,7 +483,7 @@ class Trainer:
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             with self._progress_bar() as bar:
-                self._train(None, bar)
+                self._train(None, bar, None)
         finally:
             signal.signal(signal.SIGINT, previous)
         return self._finish()
@@ -503,8 +505,9 @@ class Trainer:
         try:
             with disk_full_at(metrics_path):
                 checkpoint.cut_metrics(self.run_dir, self.step)
-                with open(metrics_path, "a", buffering=1) as metrics, self._progress_bar() as bar:
-                    self._train(metrics, bar)
+                with (open(metrics_path, "a", buffering=1) as metrics, self._progress_bar() as bar,
+                      tensorboard_log.opened(self.run_dir, self.step + 1, self.cfg.tensorboard) as board):
+                    self._train(metrics, bar, board)
         except DiskFull as err:
             advice = "free some space, then start again"
             if self.last_checkpoint is not None:
@@ -521,11 +524,12 @@ class Trainer:
             console=self.console, disable=not (self.cfg.progress and self.cluster.leader), transient=False,
         )
 
-    def _train(self, metrics: TextIO | None, bar: Progress) -> None:
-        """Step until the plan is done or Ctrl-C: each step's record, then the
-        end of the epoch and a checkpoint when they are due. Under MPI every
-        rank steps; rank 0 alone validates, writes `metrics` and saves,
-        while the others wait for it (and stop with it if that fails)."""
+    def _train(self, metrics: TextIO | None, bar: Progress, board: tensorboard_log.TensorBoardLog | None) -> None:
+        """Step until the plan is done or Ctrl-C: each step's record (to
+        metrics.jsonl, and to TensorBoard with --tensorboard), then the end of
+        the epoch and a checkpoint when they are due. Under MPI every rank
+        steps; rank 0 alone validates, writes `metrics` and `board` and
+        saves, while the others wait for it (and stop with it if that fails)."""
         cluster = self.cluster
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
                             loss="-", tps="-")
@@ -534,7 +538,7 @@ class Trainer:
             last = self.total_steps is not None and self.step >= self.total_steps
             if self.step % SYNC_INTERVAL == 0 or last:
                 cluster.check_in_sync(self.trainer, self.step)
-            cluster.lead(lambda: self._record(record, last, metrics))
+            cluster.lead(lambda: self._record(record, last, metrics, board))
             bar.update(task, advance=1, epoch=self.epoch + 1, loss=f"{record['loss']:.4f}",
                        tps=f"{record['tokens_per_s']:,.0f}")
             if self._end_epoch_if_due(last):
@@ -542,11 +546,15 @@ class Trainer:
             if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
                 cluster.lead(self._save_checkpoint)
 
-    def _record(self, record: dict, last: bool, metrics: TextIO) -> None:
-        """The validation loss when it is due, then the step's line in metrics.jsonl."""
+    def _record(self, record: dict, last: bool, metrics: TextIO,
+                board: tensorboard_log.TensorBoardLog | None) -> None:
+        """The validation loss when it is due, then the step's line in
+        metrics.jsonl and its scalars in TensorBoard."""
         if self.step % self.cfg.eval_interval == 0 or last:
             self._validate(record)
         metrics.write(json.dumps(record) + "\n")
+        if board is not None:
+            board.add(record)
 
     def _save_checkpoint(self) -> None:
         self.last_checkpoint = self.save()
@@ -578,7 +586,8 @@ class Trainer:
                 if s["micro_batches"]:
                     self.console.print(f"[Sphere {i}] Forward pass complete, loss={sphere_loss(s):.4f}")
         record = {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"],
-                  "tokens_per_s": tps, "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
+                  "tokens_per_s": tps, "sphere_busy_s": [s["busy_s"] for s in r["spheres"]],
+                  "compute_s": r["compute_s"], "group_sequences": r["group_sequences"]}
         if "allreduce_s" in r:  # several ranks: rank 0's seconds in the gradient sum
             record["allreduce_s"] = r["allreduce_s"]
         return record

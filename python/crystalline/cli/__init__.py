@@ -49,6 +49,11 @@ from crystalline.cli import serve as serve_command  # noqa: E402
 
 app.command("serve")(serve_command.serve)
 
+from crystalline.cli import monitor as monitor_commands  # noqa: E402
+
+app.command("dashboard")(monitor_commands.dashboard)
+app.command("validate")(monitor_commands.validate)
+
 
 def main() -> None:
     """Console-script entry point: a UserError from any command, or a usage
