@@ -28,6 +28,32 @@ use super::matmul::sgemm;
 use super::vecmath::simd_dispatch;
 use rayon::prelude::*;
 
+/// How a model's matmuls multiply: in float32, or with bf16 operands and
+/// float32 sums (everything else stays float32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// "fp32" or "bf16".
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("precision must be 'fp32' or 'bf16', got {name:?}")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
 /// A matrix operand as stored: float32 (rounded to bf16 when packed) or
 /// already bf16.
 #[derive(Clone, Copy)]

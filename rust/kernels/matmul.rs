@@ -111,7 +111,7 @@ pub(crate) unsafe fn gemm_strided(
 
 /// c[m,n] (+)= op(a)[m,k] @ op(w)[k,n] in the precision `w` is stored in.
 #[allow(clippy::too_many_arguments)]
-fn product(m: usize, n: usize, k: usize, a: &[f32], a_trans: bool, w: Operand, w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
+pub fn product(m: usize, n: usize, k: usize, a: &[f32], a_trans: bool, w: Operand, w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
     match w {
         Operand::F32(w) => sgemm(m, n, k, a, a_trans, w, w_trans, c, accumulate, threads),
         Operand::Bf16(_) => bf16_gemm(m, n, k, Operand::F32(a), a_trans, w, w_trans, c, accumulate, threads),
