@@ -130,6 +130,8 @@ LEGACY_NAMES = {"embed_dim": "n_embd", "num_layers": "n_layer", "num_heads": "n_
 _FLAG_NAMES = {new: old for old, new in LEGACY_NAMES.items()} | {"block_size": "seq_len"}
 # Epochs of a --watch run when none are asked for: in effect until Ctrl-C.
 WATCH_EPOCHS = 1_000_000_000
+# The --precision choices (what each means: crystalline.precision).
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -162,6 +164,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the gradient's global norm (0: off)
     # system
     threads: int = 12  # sphere threads: Node Zero + workers
+    precision: str = "fp32"  # matmul precision: fp32, bf16 or auto (crystalline.precision)
     seed: int = 0  # initialisation and data order
     # checkpoints, validation and reports
     checkpoint_dir: str = ""  # the run directory (default: runs/<date-time>)
@@ -208,6 +211,8 @@ class TrainConfig:
         for name in ("warmup_steps", "keep", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -258,7 +263,7 @@ PRESETS: dict[str, dict] = {
 # What may change when a run is resumed: how it is watched, saved and how
 # far it goes. Its shape, data and schedule stay as saved.
 RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
-                     "progress", "sample_tokens", "checkpoint_dir", "threads", "watch_interval"}
+                     "progress", "sample_tokens", "checkpoint_dir", "threads", "watch_interval", "precision"}
 
 
 def load_toml(path: Path) -> dict:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 
 from crystalline import _core
+from crystalline.config import PRECISIONS as CHOICES
 from crystalline.errors import UserError
 
-CHOICES = ("auto", "bf16", "fp32")
 FORCE_FP32 = "CRYSTALLINE_FORCE_FP32"
 
 
