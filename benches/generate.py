@@ -16,7 +16,7 @@ stops early and both sides produce all 256 tokens.
 
 The timed runs of the libraries alternate, and each cell reports the median.
 
-    python benches/generate.py [--configs small,seed] [--repeats 3]
+    python benches/generate.py [--configs small,seed] [--batches 1,8] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def agreement(a: np.ndarray, b: np.ndarray) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="small,seed")
+    parser.add_argument("--batches", default="1,8", help="Batch sizes to time.")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per cell; the median counts.")
     args = parser.parse_args()
     import torch
@@ -119,7 +120,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ours, ours16, theirs = make_models(cfg, Path(tmp), bf16)
             eot = ours.tokenizer.eot_id
-            for batch in (1, 8):
+            for batch in (int(b) for b in args.batches.split(",")):
                 prompts = rng.integers(0, eot, size=(batch, PROMPT_TOKENS))
                 runs = {"ours": lambda p: time_ours(ours, p), "theirs": lambda p: time_theirs(theirs, p, eot)}
                 if ours16 is not None:
