@@ -288,6 +288,8 @@ mod packed {
     use super::{to_bf16, Operand};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
+    use std::cell::Cell;
+    use std::thread::LocalKey;
 
     /// Rows of the microkernel's tile.
     const MR: usize = 6;
@@ -423,6 +425,25 @@ mod packed {
         }
     }
 
+    thread_local! {
+        /// Packing buffers kept per thread between calls: a fresh one per
+        /// call costs page faults that dwarf the product for few rows.
+        static PACK_A: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+        static PACK_B: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// Run `f` on `len` elements of this thread's buffer `key` (taken, so a
+    /// nested call on the same thread gets a buffer of its own).
+    fn with_buffer<R>(key: &'static LocalKey<Cell<Vec<u32>>>, len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+        let mut buf = key.take();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let r = f(&mut buf[..len]);
+        key.set(buf);
+        r
+    }
+
     /// A raw pointer that may cross threads: tasks write disjoint tiles.
     #[derive(Clone, Copy)]
     struct Out(*mut f32);
@@ -449,45 +470,47 @@ mod packed {
         let sa = if a_trans { Strided { x: a, ld: m, rows_contiguous: true } } else { Strided { x: a, ld: k, rows_contiguous: false } };
         let sb = if b_trans { Strided { x: b, ld: k, rows_contiguous: false } } else { Strided { x: b, ld: n, rows_contiguous: true } };
         let b_panels = n.div_ceil(NR);
-        let mut bpack = vec![0u32; b_panels * (KC / 2) * NR];
         let tiles: Vec<(usize, usize)> =
             (0..m.div_ceil(MC)).flat_map(|i| (0..n.div_ceil(NC)).map(move |j| (i * MC, j * NC))).collect();
         let out = Out(c.as_mut_ptr());
-        for k0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - k0);
-            let pairs = kc.div_ceil(2);
-            let panel = pairs * NR;
-            // SAFETY (both calls): bf16_gemm only comes here on a CPU with avx512_bf16.
-            let pack_b = |(j, dst): (usize, &mut [u32])| unsafe { pack_v4(dst, sb, j * NR, NR.min(n - j * NR), k0, kc, NR) };
-            if threads > 1 {
-                bpack[..b_panels * panel].par_chunks_mut(panel).enumerate().for_each(pack_b);
-            } else {
-                bpack[..b_panels * panel].chunks_mut(panel).enumerate().for_each(pack_b);
-            }
-            let load_c = accumulate || k0 > 0;
-            let bpack = &bpack;
-            let tile = |&(i0, j0): &(usize, usize)| {
-                let rows = MC.min(m - i0);
-                let mut apack = vec![0u32; rows.div_ceil(MR) * pairs * MR];
-                unsafe { pack_v4(&mut apack, sa, i0, rows, k0, kc, MR) };
-                for j in (j0..n.min(j0 + NC)).step_by(NR) {
-                    let bp = &bpack[(j / NR) * panel..];
-                    for (ip, ap) in apack.chunks_exact(pairs * MR).enumerate() {
-                        let i = i0 + ip * MR;
-                        // SAFETY: the tile [i, i+MR) x [j, j+NR) clipped to
-                        // m x n lies in c and belongs to this task alone.
-                        unsafe {
-                            microkernel(pairs, ap.as_ptr(), bp.as_ptr(), out.at(i * n + j), n, MR.min(m - i), NR.min(n - j), load_c)
-                        };
-                    }
+        with_buffer(&PACK_B, b_panels * KC.min(k).div_ceil(2) * NR, |bpack| {
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                let pairs = kc.div_ceil(2);
+                let panel = pairs * NR;
+                // SAFETY (both calls): bf16_gemm only comes here on a CPU with avx512_bf16.
+                let pack_b = |(j, dst): (usize, &mut [u32])| unsafe { pack_v4(dst, sb, j * NR, NR.min(n - j * NR), k0, kc, NR) };
+                if threads > 1 {
+                    bpack[..b_panels * panel].par_chunks_mut(panel).enumerate().for_each(pack_b);
+                } else {
+                    bpack[..b_panels * panel].chunks_mut(panel).enumerate().for_each(pack_b);
                 }
-            };
-            if threads > 1 {
-                tiles.par_iter().for_each(tile);
-            } else {
-                tiles.iter().for_each(tile);
+                let load_c = accumulate || k0 > 0;
+                let bpack = &*bpack;
+                let tile = |&(i0, j0): &(usize, usize)| {
+                    let rows = MC.min(m - i0);
+                    with_buffer(&PACK_A, rows.div_ceil(MR) * pairs * MR, |apack| {
+                        unsafe { pack_v4(apack, sa, i0, rows, k0, kc, MR) };
+                        for j in (j0..n.min(j0 + NC)).step_by(NR) {
+                            let bp = &bpack[(j / NR) * panel..];
+                            for (ip, ap) in apack.chunks_exact(pairs * MR).enumerate() {
+                                let i = i0 + ip * MR;
+                                // SAFETY: the tile [i, i+MR) x [j, j+NR) clipped to
+                                // m x n lies in c and belongs to this task alone.
+                                unsafe {
+                                    microkernel(pairs, ap.as_ptr(), bp.as_ptr(), out.at(i * n + j), n, MR.min(m - i), NR.min(n - j), load_c)
+                                };
+                            }
+                        }
+                    })
+                };
+                if threads > 1 {
+                    tiles.par_iter().for_each(tile);
+                } else {
+                    tiles.iter().for_each(tile);
+                }
             }
-        }
+        })
     }
 }
 
