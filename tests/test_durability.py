@@ -1,7 +1,8 @@
 """Files and concurrency: what `prepare` may touch and delete, one run per
 directory (the locks), metrics.jsonl after a crash, durable exports, a full
-disk while saving a checkpoint, a corrupt token file, and kill -9 at random
-moments ending bit-identical. Tiny models on a few KB of text."""
+disk while saving a checkpoint, a plot or an export, a corrupt token file,
+and kill -9 at random moments ending bit-identical. Tiny models on a few KB
+of text."""
 
 from __future__ import annotations
 
@@ -182,7 +183,8 @@ def test_a_second_prepare_on_a_locked_dataset_is_refused(tmp_path, env):
 def test_a_second_train_on_a_running_run_directory_is_refused(tmp_path, own_env):
     src = text_corpus(tmp_path / "src")
     run = tmp_path / "run"
-    args = ["train", str(src), *TINY, "--epochs", "10000", "--max-steps", "1000000", "--save-interval", "2"]
+    args = ["train", str(src), *TINY, "--epochs", "10000", "--max-steps", "1000000", "--save-interval", "2",
+            "--keep", "0"]
     proc = subprocess.Popen([sys.executable, "-m", "crystalline", *args, "--checkpoint-dir", str(run)],
                             env=own_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -193,6 +195,10 @@ def test_a_second_train_on_a_running_run_directory_is_refused(tmp_path, own_env)
                        f"{run} is in use by process {proc.pid}")
         assert_refused(cli(["train", "--resume", str(run), *RESUME], own_env, timeout=60),
                        f"{run} is in use by process {proc.pid}")
+        assert_refused(cli(["models", "delete", str(run), "--yes"], own_env, timeout=60),
+                       f"{run} is in use by process {proc.pid}")
+        assert_refused(cli(["models", "delete", str(checkpoint.list_checkpoints(run)[0]), "--yes"], own_env,
+                           timeout=60), f"{run} is in use by process {proc.pid}")
         assert proc.poll() is None
     finally:
         proc.kill()
@@ -323,6 +329,33 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_earlier_ones(tmp_path, ow
     resumed = cli(["train", "--resume", str(run), *RESUME, "--max-steps", "20"], own_env)
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.load(run).state.step == 20
+
+
+def test_a_plot_that_cannot_be_finished_leaves_the_earlier_plot(tmp_path, own_env):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    ok = cli(["train", str(text_corpus(tmp_path / "src")), *TINY, "--max-steps", "4", "--checkpoint-dir", str(run)],
+             own_env)
+    assert ok.returncode == 0, ok.stderr
+    assert cli(["plot", str(run)], own_env).returncode == 0
+    png = run / "loss.png"
+    before = png.read_bytes()
+    full = cli_limited(["plot", str(run)], own_env, len(before) // 2)
+    assert_refused(full, f"cannot write --out {png}")
+    assert png.read_bytes() == before
+    assert not [p for p in run.iterdir() if atomic.is_temporary(p.name)]
+
+
+def test_disk_full_during_export_leaves_no_directory(tmp_path, own_env):
+    run = tmp_path / "run"
+    ok = cli(["train", str(text_corpus(tmp_path / "src")), *TINY, "--max-steps", "2", "--checkpoint-dir", str(run)],
+             own_env)
+    assert ok.returncode == 0, ok.stderr
+    weights = (checkpoint.list_checkpoints(run)[-1] / checkpoint.MODEL).stat().st_size
+    out = tmp_path / "hf"
+    assert_refused(cli_limited(["export", str(run), "--out", str(out)], own_env, weights // 2),
+                   f"disk full while writing {out}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "src", "xdg"]  # nothing half-written
 
 
 # --- 6. a corrupt token file ------------------------------------------------------

@@ -38,7 +38,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from crystalline import _core
+from crystalline import _core, locks
 from crystalline.atomic import disk_full_at, fsync_path, fsync_tree, is_temporary, write_atomic
 from crystalline.config import ModelConfig, TrainConfig, canonical, check_types, check_unsigned
 from crystalline.data.corpus import file_hash
@@ -206,11 +206,15 @@ def describe(path: Path) -> str:
 
 
 def delete(path: Path) -> None:
-    """Delete a checkpoint (never leaving half of one) or a whole run directory."""
-    if (path / STATE).is_file():
-        discard(path)
-    else:
-        shutil.rmtree(path)
+    """Delete a checkpoint (never leaving half of one) or a whole run
+    directory, holding the run's lock: a run still training is refused
+    (locks.InUse), not deleted from under it."""
+    is_checkpoint = (path / STATE).is_file()
+    with locks.locked(path.parent if is_checkpoint else path):
+        if is_checkpoint:
+            discard(path)
+        else:
+            shutil.rmtree(path)
 
 
 def remove_temporaries(run_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """A run's loss curves: its `metrics.jsonl` read back (`read_metrics`) and
-drawn to a PNG with matplotlib (`plot_losses`, `crystalline plot`)."""
+drawn to a PNG with matplotlib (`plot_losses`, `crystalline plot`), written
+through a temporary name so an existing plot is never left half-written."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crystalline import checkpoint
+from crystalline.atomic import write_atomic
 from crystalline.errors import UserError
 from crystalline.guard import writing
 
@@ -51,10 +53,12 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
     ax.set_title(f"Crystalline run {Path(run_dir).name}")
     ax.legend()
     ax.grid(alpha=0.3)
-    target = out or Path(run_dir) / "loss.png"
+    target = Path(out or Path(run_dir) / "loss.png")
+    # The format comes from the final name: the temporary one ends in .tmp.
+    fmt = target.suffix[1:].lower() or "png"
     try:
         with writing(target, "--out"):
-            fig.savefig(target, dpi=120, bbox_inches="tight")
+            write_atomic(target, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
     except ValueError as err:  # an extension matplotlib has no format for
         raise UserError(f"--out {target}: {err}") from None
     finally:
