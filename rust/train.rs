@@ -650,7 +650,11 @@ impl Trainer {
         }
         let hp = AdamW { lr, ..self.hyper.adamw };
         let (opt, model) = (&mut self.opt, &mut self.model);
-        self.pool.install(|| opt.update(&model.layout, &mut model.params, grad, &hp));
+        self.pool.install(|| {
+            opt.update(&model.layout, &mut model.params, grad, &hp);
+            // bf16: the matmuls read the weights rounded once per step
+            model.cast_weights();
+        });
         self.dealt += total as u64;
         Ok(grad_norm)
     }

@@ -188,6 +188,7 @@ class Cluster(Solo):
             for view in views.values():
                 self.comm.Bcast(view)
         trainer.step_count, trainer.dealt = self.comm.bcast((trainer.step_count, trainer.dealt))
+        trainer.set_precision(trainer.precision)  # bf16: round the weights just received, as rank 0 did its own
 
     def check_in_sync(self, trainer, step: int) -> None:
         sums = self.comm.allgather(sum(float(p.sum(dtype=np.float64)) for p in trainer.parameters().values()))

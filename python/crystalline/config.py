@@ -133,6 +133,8 @@ LEGACY_NAMES = {"embed_dim": "n_embd", "num_layers": "n_layer", "num_heads": "n_
 _FLAG_NAMES = {new: old for old, new in LEGACY_NAMES.items()} | {"block_size": "seq_len"}
 # Epochs of a --watch run when none are asked for: in effect until Ctrl-C.
 WATCH_EPOCHS = 1_000_000_000
+# The --precision choices (what each means: crystalline.precision).
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -166,6 +168,7 @@ class TrainConfig:
     # system
     threads: int = 12  # sphere threads: Node Zero + workers
     cores: int | None = None  # cores the spheres divide into teams (None: every core this process may use)
+    precision: str = "fp32"  # matmul precision: fp32, bf16 or auto (crystalline.precision)
     seed: int = 0  # initialisation and data order
     # checkpoints, validation and reports
     checkpoint_dir: str = ""  # the run directory (default: runs/<date-time>)
@@ -215,6 +218,8 @@ class TrainConfig:
         for name in ("warmup_steps", "keep", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -266,7 +271,7 @@ PRESETS: dict[str, dict] = {
 # far it goes. Its shape, data and schedule stay as saved.
 RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
                      "progress", "sample_tokens", "checkpoint_dir", "threads", "cores", "watch_interval",
-                     "tensorboard"}
+                     "tensorboard", "precision"}
 
 
 def load_toml(path: Path) -> dict:

@@ -33,6 +33,7 @@ from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
 from crystalline.guard import check_writable, core_refusals, ensure_memory
 from crystalline.inference import Sampling, load, windows
+from crystalline.precision import resolve as resolve_precision
 
 # Seconds between looks at a --watch directory that holds too little data to train.
 WATCH_POLL_S = 2.0
@@ -221,6 +222,7 @@ class Trainer:
         self.step, self.epoch, self.pos = 0, 0, 0
         if self.resume_from is not None and self.cluster.leader:  # the other ranks take rank 0's weights
             self._restore(self.resume_from)
+        self.trainer.set_precision(resolve_precision(cfg.precision))  # after a restore: it rounds the weights
 
     def _report_plan(self) -> None:
         cfg, mc, c = self.cfg, self.cfg.model_config(), self.console
@@ -238,7 +240,7 @@ class Trainer:
         teams = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers) on "
                 f"{cores} cores: {len(teams['cores'])} lanes, teams of {', '.join(map(str, teams['cores']))} cores; "
-                f"training buffers need about {mem / 2**20:,.0f} MiB")
+                f"training buffers need about {mem / 2**20:,.0f} MiB; matmuls in {self.trainer.precision}")
 
     def _load_data(self, progress: bool) -> bool:
         """(Re)prepare the data, incrementally; True when the training split changed."""

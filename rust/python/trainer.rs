@@ -3,6 +3,7 @@
 //! the figures Python plans a run with: optimizer checks, cores, lanes, the
 //! teams of a step and memory.
 
+use crate::kernels::bf16::Precision;
 use super::convert::{Int, ids_in, refusal_error, tensor_views, value_error};
 use crate::memory;
 use crate::kernels::adamw::AdamW;
@@ -135,6 +136,20 @@ impl PyTrainer {
         memory::ensure(memory::f32_bytes(floats), "the model, its optimizer state and gradients").map_err(refusal_error)?;
         let model = Gpt2::new(cfg, seed).map_err(value_error)?;
         Ok(PyTrainer { inner: Trainer::with_cores(model, hyper, threads, cores).map_err(value_error)? })
+    }
+
+    /// Run the matmuls in "fp32" or "bf16" (bf16 operands, f32 sums). The
+    /// weights are rounded now and after every step: call again after
+    /// writing them through `parameters()`.
+    fn set_precision(&mut self, precision: &str) -> PyResult<()> {
+        self.inner.model.set_precision(Precision::parse(precision).map_err(value_error)?);
+        Ok(())
+    }
+
+    /// "fp32" or "bf16".
+    #[getter]
+    fn precision(&self) -> &'static str {
+        self.inner.model.precision().name()
     }
 
     #[getter]
