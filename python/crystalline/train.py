@@ -9,6 +9,7 @@ checkpoints, resume and a sample at the end. Its settings are a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,9 +22,9 @@ from typing import TextIO
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from crystalline import _core, checkpoint, locks
+from crystalline import _core, checkpoint, estimate, locks
 from crystalline.atomic import DiskFull, disk_full_at
 from crystalline.config import WATCH_EPOCHS, TrainConfig, capped_threads, resume_config
 from crystalline.data import corpus, sizing
@@ -116,6 +117,9 @@ class Trainer:
         self.val: float | None = None  # the latest validation loss
         self.last_checkpoint: Path | None = None
         self._tally = EpochTally.start(config.threads)  # what the core dealt and each sphere did, this epoch
+        self._datasets = contextlib.ExitStack()  # holds the dataset in use (locks.using) while the run lasts
+        self.estimate: estimate.Estimate | None = None  # the run's expected time, from a probe of its config
+        self.dataset: Dataset | None = None  # the prepared data (set up by _load_data)
 
     # -- setup -------------------------------------------------------------
 
@@ -150,8 +154,9 @@ class Trainer:
             self.cfg = replace(self.cfg, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head)
             self._check_memory()
         self._check_data()
-        self._build_trainer()
         self._report_plan()
+        self._estimate()
+        self._build_trainer()
 
     def _check_memory(self) -> None:
         """Refuse a shape, batch and thread count whose training buffers
@@ -217,6 +222,20 @@ class Trainer:
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
+    def _estimate(self) -> None:
+        """Probe the config (before the real trainer exists, so the two never
+        share memory) and say how long an epoch and the run will take, and
+        what would shorten a long run."""
+        cfg, mc = self.cfg, self.cfg.model_config()
+        done = checkpoint.read_state(self.resume_from).step if self.resume_from else 0
+        self.estimate = estimate.for_run(cfg, len(self.train_tokens), len(self.val_tokens), done)
+        for label, line in zip(("estimate: ", ""), self.estimate.lines(cfg.batch_size * cfg.seq_len)):
+            self.console.print(f"[Node Zero] {label}{line}", markup=False, highlight=False)
+        smaller = sizing.recommend(len(self.train_tokens), self.dataset.source_bytes())
+        smaller = replace(smaller, vocab_size=mc.vocab_size, block_size=cfg.seq_len)
+        for line in estimate.advice(self.estimate, mc, cfg.seq_len, cfg.threads, cfg.batch_size, smaller):
+            self.console.print(f"[Node Zero] to shorten it: {line}", markup=False, highlight=False)
+
     def _report_plan(self) -> None:
         cfg, mc, c = self.cfg, self.cfg.model_config(), self.console
         c.print(
@@ -235,25 +254,27 @@ class Trainer:
     def _load_data(self, progress: bool) -> bool:
         """(Re)prepare the data, incrementally; True when the training split changed."""
         cfg = self.cfg
-        self.dataset: Dataset = prepare_for_training(
+        first = self.dataset is None
+        self.dataset = prepare_for_training(
             self.paths,
             cfg.vocab_size,
             tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None,
             val_fraction=cfg.val_fraction,
             progress=progress,
             extensions=self.extensions,
+            hold=self._datasets if first else None,
         )
         self.dataset.check_token_ids()
+        if self.dataset.vocab_size < cfg.vocab_size and self.resume_from is None:
+            # the text had fewer tokens than asked: the model gets the tokenizer's
+            # real vocabulary, not rows no token id can reach (a resumed run keeps its shape)
+            cfg = self.cfg = replace(cfg, vocab_size=self.dataset.vocab_size)
         old = len(getattr(self, "train_tokens", ()))
         self.train_tokens = self.dataset.train_tokens()
         self.val_tokens = self.dataset.val_tokens()
         self.sequences = max(0, (len(self.train_tokens) - 1) // cfg.seq_len)
-        self.steps_per_epoch = self.sequences // cfg.batch_size
-        if cfg.watch:
-            self.total_steps = cfg.max_steps  # None: until stopped
-        else:
-            planned = self.steps_per_epoch * cfg.epochs
-            self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        self.steps_per_epoch = estimate.steps_per_epoch(cfg, len(self.train_tokens))
+        self.total_steps = estimate.planned_steps(cfg, len(self.train_tokens))  # None: until stopped
         return len(self.train_tokens) != old
 
     def _has_text(self) -> bool:
@@ -393,7 +414,7 @@ class Trainer:
         check_writable(self.run_dir, "--checkpoint-dir")
         created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with locks.locked(self.run_dir):
+        with locks.locked(self.run_dir), self._datasets:
             try:
                 self.setup()
             except BaseException:
@@ -434,7 +455,8 @@ class Trainer:
     def _progress_bar(self) -> Progress:
         return Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("left: epoch {task.fields[epoch_eta]}, run {task.fields[run_eta]}"),
             console=self.console, disable=not self.cfg.progress, transient=False,
         )
 
@@ -442,8 +464,10 @@ class Trainer:
         """Step until the plan is done or Ctrl-C: each step's record, then the
         end of the epoch and a checkpoint when they are due."""
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
-                            loss="-", tps="-")
+                            loss="-", tps="-", epoch_eta="-", run_eta="-")
+        step_s = self.estimate.probe.step_s if self.estimate else None  # seconds per step, a moving average
         while not self._finished() and not self._stop:
+            t0 = time.perf_counter()
             record = self._step()
             last = self.total_steps is not None and self.step >= self.total_steps
             if self.step % self.cfg.eval_interval == 0 or last:
@@ -455,6 +479,14 @@ class Trainer:
                 bar.update(task, total=self.total_steps)
             if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
                 self.last_checkpoint = self.save()
+            took = time.perf_counter() - t0
+            step_s = took if step_s is None else 0.9 * step_s + 0.1 * took
+            bar.update(task, **self._etas(step_s))
+
+    def _etas(self, step_s: float) -> dict:
+        """The progress bar's times left in the epoch and the run at `step_s` seconds a step."""
+        run = "open-ended" if self.total_steps is None else estimate.duration((self.total_steps - self.step) * step_s)
+        return dict(epoch_eta=estimate.duration((self.steps_per_epoch - self.pos) * step_s), run_eta=run)
 
     def _step(self) -> dict:
         """One optimizer step on the next batch; returns its metrics record."""
