@@ -4,7 +4,8 @@ The estimate comes from a short probe of the run's own configuration: a
 throw-away `_core.Trainer` of the same shape, batch, sequence length and
 thread count takes a step on random tokens (untimed: it touches freshly
 allocated memory), then at least PROBE_MIN_STEPS timed steps, more while
-they fit in PROBE_BUDGET_S, and one timed validation batch. Why a probe and
+they fit in PROBE_BUDGET_S (their median is the step time), and one timed
+validation batch. Why a probe and
 not a FLOP model calibrated once per machine: this trainer's speed per FLOP
 changes with the shape (small matrices, the attention's share, the output
 layer's chunks), the thread layout and the load on the machine at the time,
@@ -20,6 +21,7 @@ probe by their training FLOPs per token, 6N + 6LTC (Kaplan et al. 2020).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -30,7 +32,7 @@ from crystalline.config import ModelConfig, TrainConfig
 
 # Timed steps the probe always takes, and the seconds it may spend on more.
 PROBE_MIN_STEPS = 2
-PROBE_BUDGET_S = 2.0
+PROBE_BUDGET_S = 3.0
 PROBE_MAX_STEPS = 10
 # A run longer than this gets advice on how to shorten it.
 LONG_S = 3600.0
@@ -40,7 +42,7 @@ LONG_S = 3600.0
 class Probe:
     """What a short run of a config's steps measured."""
 
-    step_s: float  # seconds per optimizer step (mean of the timed steps)
+    step_s: float  # seconds per optimizer step (the median of the timed steps: a moment's load spike is not the run's)
     eval_s: float  # seconds per validation batch of the same size
     steps: int  # steps timed
     threads: int  # sphere threads it ran on
@@ -69,7 +71,7 @@ def probe(model: ModelConfig, batch_size: int, seq_len: int, threads: int, seed:
     t0 = time.perf_counter()
     trainer.eval(batch)
     eval_s = time.perf_counter() - t0
-    return Probe(step_s=sum(times) / len(times), eval_s=eval_s, steps=len(times), threads=threads,
+    return Probe(step_s=statistics.median(times), eval_s=eval_s, steps=len(times), threads=threads,
                  wall_s=time.perf_counter() - start)
 
 

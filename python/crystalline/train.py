@@ -465,7 +465,7 @@ class Trainer:
         end of the epoch and a checkpoint when they are due."""
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
                             loss="-", tps="-", epoch_eta="-", run_eta="-")
-        step_s = self.estimate.probe.step_s if self.estimate else None  # seconds per step, a moving average
+        step_s = self.estimate.probe.step_s  # seconds per step (validations and checkpoints in), a moving average
         while not self._finished() and not self._stop:
             t0 = time.perf_counter()
             record = self._step()
@@ -479,8 +479,7 @@ class Trainer:
                 bar.update(task, total=self.total_steps)
             if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
                 self.last_checkpoint = self.save()
-            took = time.perf_counter() - t0
-            step_s = took if step_s is None else 0.9 * step_s + 0.1 * took
+            step_s = 0.9 * step_s + 0.1 * (time.perf_counter() - t0)
             bar.update(task, **self._etas(step_s))
 
     def _etas(self, step_s: float) -> dict:

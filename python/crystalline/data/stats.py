@@ -21,7 +21,7 @@ from crystalline.data import prepare as prep
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
 from crystalline.estimate import Estimate
-from crystalline.guard import core_refusals
+from crystalline.guard import available_memory, core_refusals, gib
 
 # The settings that choose the model's shape: given none, `size` sizes the recommended model.
 SHAPE_SETTINGS = {"n_embd", "n_layer", "n_head", "seq_len"}
@@ -120,7 +120,12 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
     ram = _physical_memory()
     if ram and memory > ram:
         warnings.append(f"training needs {memory / 2**30:.1f} GiB but this machine has {ram / 2**30:.1f} GiB")
-    est = estimate.for_run(cfg, ds.train_count, ds.val_count) if timed else None
+    est, free = None, available_memory()
+    if timed and free is not None and memory > free:
+        warnings.append(f"no time estimate: training needs {gib(memory)} but only {gib(free)} of memory is available")
+    elif timed:
+        with core_refusals():
+            est = estimate.for_run(cfg, ds.train_count, ds.val_count)
     return SizeReport(data_bytes=data_bytes, train_tokens=ds.train_count, val_tokens=ds.val_count, config=cfg,
                       source=source, parameters=model.num_parameters(), memory_bytes=memory,
                       recommended=replace(rec, block_size=rec_config.seq_len),
