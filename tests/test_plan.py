@@ -146,6 +146,8 @@ def test_size_names_its_configs_source_and_the_command_that_trains_the_recommend
     command = shlex.split(re.search(r"train it with  (.*)", auto.stdout)[1])
     assert command[:3] == ["crystalline", "train", str(corpus)]
     before = datasets(own_env)
+    from_dataset = cli(["size", str(before[0]), "--no-estimate"], own_env)  # the cache's dataset itself: the same
+    assert re.search(r"train it with  (.*)", from_dataset.stdout)[1] == shlex.join(command)
     r = cli([*command[1:], "--max-steps", "1", "--no-progress", "--sample-tokens", "0",
              "--checkpoint-dir", str(tmp_path / "run")], own_env)
     assert r.returncode == 0, r.stderr

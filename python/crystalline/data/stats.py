@@ -151,13 +151,17 @@ def _train_command(data: list[Path], ds: prep.Dataset, cfg: TrainConfig, given: 
                    extensions: list[str] | None) -> str:
     """The `crystalline train` command that trains `cfg` on the text of `data`."""
     words = ["crystalline", "train"]
-    manifest = prep.read_manifest(ds.root)
-    if len(data) == 1 and Path(data[0]).resolve() == ds.root.resolve():  # a prepared dataset: its text, its tokenizer
-        try:
-            words += json.loads((ds.root / prep.SOURCE).read_text())["paths"]
-        except (OSError, ValueError, KeyError, TypeError):
-            words.append(os.path.commonpath([e["path"] for e in manifest["files"]]))
-        words += ["--tokenizer", str(ds.tokenizer_path)]
+    if len(data) == 1 and Path(data[0]).resolve() == ds.root.resolve():  # a prepared dataset: its text
+        try:  # one of the training cache: the inputs it records (which find it again), its tokenizer if one was given
+            source = json.loads((ds.root / prep.SOURCE).read_text())
+            words += source["paths"]
+            extensions = extensions or source["extensions"]
+            given_tokenizer = source["tokenizer"] is not None
+        except (OSError, ValueError, KeyError, TypeError):  # made by `prepare --out`: the folder of its files
+            words.append(os.path.commonpath([e["path"] for e in prep.read_manifest(ds.root)["files"]]))
+            given_tokenizer = True
+        if given_tokenizer:
+            words += ["--tokenizer", str(ds.tokenizer_path)]
     else:
         words += [str(p) for p in data]
     for ext in extensions or []:
