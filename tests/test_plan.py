@@ -20,7 +20,7 @@ from crystalline import _core, checkpoint, locks
 from crystalline.config import ModelConfig, TrainConfig
 from crystalline.data import cache
 from crystalline.data import prepare as prep
-from crystalline.estimate import LONG_S, Estimate, Probe, advice, duration, flops_per_token
+from crystalline.estimate import LONG_S, Estimate, Probe, advice, critical_path, duration, flops_per_token
 from crystalline.train import Trainer
 from commandline import cli
 
@@ -122,9 +122,10 @@ def test_a_long_run_is_told_what_would_shorten_it_with_figures():
     scaled = est.run_s * flops_per_token(small, 128) / flops_per_token(big, 128)
     assert lines[0].startswith("a smaller model") and f"about {duration(scaled)}" in lines[0]
     assert f"{small.num_parameters():,} parameters" in lines[0]
-    if _core.lanes(12) < 11:  # this machine has fewer cores than the 11 workers could use
-        assert f"on 11 (as many as the 11 worker spheres" in lines[1]
-        assert f"about {duration(est.run_s * _core.lanes(12) / 11)}" in lines[1]
+    now = _core.available_cores()  # twice the cores, scaled by the busiest lane of the step's plan
+    faster = critical_path(12, 2 * now, 32, 128) / critical_path(12, now, 32, 128)
+    assert faster < 1 and f"more cores: on {2 * now} instead of {now}, the run would take about " \
+                          f"{duration(est.run_s * faster)} at best" in lines[1]
     short = replace(est, total_steps=int(LONG_S / 10) - 1)
     assert advice(short, big, 128, 12, 32, small) == []
 

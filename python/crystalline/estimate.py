@@ -54,12 +54,13 @@ class Probe:
                 f"a {self.wall_s:.1f} s probe")
 
 
-def probe(model: ModelConfig, batch_size: int, seq_len: int, threads: int, seed: int = 0) -> Probe:
+def probe(model: ModelConfig, batch_size: int, seq_len: int, threads: int, cores: int | None = None,
+          seed: int = 0) -> Probe:
     """Time steps and a validation batch of `model` at this batch size,
-    sequence length and thread count, on random tokens (the weights are
-    thrown away)."""
+    sequence length, thread and core count (None: every core), on random
+    tokens (the weights are thrown away)."""
     start = time.perf_counter()
-    trainer = _core.Trainer(**asdict(model), threads=threads, seed=seed)
+    trainer = _core.Trainer(**asdict(model), threads=threads, cores=cores, seed=seed)
     batch = np.random.default_rng(seed).integers(0, model.vocab_size, (batch_size, seq_len + 1), dtype=np.int64)
     lr = 1e-6  # the probe's weights are never used: any finite step will do
     trainer.step(batch, lr)
@@ -94,7 +95,7 @@ def for_run(cfg: TrainConfig, train_tokens: int, val_tokens: int, done: int = 0)
     steps of it already taken."""
     total = planned_steps(cfg, train_tokens)
     windows = min(max(0, (val_tokens - 1) // cfg.seq_len), cfg.eval_batches * cfg.batch_size)
-    return Estimate(probe(cfg.model_config(), cfg.batch_size, cfg.seq_len, cfg.threads, cfg.seed),
+    return Estimate(probe(cfg.model_config(), cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores, cfg.seed),
                     steps_per_epoch(cfg, train_tokens), None if total is None else total - done, done,
                     cfg.eval_interval, math.ceil(windows / cfg.batch_size))
 
@@ -146,12 +147,19 @@ def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     return 6.0 * weights + 6.0 * model.n_layer * seq_len * model.n_embd
 
 
+def critical_path(threads: int, cores: int, batch_size: int, seq_len: int) -> float:
+    """Sequences per core on the busiest lane of a step's plan (`_core.plan_teams`):
+    its time, were every team to split its work perfectly."""
+    plan = _core.plan_teams(threads=threads, cores=cores, batch_size=batch_size, seq_len=seq_len)
+    return max(quota / team for quota, team in zip(plan["quota"], plan["cores"]) if quota)
+
+
 def advice(est: Estimate, model: ModelConfig, seq_len: int, threads: int, batch_size: int,
-           smaller: ModelConfig | None) -> list[str]:
+           smaller: ModelConfig | None, cores: int | None = None) -> list[str]:
     """When the run (or, open-ended, an epoch) is longer than LONG_S, what
     would shorten it, with figures: `smaller` (the shape the data supports,
-    scaled by FLOPs) when it is smaller, and more cores, up to the number of
-    worker spheres the layout can keep busy."""
+    scaled by FLOPs) when it is smaller, and twice the cores (`cores`, None:
+    all of this machine's), scaled by the plan's critical path."""
     total = est.run_s if est.run_s is not None else est.epoch_s
     if total < LONG_S:
         return []
@@ -162,16 +170,12 @@ def advice(est: Estimate, model: ModelConfig, seq_len: int, threads: int, batch_
         out.append(f"a smaller model, the shape the data supports (--embed-dim {smaller.n_embd} --num-layers "
                    f"{smaller.n_layer} --num-heads {smaller.n_head}, {smaller.num_parameters():,} parameters), "
                    f"would take {what} about {duration(scaled)}")
-    lanes = _core.lanes(threads)
-    usable = min(max(threads - 1, 1), _core.SYMMETRY_GROUPS, batch_size)  # worker spheres that get work
-    cores = _core.available_cores()
-    if usable > lanes:  # the threads could use more cores than there are
-        out.append(f"more cores: this machine has {cores}; on {usable} (as many as the {usable} worker spheres "
-                   f"that get work) {what} would take about {duration(total * lanes / usable)}")
-    elif lanes < min(cores, _core.SYMMETRY_GROUPS, batch_size):  # cores the threads leave idle
-        more = min(cores, _core.SYMMETRY_GROUPS, batch_size)
-        out.append(f"more threads: --threads {threads} uses {lanes} of this machine's {cores} cores; "
-                   f"--threads {more + 1} would take {what} about {duration(total * lanes / more)}")
+    now = cores or _core.available_cores()
+    more = min(2 * now, _core.MAX_THREADS)
+    faster = critical_path(threads, more, batch_size, seq_len) / critical_path(threads, now, batch_size, seq_len)
+    if faster < 1:
+        out.append(f"more cores: on {more} instead of {now}, {what} would take about {duration(total * faster)} "
+                   f"at best (the busiest lane of the step's plan, its team splitting its work perfectly)")
     return out
 
 

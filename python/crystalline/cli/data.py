@@ -155,6 +155,8 @@ def size(
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (the block size).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Sphere threads (for the memory and time estimates).")] = None,
+    cores: Annotated[Optional[int], typer.Option(help="Cores (for the memory and time estimates; default: every CPU "
+                                                      "this process may use).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the data (for the time estimate).")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (for the time estimate).")] = None,
     ext: Annotated[Optional[list[str]], typer.Option("--ext", help="Only files with this extension.")] = None,
@@ -167,7 +169,7 @@ def size(
     them it sizes what `crystalline train` would build from the same flags.
     Raw text is prepared into the training cache first, as `train` would."""
     settings = canonical(dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
-                              batch_size=batch_size, seq_len=seq_len, threads=threads, epochs=epochs,
+                              batch_size=batch_size, seq_len=seq_len, threads=threads, cores=cores, epochs=epochs,
                               max_steps=max_steps))
     r = size_run(data, settings, config, ext, progress, timed=estimate,
                  notice=lambda line: typer.echo(f"note: {line}", err=True))
@@ -180,12 +182,16 @@ def size(
     )
     typer.echo(f"source         {r.source}")
     typer.echo(f"parameters     {r.parameters:,}")
-    typer.echo(f"memory         {r.memory_bytes / 2**30:.2f} GiB to train at batch {cfg.batch_size} x seq {cfg.seq_len}")
+    typer.echo(f"memory         {r.memory_bytes / 2**30:.2f} GiB to train at batch {cfg.batch_size} x seq {cfg.seq_len} "
+               f"on {r.cores} cores")
+    typer.echo(f"               = 4 bytes x (3 x {r.parameters:,} weights and moments + {r.lanes} lanes x "
+               f"({r.parameters:,} gradients + activations of a [{r.micro_batch}, {cfg.seq_len}] micro-batch)); "
+               "lanes: at most min(cores, worker spheres, batch), whatever the teams' sizes")
     typer.echo(f"tokens/param   {r.train_tokens / r.parameters:.2f} (advice: at least {sizing.MIN_TOKENS_PER_PARAM:g})")
     if r.estimate is not None:
         for label, line in zip(("time", ""), r.estimate.lines(cfg.batch_size * cfg.seq_len)):
             typer.echo(f"{label:14} {line}")
-        for line in est.advice(r.estimate, model, cfg.seq_len, cfg.threads, cfg.batch_size, rec):
+        for line in est.advice(r.estimate, model, cfg.seq_len, cfg.threads, cfg.batch_size, rec, cfg.cores):
             typer.echo(f"{'to shorten':14} {line}")
     typer.echo(
         f"recommended    vocab {rec.vocab_size:,}, embed {rec.n_embd}, layers {rec.n_layer}, heads {rec.n_head}, "

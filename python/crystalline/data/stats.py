@@ -69,7 +69,10 @@ class SizeReport:
     config: TrainConfig  # the run sized: the flags and --config file, else the recommended shape
     source: str  # where config's shape came from: flags, --config, the quick preset, or auto
     parameters: int  # the model's parameter count
-    memory_bytes: int  # what training allocates at config's batch size, sequence length and threads
+    memory_bytes: int  # what training allocates at config's batch size, sequence length, threads and cores
+    cores: int  # the cores sized for: --cores, else every core this process may use
+    lanes: int  # lanes of working memory a step's plan uses on them
+    micro_batch: int  # sequences of the largest micro-batch (a symmetry group's share of a batch)
     recommended: ModelConfig  # the largest shape the data supports (sizing.recommend), the tokenizer's vocab
     table_row: sizing.Row  # the design table's row for data_bytes
     command: str  # the `crystalline train` command that trains the recommended model
@@ -115,7 +118,9 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
     cfg.validate()
     model = cfg.model_config()
     with core_refusals():  # a size whose memory overflows a 64-bit count
-        memory = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
+        memory = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
+    cores = cfg.cores or _core.available_cores()
+    plan = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     warnings = sizing.check_data(model, ds.train_count, cfg.batch_size, cfg.seq_len)
     ram = _physical_memory()
     if ram and memory > ram:
@@ -127,7 +132,8 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
         with core_refusals():
             est = estimate.for_run(cfg, ds.train_count, ds.val_count)
     return SizeReport(data_bytes=data_bytes, train_tokens=ds.train_count, val_tokens=ds.val_count, config=cfg,
-                      source=source, parameters=model.num_parameters(), memory_bytes=memory,
+                      source=source, parameters=model.num_parameters(), memory_bytes=memory, cores=cores,
+                      lanes=len(plan["cores"]), micro_batch=-(-cfg.batch_size // _core.SYMMETRY_GROUPS),
                       recommended=replace(rec, block_size=rec_config.seq_len),
                       table_row=sizing.table_row(data_bytes), command=_train_command(data, ds, rec_config, given,
                                                                                   config_file, extensions),
