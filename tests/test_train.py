@@ -361,7 +361,8 @@ def test_metrics_jsonl_records_every_step_as_the_readme_says(tmp_path, cache):
     trainer = Trainer(cfg)
     run = trainer.run()
     records = [json.loads(line) for line in (run.run_dir / checkpoint.METRICS).read_text().splitlines()]
-    fields = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "sphere_busy_s"}
+    fields = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "sphere_busy_s", "compute_s",
+              "group_sequences"}
     assert [set(r) for r in records] == [fields | ({"val_loss"} if step % 3 == 0 else set()) for step in range(1, 7)]
     assert [r["step"] for r in records] == list(range(1, 7)) and {r["epoch"] for r in records} == {1}
     assert [r["loss"] for r in records] == run.losses
@@ -370,6 +371,9 @@ def test_metrics_jsonl_records_every_step_as_the_readme_says(tmp_path, cache):
     assert all(r["tokens_per_s"] > 0 for r in records)
     for r in records:  # Node Zero runs no micro-batch; both workers do
         assert len(r["sphere_busy_s"]) == 3 and r["sphere_busy_s"][0] == 0.0 and min(r["sphere_busy_s"][1:]) > 0
+        assert max(r["sphere_busy_s"]) <= r["compute_s"] < cfg.batch_size * cfg.seq_len / r["tokens_per_s"]
+        # every sequence of the batch dealt to one of the 12 symmetry groups
+        assert len(r["group_sequences"]) == 12 and sum(r["group_sequences"]) == cfg.batch_size
     loss, grads = first_step_gradient(trainer)
     assert records[0]["loss"] == pytest.approx(loss, rel=1e-5)
     assert records[0]["grad_norm"] == pytest.approx(global_norm(grads), rel=1e-4)

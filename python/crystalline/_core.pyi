@@ -153,5 +153,16 @@ class Trainer:
         """One AdamW step on batch [B, T+1]; raises FloatingPointError on a NaN/inf loss.
         -> {loss (mean), grad_norm, group_sequences [12], compute_s, step_s,
             spheres: [{micro_batches, sequences, tokens, loss_sum, busy_s}]}"""
+    def gradients(self, batch: Ids, *, batch_size: int | None = None, offset: int = 0) -> dict:
+        """`step`'s forward and backward passes only, for one process's rows
+        `offset..offset+B` of a global batch of `batch_size` (default B)
+        sequences; the summed gradient, scaled for the global mean loss, is
+        left in `gradient()` for `apply`.
+        -> {loss_sum (summed token losses), group_sequences [12], compute_s, spheres}"""
+    def gradient(self) -> F32:
+        """[P] writeable zero-copy view of the summed gradient, in flat parameter order."""
+    def apply(self, lr: float, loss: float) -> float:
+        """Clip `gradient()` to the global norm and take the AdamW step; `loss` is the
+        global batch's mean loss. -> the norm before clipping; FloatingPointError on NaN/inf."""
     def eval(self, batch: Ids) -> float:
         """Mean loss of batch [B, T+1], forward only, on the spheres."""

@@ -176,6 +176,7 @@ class TrainConfig:
     sample_tokens: int = 120  # tokens sampled after training (0: none)
     verbose: bool = False  # a line per sphere per step
     progress: bool = True  # the rich progress bar
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars into RUN/tb/
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(self.vocab_size, self.n_embd, self.n_layer, self.n_head, self.seq_len)
@@ -264,7 +265,8 @@ PRESETS: dict[str, dict] = {
 # What may change when a run is resumed: how it is watched, saved and how
 # far it goes. Its shape, data and schedule stay as saved.
 RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
-                     "progress", "sample_tokens", "checkpoint_dir", "threads", "cores", "watch_interval"}
+                     "progress", "sample_tokens", "checkpoint_dir", "threads", "cores", "watch_interval",
+                     "tensorboard"}
 
 
 def load_toml(path: Path) -> dict:

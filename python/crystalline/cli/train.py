@@ -55,6 +55,9 @@ def train(
                                                "--epochs/--max-steps; the learning rate stays at its peak after warmup.")] = None,
     watch_interval: Annotated[Optional[int], Opt(help="Steps between checks of --watch (default: each epoch).")] = None,
     verbose: Annotated[bool, Opt("--verbose", help="A line per sphere per step.")] = False,
+    tensorboard: Annotated[Optional[bool], Opt("--tensorboard/--no-tensorboard",
+                                               help="Also write the metrics as TensorBoard scalars into RUN/tb/ "
+                                                    "(pip install 'crystalline-cllm[tensorboard]').")] = None,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Train a GPT-2 model on text or code, on every core, with checkpoints."""
@@ -70,7 +73,7 @@ def train(
         weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval, val_fraction=val_fraction,
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
-        watch=str(watch) if watch else None, watch_interval=watch_interval,
+        watch=str(watch) if watch else None, watch_interval=watch_interval, tensorboard=tensorboard,
     ))
     console = Console(stderr=True, soft_wrap=True)
     if resume:
