@@ -22,9 +22,9 @@ from typing import TextIO
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from crystalline import _core, checkpoint, locks, tensorboard_log
+from crystalline import _core, checkpoint, estimate, locks, tensorboard_log
 from crystalline.atomic import DiskFull, disk_full_at
 from crystalline.cluster import SYNC_INTERVAL, Solo, connect
 from crystalline.config import WATCH_EPOCHS, TrainConfig, capped_threads, resume_config
@@ -122,6 +122,9 @@ class Trainer:
         self.val: float | None = None  # the latest validation loss
         self.last_checkpoint: Path | None = None
         self._tally = EpochTally.start(config.threads)  # what the core dealt and each sphere did, this epoch
+        self._datasets = contextlib.ExitStack()  # holds the dataset in use (locks.using) while the run lasts
+        self.estimate: estimate.Estimate | None = None  # the run's expected time, from a probe of its config
+        self.dataset: Dataset | None = None  # the prepared data (set up by _load_data)
 
     # -- setup -------------------------------------------------------------
 
@@ -156,8 +159,9 @@ class Trainer:
             self.cfg = replace(self.cfg, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head)
             self._check_memory()
         self._check_data()
-        self._build_trainer()
         self._report_plan()
+        self._estimate()
+        self._build_trainer()
 
     def _check_memory(self) -> None:
         """Refuse a shape, batch and thread count whose training buffers
@@ -224,6 +228,20 @@ class Trainer:
             self._restore(self.resume_from)
         self.trainer.set_precision(resolve_precision(cfg.precision))  # after a restore: it rounds the weights
 
+    def _estimate(self) -> None:
+        """Probe the config (before the real trainer exists, so the two never
+        share memory) and say how long an epoch and the run will take, and
+        what would shorten a long run."""
+        cfg, mc = self.cfg, self.cfg.model_config()
+        done = checkpoint.read_state(self.resume_from).step if self.resume_from else 0
+        self.estimate = estimate.for_run(cfg, len(self.train_tokens), len(self.val_tokens), done)
+        for label, line in zip(("estimate: ", ""), self.estimate.lines(cfg.batch_size * cfg.seq_len)):
+            self.console.print(f"[Node Zero] {label}{line}", markup=False, highlight=False)
+        smaller = sizing.recommend(len(self.train_tokens), self.dataset.source_bytes())
+        smaller = replace(smaller, vocab_size=mc.vocab_size, block_size=cfg.seq_len)
+        for line in estimate.advice(self.estimate, mc, cfg.seq_len, cfg.threads, cfg.batch_size, smaller, cfg.cores):
+            self.console.print(f"[Node Zero] to shorten it: {line}", markup=False, highlight=False)
+
     def _report_plan(self) -> None:
         cfg, mc, c = self.cfg, self.cfg.model_config(), self.console
         c.print(
@@ -236,7 +254,7 @@ class Trainer:
             f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {self.steps_per_epoch:,} steps per epoch, {planned}"
         )
         mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
-        cores = self.trainer.cores
+        cores = cfg.cores or _core.available_cores()  # the trainer's (built after the estimate's probe)
         teams = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers) on "
                 f"{cores} cores: {len(teams['cores'])} lanes, teams of {', '.join(map(str, teams['cores']))} cores; "
@@ -245,13 +263,15 @@ class Trainer:
     def _load_data(self, progress: bool) -> bool:
         """(Re)prepare the data, incrementally; True when the training split changed."""
         cfg = self.cfg
-        self.dataset: Dataset = prepare_for_training(
+        first = self.dataset is None
+        self.dataset = prepare_for_training(
             self.paths,
             cfg.vocab_size,
             tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None,
             val_fraction=cfg.val_fraction,
             progress=progress,
             extensions=self.extensions,
+            hold=self._datasets if first else None,
         )
         self.dataset.check_token_ids()
         return self._use_dataset(self.dataset)
@@ -260,16 +280,16 @@ class Trainer:
         """Memory-map `dataset` and plan the epochs; True when the training split changed."""
         cfg = self.cfg
         self.dataset = dataset
+        if dataset.vocab_size < cfg.vocab_size and self.resume_from is None:
+            # the text had fewer tokens than asked: the model gets the tokenizer's
+            # real vocabulary, not rows no token id can reach (a resumed run keeps its shape)
+            cfg = self.cfg = replace(cfg, vocab_size=dataset.vocab_size)
         old = len(getattr(self, "train_tokens", ()))
         self.train_tokens = self.dataset.train_tokens()
         self.val_tokens = self.dataset.val_tokens()
         self.sequences = max(0, (len(self.train_tokens) - 1) // cfg.seq_len)
-        self.steps_per_epoch = self.sequences // cfg.batch_size
-        if cfg.watch:
-            self.total_steps = cfg.max_steps  # None: until stopped
-        else:
-            planned = self.steps_per_epoch * cfg.epochs
-            self.total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+        self.steps_per_epoch = estimate.steps_per_epoch(cfg, len(self.train_tokens))
+        self.total_steps = estimate.planned_steps(cfg, len(self.train_tokens))  # None: until stopped
         return len(self.train_tokens) != old
 
     def _has_text(self) -> bool:
@@ -428,7 +448,7 @@ class Trainer:
                                f"{self.cfg.cores} cores)")
         if not self.cluster.leader:
             return self._follow()
-        with contextlib.ExitStack() as lock:
+        with contextlib.ExitStack() as lock, self._datasets:
             try:
                 self.cluster.lead(lambda: self._lock_and_set_up(lock))
                 self._join_cluster()
@@ -522,7 +542,8 @@ class Trainer:
     def _progress_bar(self) -> Progress:
         return Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("left: epoch {task.fields[epoch_eta]}, run {task.fields[run_eta]}"),
             console=self.console, disable=not (self.cfg.progress and self.cluster.leader), transient=False,
         )
 
@@ -534,8 +555,11 @@ class Trainer:
         saves, while the others wait for it (and stop with it if that fails)."""
         cluster = self.cluster
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
-                            loss="-", tps="-")
+                            loss="-", tps="-", epoch_eta="-", run_eta="-")
+        # seconds per step (validations and checkpoints in), a moving average; ranks other than 0 show no bar
+        step_s = self.estimate.probe.step_s if self.estimate is not None else None
         while not self._finished() and not self._stop:
+            t0 = time.perf_counter()
             record = self._step()
             last = self.total_steps is not None and self.step >= self.total_steps
             if self.step % SYNC_INTERVAL == 0 or last:
@@ -547,6 +571,14 @@ class Trainer:
                 bar.update(task, total=self.total_steps)
             if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
                 cluster.lead(self._save_checkpoint)
+            if step_s is not None:
+                step_s = 0.9 * step_s + 0.1 * (time.perf_counter() - t0)
+                bar.update(task, **self._etas(step_s))
+
+    def _etas(self, step_s: float) -> dict:
+        """The progress bar's times left in the epoch and the run at `step_s` seconds a step."""
+        run = "open-ended" if self.total_steps is None else estimate.duration((self.total_steps - self.step) * step_s)
+        return dict(epoch_eta=estimate.duration((self.steps_per_epoch - self.pos) * step_s), run_eta=run)
 
     def _record(self, record: dict, last: bool, metrics: TextIO,
                 board: tensorboard_log.TensorBoardLog | None) -> None:

@@ -27,6 +27,10 @@ app.command("prepare")(data_commands.prepare)
 app.command("tokenize")(data_commands.tokenize)
 app.command("size")(data_commands.size)
 
+from crystalline.cli.cache import cache_app  # noqa: E402
+
+app.add_typer(cache_app, name="cache")
+
 from crystalline.cli import train as train_command  # noqa: E402
 
 app.command("train")(train_command.train)

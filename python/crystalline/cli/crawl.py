@@ -19,6 +19,7 @@ from crystalline.crawl.crawler import RunStats
 from crystalline.crawl.runner import patterns
 from crystalline.crawl.store import Store
 from crystalline.errors import UserError
+from crystalline.estimate import duration
 
 DEFAULTS = CrawlConfig(data_dir=Path())  # the flags' defaults are the library's
 
@@ -93,13 +94,15 @@ def crawl(
         summary = run(
             config,
             resume,
-            _progress_line(live) if live is not None else None,
+            _progress_line(live, max_pages) if live is not None else None,
             lambda note: console.print(note, markup=False, highlight=False, soft_wrap=True),
         )
     _print_summary(summary, data_dir)
 
 
-def _progress_line(live: Live) -> Callable[[Store, RunStats], None]:
+def _progress_line(live: Live, max_pages: int | None) -> Callable[[Store, RunStats], None]:
+    """The live line: pages, bytes, pages/s, and the time left at this rate
+    until --max-pages pages are stored (without it, until the queue is empty)."""
     last = [0.0]
 
     def update(store: Store, stats: RunStats) -> None:
@@ -113,6 +116,11 @@ def _progress_line(live: Live) -> Callable[[Store, RunStats], None]:
             f"{states.get('skipped', 0)} skipped, {states.get('failed', 0)} failed, "
             f"{stats.bytes / 1e6:.1f} MB, {stats.pages_per_second():.1f} pages/s"
         )
+        rate, queued = stats.pages_per_second(), states.get("queued", 0)
+        if rate and max_pages is not None:
+            line += f", {max_pages} pages in about {duration(max(max_pages - store.stored_pages()[0], 0) / rate)}"
+        elif rate:
+            line += f", queue empty in about {duration(queued / rate)} (links found add to it)"
         live.update(Text(line), refresh=True)
 
     return update

@@ -10,16 +10,18 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from crystalline import estimate as est
 from crystalline.config import canonical
 from crystalline.data import corpus
 from crystalline.data import prepare as prep
 from crystalline.data import sizing
-from crystalline.data.stats import TokenStats, size_run, token_stats
+from crystalline.data.stats import SizeReport, TokenStats, size_run, token_stats
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
 from crystalline.guard import utf8
@@ -152,25 +154,33 @@ def size(
     num_heads: Annotated[Optional[int], typer.Option(help="Attention heads.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (the block size).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Sphere threads (for the memory estimate).")] = None,
-    cores: Annotated[Optional[int], typer.Option(help="Cores (for the memory estimate; default: every CPU "
+    threads: Annotated[Optional[int], typer.Option(help="Sphere threads (for the memory and time estimates).")] = None,
+    cores: Annotated[Optional[int], typer.Option(help="Cores (for the memory and time estimates; default: every CPU "
                                                       "this process may use).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the data (for the time estimate).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps (for the time estimate).")] = None,
     ext: Annotated[Optional[list[str]], typer.Option("--ext", help="Only files with this extension.")] = None,
+    estimate: Annotated[bool, typer.Option(help="Time a few steps of the config to estimate the run's time.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar while preparing raw text.")] = True,
 ) -> None:
-    """Parameter count, training memory, tokens available and a recommended model (exit 2 if untrainable).
+    """Parameter count, training memory, time, tokens available and a recommended model (exit 2 if untrainable).
 
     With no shape flags and no --config it sizes the recommended model; with
-    them it sizes what `crystalline train` would build from the same flags."""
+    them it sizes what `crystalline train` would build from the same flags.
+    Raw text is prepared into the training cache first, as `train` would."""
     settings = canonical(dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
-                              batch_size=batch_size, seq_len=seq_len, threads=threads, cores=cores))
-    r = size_run(data, settings, config, ext, progress)
+                              batch_size=batch_size, seq_len=seq_len, threads=threads, cores=cores, epochs=epochs,
+                              max_steps=max_steps))
+    r = size_run(data, settings, config, ext, progress, timed=estimate,
+                 notice=lambda line: typer.echo(f"note: {line}", err=True))
     cfg, model, rec, row = r.config, r.model, r.recommended, r.table_row
     typer.echo(f"data           {r.data_bytes / 1e6:.1f} MB, {r.train_tokens:,} train / {r.val_tokens:,} validation tokens")
+    typer.echo(f"dataset        {r.dataset} ({r.dataset_bytes / 1e6:,.1f} MB on disk)")
     typer.echo(
         f"config         vocab {model.vocab_size:,}, embed {model.n_embd}, layers {model.n_layer}, "
         f"heads {model.n_head}, block {model.block_size}"
     )
+    typer.echo(f"source         {r.source}")
     typer.echo(f"parameters     {r.parameters:,}")
     typer.echo(f"memory         {r.memory_bytes / 2**30:.2f} GiB to train at batch {cfg.batch_size} x seq {cfg.seq_len} "
                f"on {r.cores} cores")
@@ -178,10 +188,17 @@ def size(
                f"({r.parameters:,} gradients + activations of a [{r.micro_batch}, {cfg.seq_len}] micro-batch)); "
                "lanes: at most min(cores, worker spheres, batch), whatever the teams' sizes")
     typer.echo(f"tokens/param   {r.train_tokens / r.parameters:.2f} (advice: at least {sizing.MIN_TOKENS_PER_PARAM:g})")
+    if r.estimate is not None:
+        for label, line in zip(("time", ""), r.estimate.lines(cfg.batch_size * cfg.seq_len)):
+            typer.echo(f"{label:14} {line}")
+        for line in est.advice(r.estimate, model, cfg.seq_len, cfg.threads, cfg.batch_size, rec, cfg.cores):
+            typer.echo(f"{'to shorten':14} {line}")
     typer.echo(
         f"recommended    vocab {rec.vocab_size:,}, embed {rec.n_embd}, layers {rec.n_layer}, heads {rec.n_head}, "
         f"block {rec.block_size}: {rec.num_parameters():,} parameters"
     )
+    typer.echo(f"{'':14} {_why(r)}")
+    typer.echo(f"train it with  {r.command}")
     typer.echo(
         f"design table   for {r.data_bytes / 1e6:.1f} MB: embed {row.config.n_embd}, layers {row.config.n_layer}, "
         f"stated {row.stated_params} parameters, true {row.config.num_parameters():,}"
@@ -189,3 +206,17 @@ def size(
     for line in r.warnings:
         typer.echo(f"warning: {line}", err=True)
     typer.echo("ok: the data can train this config")
+
+
+def _why(r: SizeReport) -> str:
+    """Why the recommendation is what it is, and how it differs from the config."""
+    rec, row = r.recommended, r.table_row.config
+    rule = (f"the largest shape up to the design table's for {r.data_bytes / 1e6:.1f} MB with at least "
+            f"{sizing.MIN_TOKENS_PER_PARAM:g} training token per parameter "
+            f"({r.train_tokens / rec.num_parameters():.2f} here)")
+    if (rec.n_embd, rec.n_layer, rec.n_head) != (row.n_embd, row.n_layer, row.n_head):
+        rule += f"; the table's embed {row.n_embd}, layers {row.n_layer} would have " \
+                f"{r.train_tokens / replace(row, vocab_size=rec.vocab_size).num_parameters():.2f}"
+    if rec == r.model:
+        return f"why: {rule}; it is the config above"
+    return f"why: {rule}; differs from the config above ({r.parameters:,} parameters)"

@@ -156,10 +156,22 @@ def evaluate(
     is predicted once. Bits per byte = total loss in nats / ln 2 / UTF-8 bytes
     of the text; unlike the loss it compares models with different tokenizers."""
     model = _load(checkpoint_path, threads, precision)
-    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[tps]} tok/s"),
+               TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=no_progress) as bar:
-        task = bar.add_task("eval", total=None)
-        result = model.evaluate(data, ext, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        task = bar.add_task("eval", total=None, tps="-")
+        first: list[tuple[float, int]] = []  # (time, windows) at the first batch; the text is tokenized before
+
+        def update(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if not first:
+                first.append((now, done))
+            (t0, done0), tps = first[0], "-"
+            if now > t0:
+                tps = f"{(done - done0) * model.block_size / (now - t0):,.0f}"
+            bar.update(task, completed=done, total=total, tps=tps)
+
+        result = model.evaluate(data, ext, progress=update)
     typer.echo(f"files       {result.files}")
     typer.echo(f"tokens      {result.tokens:,} scored ({result.bytes:,} bytes of text)")
     typer.echo(f"loss        {result.loss:.4f} nats/token")
