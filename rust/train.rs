@@ -666,10 +666,11 @@ mod tests {
 
     #[test]
     fn a_batch_too_large_for_memory_is_refused_before_it_allocates() {
-        let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 1 << 20 };
+        // activations alone: 2048 blocks x about 16 C = 256 floats per token x 2^20 tokens = 2 TiB
+        let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2048, n_head: 2, block_size: 1 << 20 };
         let hyper = Hyper { adamw: AdamW::default(), grad_clip: 1.0 };
         let tr = Trainer::with_lanes(Gpt2::new(cfg, 1).unwrap(), hyper, 2, 1).unwrap();
-        let t = 1 << 20; // attention probabilities alone: 2 heads x T^2 floats = 8 TiB
+        let t = 1 << 20;
         let batch = vec![1u32; t + 1];
         let err = tr.eval(&batch, 1, t).unwrap_err();
         assert!(err.contains("needs") && err.contains("of memory is available"), "{err}");
