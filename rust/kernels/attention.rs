@@ -16,8 +16,8 @@ use rayon::prelude::*;
 use std::ops::Range;
 
 /// Query rows per block.
-const BR: usize = 64;
-/// Keys per block: a BR x BC score block (32 KiB) and the block's keys and
+const BR: usize = 128;
+/// Keys per block: a BR x BC score block (64 KiB) and the block's keys and
 /// values stay in L2.
 const BC: usize = 128;
 
