@@ -9,6 +9,7 @@ pub mod generate;
 pub mod memory;
 pub mod model;
 pub mod optim;
+pub mod plan;
 pub mod train;
 
 #[cfg(feature = "python")]

@@ -4,24 +4,27 @@
 //! Sphere 0 is Node Zero, the control thread: it deals each step's sequences
 //! into the 12 symmetry groups, routes the groups' micro-batches to the worker
 //! spheres 1..N-1, reduces their gradients in a fixed order and applies AdamW.
-//! Each worker sphere runs forward and backward passes of its micro-batches on
-//! its own thread, writing gradients only into memory it owns: the lane (a
-//! core's gradient buffer and activations) it holds while it computes. With
-//! one thread, Node Zero does everything.
+//! Each worker sphere runs forward and backward passes of its micro-batches,
+//! writing gradients only into memory it owns: the lane (a gradient buffer,
+//! activations and a team of cores, planned by `crate::plan`) it holds while
+//! it computes. A one-core team's sphere computes on its own thread; a
+//! larger team's sphere runs its kernels on the team's rayon pool, pinned to
+//! the team's cores. With one thread, Node Zero does everything.
 //!
-//! Determinism: the deal, the routing (a longest-first plan over the spheres),
-//! the lanes' turn order and the reduction order depend only on the batch, the
-//! thread count and the lane count (the machine's cores), so the same inputs
-//! give bit-identical results. Another thread or core count sums the same
-//! gradients in another grouping, which changes results only by float
-//! rounding.
+//! Determinism: the deal, the plan and routing, the lanes' turn order and the
+//! reduction order depend only on the batch, the thread count and the core
+//! count, and a team's kernels give the bits of one core whatever its size,
+//! so the same inputs give bit-identical results. Another thread or core
+//! count sums the same gradients in another grouping, which changes results
+//! only by float rounding.
 
 use crate::kernels::adamw::AdamW;
 use crate::model::{Activations, Config, Gpt2};
 use crate::optim::{global_norm, Optimizer};
+use crate::plan::{self, workers, Teams};
 use rayon::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 /// Every token id belongs to symmetry group `id % SYMMETRY_GROUPS`.
@@ -34,7 +37,12 @@ pub const MAX_THREADS: usize = 1024;
 /// Elements per parallel chunk in the reduction, clipping and norm.
 const CHUNK: usize = 1 << 15;
 
-/// The sequences of one symmetry group in one step.
+/// Crews (team pools of a batch shape's plan) a trainer keeps: training and
+/// a shorter last validation batch use two.
+const CREWS: usize = 4;
+
+/// The sequences of one symmetry group in one step, or the piece of them
+/// one sphere runs when the plan splits the group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MicroBatch {
     pub group: usize,
@@ -90,38 +98,6 @@ pub fn lane_of(sphere: usize, threads: usize, lanes: usize) -> Option<usize> {
     (sphere >= 1).then(|| (sphere - 1) % lanes.max(1))
 }
 
-/// Route micro-batches to spheres: largest first to the least-loaded lane,
-/// then within each lane largest first to its least-loaded sphere (lowest
-/// index on ties), so lanes finish together and no sphere idles while
-/// another of its lane has two or more queued. Returns, per sphere, the
-/// indices into `mbs` it runs, in group order.
-pub fn route(mbs: &[MicroBatch], threads: usize, lanes: usize) -> Vec<Vec<usize>> {
-    let (threads, lanes) = (threads.max(1), lanes.max(1));
-    let mut order: Vec<usize> = (0..mbs.len()).collect();
-    order.sort_by_key(|&i| (std::cmp::Reverse(mbs[i].sequences.len()), mbs[i].group));
-    let mut lane_load = vec![0usize; lanes];
-    let mut lane_mbs = vec![Vec::new(); lanes];
-    for i in order {
-        let l = (0..lanes).min_by_key(|&l| (lane_load[l], l)).expect("a lane");
-        lane_load[l] += mbs[i].sequences.len();
-        lane_mbs[l].push(i);
-    }
-    let mut plan = vec![Vec::new(); threads];
-    let mut load = vec![0usize; threads];
-    for (l, queue) in lane_mbs.iter().enumerate() {
-        let members: Vec<usize> = (0..threads).filter(|&s| lane_of(s, threads, lanes) == Some(l)).collect();
-        for &i in queue {
-            let s = *members.iter().min_by_key(|&&s| (load[s], s)).expect("every lane has a sphere");
-            load[s] += mbs[i].sequences.len();
-            plan[s].push(i);
-        }
-    }
-    for p in &mut plan {
-        p.sort_by_key(|&i| mbs[i].group);
-    }
-    plan
-}
-
 /// What one sphere did in one step.
 #[derive(Clone, Debug, Default)]
 pub struct SphereReport {
@@ -143,15 +119,17 @@ pub struct StepReport {
     pub step_s: f64,
 }
 
-/// The working memory of one core: a gradient buffer and activations.
+/// The working memory of one team of cores: a gradient buffer and
+/// activations.
 ///
-/// A machine has as many lanes as cores (at most one per worker sphere).
-/// Each worker sphere is given a lane and, when it is its turn, owns the
-/// lane's memory while it runs its micro-batches. With a core per sphere this
-/// is simply each sphere's own memory; with 12 spheres on 2 cores the spheres
-/// of a lane take turns in a fixed order instead of time-slicing the cores,
-/// so memory and gradient traffic scale with the cores, not the spheres, and
-/// the sums stay deterministic.
+/// A trainer has as many lanes as cores, at most one per worker sphere; a
+/// step's plan uses some of them. Each worker sphere is given a lane and,
+/// when it is its turn, owns the lane's memory while it runs its
+/// micro-batches. With a team per sphere this is simply each sphere's own
+/// memory; with 12 spheres on 2 cores the spheres of a lane take turns in a
+/// fixed order instead of time-slicing the cores, so memory and gradient
+/// traffic scale with the lanes, not the spheres or the cores, and the sums
+/// stay deterministic.
 struct Lane {
     mem: Mutex<LaneMem>,
     turn: Mutex<usize>,
@@ -198,14 +176,14 @@ pub fn check_threads(threads: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Worker spheres of a pool of `threads` threads (Node Zero computes alone
-/// when it is the only thread).
-fn workers(threads: usize) -> usize {
-    if threads <= 1 {
-        1
-    } else {
-        threads - 1
+/// Refuse a core count the teams cannot have (more than the CPUs this
+/// process may use is allowed: the teams share them, with the results of
+/// that many cores).
+pub fn check_cores(cores: usize) -> Result<(), String> {
+    if !(1..=MAX_THREADS).contains(&cores) {
+        return Err(format!("cores must be between 1 and {MAX_THREADS}, got {cores}"));
     }
+    Ok(())
 }
 
 /// Cores this process may run on.
@@ -213,19 +191,22 @@ pub fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Lanes of working memory a trainer of `threads` threads keeps on a
-/// machine of `cores` cores: one per core, at most one per worker sphere.
+/// Lanes of working memory a trainer of `threads` threads keeps on `cores`
+/// cores: one per core, at most one per worker sphere (a step's plan uses
+/// at most as many as it has sequences).
 pub fn lanes_for(threads: usize, cores: usize) -> usize {
     cores.clamp(1, workers(threads))
 }
 
 /// Bytes a trainer allocates to train `config` on batches of `batch`
 /// sequences of `seq_len` tokens: the weights and two AdamW moments once,
-/// then for each lane that gets work a gradient buffer and the activations
-/// of the largest symmetry group's micro-batch. None when it overflows.
+/// then for each lane of the plan (`plan::teams`: at most the cores, the
+/// worker spheres and the sequences) a gradient buffer and the activations
+/// of the largest symmetry group's micro-batch, whatever the team's size.
+/// None when it overflows.
 pub fn training_bytes(config: &Config, batch: usize, seq_len: usize, threads: usize, cores: usize) -> Option<u64> {
     let params = config.checked_num_parameters()?;
-    let lanes = lanes_for(threads, cores).min(SYMMETRY_GROUPS).min(batch.max(1));
+    let lanes = plan::teams(cores, threads, batch, seq_len).lanes();
     let micro = batch.div_ceil(SYMMETRY_GROUPS);
     let per_lane = params.checked_add(Activations::floats(config, micro, seq_len)?)?;
     let floats = params.checked_mul(3)?.checked_add(lanes.checked_mul(per_lane)?)?;
@@ -262,8 +243,17 @@ pub struct Trainer {
     /// Sequences dealt so far in the current epoch.
     pub dealt: u64,
     threads: usize,
+    /// Cores the plans divide among the spheres.
+    cores: usize,
+    /// The CPUs this process may use, in order; teams are pinned to the
+    /// first `cores` of them when there are that many.
+    cpus: Vec<usize>,
     pool: rayon::ThreadPool,
     lanes: Vec<Lane>,
+    /// The latest batch shapes' plans with their team pools, oldest first.
+    crews: Mutex<Vec<(Shape, Arc<Crew>)>>,
+    /// The plan the sphere threads are pinned for.
+    pinned: Mutex<Option<Teams>>,
     /// Held while spheres run, so two calls never share the lanes.
     running: Mutex<()>,
     /// The largest (micro-batch, T) whose activations were checked against
@@ -289,30 +279,32 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// A batch's (B, T).
+type Shape = (usize, usize);
+
+/// The threads of one batch shape's plan: a rayon pool for each team of
+/// more than one core, pinned to the team's CPUs (None for one-core teams,
+/// whose spheres compute on their own threads).
+struct Crew {
+    teams: Teams,
+    pools: Vec<Option<rayon::ThreadPool>>,
+}
+
 impl Trainer {
-    /// A trainer with one lane per core (at most one per worker sphere).
+    /// A trainer whose spheres use every core this process may use.
     pub fn new(model: Gpt2, hyper: Hyper, threads: usize) -> Result<Self, String> {
-        Self::with_lanes(model, hyper, threads, available_cores())
+        Self::with_cores(model, hyper, threads, available_cores())
     }
 
-    /// A trainer with at most `lanes` lanes of working memory.
-    pub fn with_lanes(model: Gpt2, hyper: Hyper, threads: usize, lanes: usize) -> Result<Self, String> {
+    /// A trainer whose spheres divide `cores` cores among them.
+    pub fn with_cores(model: Gpt2, hyper: Hyper, threads: usize, cores: usize) -> Result<Self, String> {
         check_threads(threads)?;
+        check_cores(cores)?;
         hyper.validate()?;
-        let workers = workers(threads);
-        let lanes = lanes_for(threads, lanes);
-        // Keep each lane's spheres on one core, so a sphere woken for its
-        // turn starts at once where its predecessor just finished.
-        let cores = affinity::allowed_cpus();
-        let pin = lanes <= cores.len() && lanes < workers;
+        let lanes = lanes_for(threads, cores);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| if i == 0 { "node-zero".into() } else { format!("sphere-{i}") })
-            .start_handler(move |i| {
-                if let (true, Some(l)) = (pin, lane_of(i, threads, lanes)) {
-                    affinity::pin_current_thread(cores[l]);
-                }
-            })
             .build()
             .map_err(|e| format!("cannot start {threads} threads: {e}"))?;
         // Buffers are allocated on first use, so unused lanes cost nothing.
@@ -330,8 +322,12 @@ impl Trainer {
             hyper,
             dealt: 0,
             threads,
+            cores,
+            cpus: affinity::allowed_cpus(),
             pool,
             lanes,
+            crews: Mutex::new(Vec::new()),
+            pinned: Mutex::new(None),
             running: Mutex::new(()),
             planned: Mutex::new((0, 0)),
             #[cfg(test)]
@@ -343,6 +339,66 @@ impl Trainer {
         self.threads
     }
 
+    pub fn cores(&self) -> usize {
+        self.cores
+    }
+
+    /// Whether teams and lanes are pinned to CPUs: only when this process
+    /// may use as many as the plans divide.
+    fn pins(&self) -> bool {
+        self.cores <= self.cpus.len()
+    }
+
+    /// The plan of a [b, t] batch with its team pools, made on first use.
+    fn crew(&self, b: usize, t: usize) -> Result<Arc<Crew>, String> {
+        let mut crews = lock(&self.crews);
+        if let Some(i) = crews.iter().position(|(shape, _)| *shape == (b, t)) {
+            let hit = crews.remove(i);
+            crews.push(hit);
+            return Ok(crews[crews.len() - 1].1.clone());
+        }
+        let teams = plan::teams(self.cores, self.threads, b, t);
+        let mut pools = Vec::with_capacity(teams.lanes());
+        for (l, (&k, first)) in teams.cores.iter().zip(teams.first_cores()).enumerate() {
+            if k <= 1 {
+                pools.push(None);
+                continue;
+            }
+            let cpus = if self.pins() { self.cpus[first..first + k].to_vec() } else { Vec::new() };
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(k)
+                .thread_name(move |i| format!("team-{l}-{i}"))
+                .start_handler(move |_| affinity::pin_current_thread(&cpus))
+                .build()
+                .map_err(|e| format!("cannot start a team of {k} threads: {e}"))?;
+            pools.push(Some(pool));
+        }
+        crews.push(((b, t), Arc::new(Crew { teams, pools })));
+        if crews.len() > CREWS {
+            crews.remove(0);
+        }
+        Ok(crews[crews.len() - 1].1.clone())
+    }
+
+    /// Pin the sphere threads for `teams`: when spheres share one-core
+    /// lanes, each lane's spheres to its core, so a sphere woken for its
+    /// turn starts at once where its predecessor just finished; every
+    /// other sphere thread (waiting on its team, or alone on its lane) may
+    /// run on any CPU.
+    fn pin_spheres(&self, teams: &Teams) {
+        let mut pinned = lock(&self.pinned);
+        if !self.pins() || pinned.as_ref() == Some(teams) {
+            return;
+        }
+        let shared = teams.lanes() < workers(self.threads);
+        let firsts = teams.first_cores();
+        self.pool.broadcast(|ctx| match lane_of(ctx.index(), self.threads, teams.lanes()) {
+            Some(l) if shared && teams.cores[l] == 1 => affinity::pin_current_thread(&self.cpus[firsts[l]..=firsts[l]]),
+            _ => affinity::pin_current_thread(&self.cpus),
+        });
+        *pinned = Some(teams.clone());
+    }
+
     /// Run every micro-batch of a [B, T+1] batch on the spheres. With
     /// `backward`, the gradient buffer of each lane listed in the returned
     /// lane plan holds the sum over its spheres' micro-batches of
@@ -350,10 +406,11 @@ impl Trainer {
     fn run_spheres(&self, batch: &[u32], b: usize, t: usize, backward: bool) -> Result<SphereRun, String> {
         let firsts: Vec<u32> = (0..b).map(|i| batch[i * (t + 1)]).collect();
         let mbs = deal(&firsts, self.dealt);
-        let lanes = self.lanes.len();
-        let plan = route(&mbs, self.threads, lanes);
+        let crew = self.crew(b, t)?;
+        let lanes = crew.teams.lanes();
+        let plan = plan::route(&mbs, &crew.teams, self.threads);
         // Each lane's spheres with work, in the order they take their turns.
-        let mut lane_plan = vec![Vec::new(); lanes];
+        let mut lane_plan = vec![Vec::new(); self.lanes.len()];
         for s in (0..self.threads).filter(|&s| !plan[s].is_empty()) {
             lane_plan[lane_of(s, self.threads, lanes).expect("work goes to spheres with lanes")].push(s);
         }
@@ -366,6 +423,7 @@ impl Trainer {
         let dloss = 1.0 / (b * t) as f32;
         let model = &self.model;
         let _running = lock(&self.running);
+        self.pin_spheres(&crew.teams);
         for lane in &self.lanes {
             *lock(&lane.turn) = 0;
         }
@@ -391,8 +449,8 @@ impl Trainer {
                     grads.resize(model.layout.total, 0.0);
                     grads.fill(0.0);
                 }
-                for &i in &plan[me] {
-                    let seqs = &mbs[i].sequences;
+                for mb in &plan[me] {
+                    let seqs = &mb.sequences;
                     let m = seqs.len();
                     let mut x = Vec::with_capacity(m * t);
                     let mut y = Vec::with_capacity(m * t);
@@ -409,7 +467,10 @@ impl Trainer {
                         None => acts.insert(Activations::new(&model.config, m, t)),
                     };
                     let g = if backward { Some(&mut grads[..]) } else { None };
-                    report.loss_sum += model.loss_sum(acts, &x, &y, g, dloss, 1);
+                    report.loss_sum += match &crew.pools[l] {
+                        Some(team) => team.install(|| model.loss_sum(acts, &x, &y, g, dloss, crew.teams.cores[l])),
+                        None => model.loss_sum(acts, &x, &y, g, dloss, 1),
+                    };
                     report.micro_batches += 1;
                     report.sequences += m;
                     report.tokens += m * t;
@@ -452,7 +513,7 @@ impl Trainer {
         if micro <= planned.0 && t <= planned.1 {
             return Ok(());
         }
-        let lanes = self.lanes.len().min(SYMMETRY_GROUPS).min(b);
+        let lanes = plan::teams(self.cores, self.threads, b, t).lanes();
         let floats = Activations::floats(&self.model.config, micro, t).and_then(|f| f.checked_mul(lanes));
         let what = format!("the activations of {lanes} lane(s) for micro-batches of [{micro}, {t}]");
         crate::memory::ensure(crate::memory::f32_bytes(floats), &what).map_err(|e| e.to_string())?;
@@ -533,13 +594,19 @@ mod affinity {
         }
     }
 
-    /// Run the calling thread on `cpu` only (best effort).
+    /// Run the calling thread on these CPUs only (best effort; none: no
+    /// change).
     #[cfg(target_os = "linux")]
-    pub fn pin_current_thread(cpu: usize) {
+    pub fn pin_current_thread(cpus: &[usize]) {
+        if cpus.is_empty() {
+            return;
+        }
         // SAFETY: as above; pid 0 means the calling thread.
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
+            for &cpu in cpus {
+                libc::CPU_SET(cpu, &mut set);
+            }
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
         }
     }
@@ -550,7 +617,7 @@ mod affinity {
     }
 
     #[cfg(not(target_os = "linux"))]
-    pub fn pin_current_thread(_cpu: usize) {}
+    pub fn pin_current_thread(_cpus: &[usize]) {}
 }
 
 #[cfg(test)]
@@ -585,36 +652,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn route_balances_lanes_and_spheres_and_keeps_node_zero_free() {
-        let mbs = deal(&vec![5u32; 16], 0); // 4 groups of 2, 8 of 1
-        for (threads, lanes) in [(2, 1), (3, 2), (5, 4), (12, 2), (12, 11), (20, 2)] {
-            let plan = route(&mbs, threads, lanes);
-            assert!(plan[0].is_empty());
-            let load = |s: usize| plan[s].iter().map(|&i| mbs[i].sequences.len()).sum::<usize>();
-            let mut lane_loads = vec![0; lanes];
-            for s in 1..threads {
-                lane_loads[lane_of(s, threads, lanes).unwrap()] += load(s);
-            }
-            assert_eq!(lane_loads.iter().sum::<usize>(), 16);
-            assert!(lane_loads.iter().max().unwrap() - lane_loads.iter().min().unwrap() <= 1, "{lane_loads:?}");
-            let loads: Vec<usize> = (1..threads).map(load).collect();
-            // no sphere holds two micro-batches' worth more than another
-            assert!(loads.iter().max().unwrap() - loads.iter().min().unwrap() <= 2, "{threads}: {loads:?}");
-        }
-        assert_eq!(route(&mbs, 1, 1)[0].len(), mbs.len());
-        assert_eq!(lane_of(0, 12, 2), None);
-        assert_eq!((lane_of(1, 12, 2), lane_of(2, 12, 2), lane_of(3, 12, 2)), (Some(0), Some(1), Some(0)));
-    }
-
     fn tiny_cfg() -> Config {
         Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 8 }
     }
 
-    fn tiny_trainer(threads: usize, lanes: usize) -> Trainer {
+    fn tiny_trainer(threads: usize, cores: usize) -> Trainer {
         let cfg = tiny_cfg();
         let hyper = Hyper { adamw: AdamW { lr: 1e-2, ..Default::default() }, grad_clip: 1.0 };
-        Trainer::with_lanes(Gpt2::new(cfg, 1).unwrap(), hyper, threads, lanes).unwrap()
+        Trainer::with_cores(Gpt2::new(cfg, 1).unwrap(), hyper, threads, cores).unwrap()
     }
 
     fn batch(step: u32) -> Vec<u32> {
@@ -637,6 +682,53 @@ mod tests {
             }
         }
         assert!(curves[0][4] < curves[0][0]);
+    }
+
+    /// Five steps' losses and the final parameters of a tiny trainer.
+    fn train_five(threads: usize, cores: usize) -> (Vec<f64>, Vec<f32>) {
+        let mut tr = tiny_trainer(threads, cores);
+        let losses = (0..5).map(|s| tr.step(&batch(s), 14, 8, 1e-2).unwrap().loss).collect();
+        (losses, tr.model.params)
+    }
+
+    #[test]
+    fn a_team_of_cores_gives_the_bits_of_one_core() {
+        // one worker sphere (or Node Zero alone): its lane's team is every
+        // core. Wide enough that the GEMMs split over the team's threads.
+        let cfg = Config { vocab_size: 300, n_embd: 64, n_layer: 2, n_head: 4, block_size: 64 };
+        let hyper = Hyper { adamw: AdamW { lr: 1e-2, ..Default::default() }, grad_clip: 1.0 };
+        let batch = |step: u32| -> Vec<u32> { (0..4 * 65).map(|i| (i * 7 + step * 13) % 300).collect() };
+        let run = |threads: usize, cores: usize| {
+            let mut tr = Trainer::with_cores(Gpt2::new(cfg, 1).unwrap(), hyper, threads, cores).unwrap();
+            let losses: Vec<f64> = (0..3).map(|s| tr.step(&batch(s), 4, 64, 1e-2).unwrap().loss).collect();
+            assert_eq!(tr.crew(4, 64).unwrap().pools[0].is_some(), cores > 1);
+            (losses, tr.model.params)
+        };
+        for threads in [1, 2] {
+            assert_eq!(plan::teams(5, threads, 4, 64).cores, vec![5]);
+            let (one, p1) = run(threads, 1);
+            for cores in [3, 5] {
+                let (team, p) = run(threads, cores);
+                assert_eq!(one, team, "{threads} threads on {cores} cores");
+                assert!(p1.iter().zip(&p).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+    }
+
+    #[test]
+    fn core_counts_change_the_curve_only_by_rounding_and_each_is_reproducible() {
+        // 16 and 40 cores make teams (more cores than the 11 workers): the
+        // same count twice gives the same bits, another count only rounding
+        let curves: Vec<Vec<f64>> = [1, 2, 16, 16, 40].iter().map(|&cores| train_five(12, cores).0).collect();
+        assert!(plan::teams(16, 12, 14, 8).cores.iter().any(|&k| k > 1));
+        assert_eq!(curves[2], curves[3]);
+        for other in &curves[1..] {
+            for (a, b) in curves[0].iter().zip(other) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+        let refused = Trainer::with_cores(Gpt2::new(tiny_cfg(), 1).unwrap(), tiny_trainer(2, 1).hyper, 12, 0);
+        assert!(refused.is_err_and(|e| e.contains("cores must be between 1 and")));
     }
 
     #[test]
@@ -669,12 +761,12 @@ mod tests {
         // activations alone: 2048 blocks x about 16 C = 256 floats per token x 2^20 tokens = 2 TiB
         let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2048, n_head: 2, block_size: 1 << 20 };
         let hyper = Hyper { adamw: AdamW::default(), grad_clip: 1.0 };
-        let tr = Trainer::with_lanes(Gpt2::new(cfg, 1).unwrap(), hyper, 2, 1).unwrap();
+        let tr = Trainer::with_cores(Gpt2::new(cfg, 1).unwrap(), hyper, 2, 1).unwrap();
         let t = 1 << 20;
         let batch = vec![1u32; t + 1];
         let err = tr.eval(&batch, 1, t).unwrap_err();
         assert!(err.contains("needs") && err.contains("of memory is available"), "{err}");
-        assert!(Trainer::with_lanes(Gpt2::new(tiny_cfg(), 1).unwrap(), hyper, MAX_THREADS + 1, 1).is_err());
+        assert!(Trainer::with_cores(Gpt2::new(tiny_cfg(), 1).unwrap(), hyper, MAX_THREADS + 1, 1).is_err());
     }
 
     #[test]

@@ -483,6 +483,28 @@ def test_disk_full_stops_cleanly_and_resumes(site, tmp_path):
     assert big.decode() in [p.read_text() for p in page_files(data_dir)]
 
 
+def test_a_database_that_cannot_grow_stops_cleanly_and_resumes(site, tmp_path):
+    count = 40  # a chain of pages, each linking to the next: one small commit each
+    site.routes["/"] = page("Index", ["/p/0"])
+    for i in range(count):
+        site.routes[f"/p/{i}"] = page(f"Page number {i}", [f"/p/{i + 1}"] if i + 1 < count else [])
+    data_dir = tmp_path / "crawl"
+    args = ["crawl", site.url("/"), "--data-dir", str(data_dir), "--delay", "0", "--no-progress", "--allow-private",
+            "--max-depth", str(count)]
+    # Each page file is a few hundred bytes; every commit adds 4 KiB pages to the database's WAL.
+    full = cli_limited(args, None, 256 * 1024, timeout=60)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    assert f"disk full while writing {data_dir / 'crawl.sqlite3'}" in full.stderr
+    assert db_rows(data_dir, "PRAGMA integrity_check") == [("ok",)]
+    stored = db_rows(data_dir, "SELECT count(*) FROM pages")[0][0]
+    assert 0 < stored < count + 1
+
+    resumed = subprocess.run([sys.executable, "-m", "crystalline", *args, "--resume"], capture_output=True, timeout=60)
+    assert resumed.returncode == 0, resumed.stderr
+    assert db_rows(data_dir, "SELECT state, count(*) FROM frontier GROUP BY state") == [("done", count + 1)]
+    assert len(page_files(data_dir)) == count + 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

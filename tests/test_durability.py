@@ -1,7 +1,8 @@
 """Files and concurrency: what `prepare` may touch and delete, one run per
 directory (the locks), metrics.jsonl after a crash, durable exports, a full
-disk while saving a checkpoint or a plot, a corrupt token file, and kill -9 at random
-moments ending bit-identical. Tiny models on a few KB of text."""
+disk while saving a checkpoint, a plot or an export, a corrupt token file,
+and kill -9 at random moments ending bit-identical. Tiny models on a few KB
+of text."""
 
 from __future__ import annotations
 
@@ -343,6 +344,18 @@ def test_a_plot_that_cannot_be_finished_leaves_the_earlier_plot(tmp_path, own_en
     assert_refused(full, f"cannot write --out {png}")
     assert png.read_bytes() == before
     assert not [p for p in run.iterdir() if atomic.is_temporary(p.name)]
+
+
+def test_disk_full_during_export_leaves_no_directory(tmp_path, own_env):
+    run = tmp_path / "run"
+    ok = cli(["train", str(text_corpus(tmp_path / "src")), *TINY, "--max-steps", "2", "--checkpoint-dir", str(run)],
+             own_env)
+    assert ok.returncode == 0, ok.stderr
+    weights = (checkpoint.list_checkpoints(run)[-1] / checkpoint.MODEL).stat().st_size
+    out = tmp_path / "hf"
+    assert_refused(cli_limited(["export", str(run), "--out", str(out)], own_env, weights // 2),
+                   f"disk full while writing {out}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "src", "xdg"]  # nothing half-written
 
 
 # --- 6. a corrupt token file ------------------------------------------------------

@@ -3,7 +3,8 @@ config.json, out-of-range flag values, config files of the wrong type or
 size, unwritable destinations, malformed checkpoint and Hugging Face files,
 weight files named outside the model directory, unbounded prompts and sample
 counts. Each gets one line on stderr and exit 2, without allocating or
-reading what it refuses; too many threads are capped with a warning, and the
+reading what it refuses; too many threads are capped with a warning, more cores
+than the process may use are shared with a note, and the
 sample at the end of a run fits a short context. One tiny run serves the
 module."""
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from crystalline import checkpoint, hf, load
+from crystalline import _core, checkpoint, hf, load
 from crystalline.config import ModelConfig, TrainConfig, load_toml
 from crystalline.errors import UserError
 from crystalline.guard import TEXT_LIMIT, read_text
@@ -146,6 +147,17 @@ def test_too_many_threads_are_capped_with_a_warning(corpus, run_dir, env, tmp_pa
     with pytest.raises(UserError, match="/dev/null is not a directory"):
         trainer.run()
     assert trainer.cfg.threads == 1024 and said.getvalue() == warning + "\n"
+
+
+def test_more_cores_than_this_process_may_use_share_them_with_a_note(corpus, tmp_path):
+    said = io.StringIO()
+    cores = _core.available_cores() + 1
+    run = Trainer(TrainConfig(data=[str(corpus)], vocab_size=300, n_embd=16, n_layer=1, n_head=2, batch_size=4,
+                              seq_len=16, threads=2, cores=cores, max_steps=2, progress=False, sample_tokens=0,
+                              checkpoint_dir=str(tmp_path / "r")), Console(file=said, width=400)).run()
+    assert run.steps == 2
+    assert f"note: --cores {cores} is more than the {cores - 1} this process may use" in said.getvalue()
+    assert f"(Node Zero + 1 workers) on {cores} cores: 1 lanes, teams of {cores} cores" in said.getvalue()
 
 
 def test_config_files_are_type_checked_and_bounded(corpus, env, tmp_path):

@@ -241,6 +241,9 @@ def test_refusals_are_one_clear_message_and_exit_2(tmp_path, env):
     unknown.write_text("batchsize = 3\n")
     refuse([str(STDLIB / "json"), "--config", str(unknown)], env, r"unknown setting\(s\) batchsize")
     refuse(["--resume", "--no-progress"], env, r"--resume needs the run")
+    for cores in ("0", "-2", "1025"):
+        refuse([str(STDLIB / "json"), *TINY, "--checkpoint-dir", ck, "--cores", cores], env,
+               rf"--cores must be from 1 to 1024, got {cores}$")
 
 
 def test_vocab_mismatch_existing_run_and_corrupt_checkpoint_are_refused(tmp_path, env):
@@ -392,6 +395,18 @@ def test_thread_counts_change_the_loss_curve_only_by_rounding(tmp_path, cache):
     assert curves[1][-1] < curves[1][0] - 0.3
     for t in (2, 7):
         np.testing.assert_allclose(curves[t], curves[1], rtol=1e-5, err_msg=f"{t} threads")
+
+
+def test_core_counts_change_the_loss_curve_only_by_rounding_and_a_team_gives_one_core_s_bits(tmp_path, cache):
+    # 16 cores make teams (more than the 11 workers), sharing this machine's CPUs
+    curves = {c: Trainer(tiny_config(tmp_path / f"c{c}", max_steps=10, threads=12, cores=c, learning_rate=1e-2,
+                                     warmup_steps=2)).run().losses for c in (1, 2, 16)}
+    assert curves[1][-1] < curves[1][0] - 0.3
+    for c in (2, 16):
+        np.testing.assert_allclose(curves[c], curves[1], rtol=1e-5, err_msg=f"{c} cores")
+    # one worker sphere: its team is every core, and a team's kernels give one core's bits
+    alone = [Trainer(tiny_config(tmp_path / f"alone{c}", max_steps=4, threads=2, cores=c)).run().losses for c in (1, 3)]
+    assert alone[0] == alone[1]
 
 
 def test_plot_draws_the_loss_curves(tmp_path, env):

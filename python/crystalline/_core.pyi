@@ -29,12 +29,17 @@ def validate_optimizer(
 def validate_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
     """ValueError when these sampling settings cannot draw a token."""
 def available_cores() -> int: ...
-def lanes(threads: int) -> int:
-    """Lanes of working memory (gradients and activations) a Trainer of `threads` threads keeps here."""
+def lanes(threads: int, cores: int | None = None) -> int:
+    """Lanes of working memory (gradients and activations) a Trainer of `threads` threads keeps on
+    `cores` cores (None: every core this process may use)."""
+def plan_teams(*, threads: int, cores: int, batch_size: int, seq_len: int) -> dict[str, list[int]]:
+    """The plan of one step: {"cores": cores of each lane's team, "quota": sequences each lane runs}."""
 def training_memory_bytes(
-    vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int, *, batch_size: int, seq_len: int, threads: int
+    vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int, *, batch_size: int, seq_len: int,
+    threads: int, cores: int | None = None
 ) -> int:
-    """Bytes a Trainer allocates to train this shape on [batch_size, seq_len] batches."""
+    """Bytes a Trainer allocates to train this shape on [batch_size, seq_len] batches on `cores` cores
+    (None: every core this process may use)."""
 def parameter_shapes(
     vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int
 ) -> list[tuple[str, list[int]]]: ...
@@ -116,9 +121,11 @@ class Sampler:
         """One token per row of logits [M, V]: greedy at temperature 0, else top-k / nucleus (top-p) sampling."""
 
 class Trainer:
-    """The kissing-sphere trainer: a model, its AdamW state and `threads` threads."""
+    """The kissing-sphere trainer: a model, its AdamW state and `threads` threads dividing `cores` cores
+    (None: every core this process may use) among them."""
 
     threads: int
+    cores: int
     step_count: int
     dealt: int
 
@@ -131,6 +138,7 @@ class Trainer:
         block_size: int,
         *,
         threads: int = 12,
+        cores: int | None = None,
         seed: int = 0,
         beta1: float = 0.9,
         beta2: float = 0.95,

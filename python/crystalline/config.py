@@ -115,12 +115,15 @@ class ModelConfig:
         cache = 2 * self.n_layer * self.block_size * self.n_embd
         return F32_BYTES * (sequences * cache + rows * self.vocab_size)
 
-    def training_memory_bytes(self, batch_size: int, seq_len: int, threads: int = 12) -> int:
-        """Bytes the Rust trainer allocates to train this shape on this
-        machine: weights and AdamW moments once, then per lane of working
-        memory a gradient buffer, a micro-batch's activations and a chunk of
-        logits (computed from the formulas the allocation uses)."""
-        return _core.training_memory_bytes(**asdict(self), batch_size=batch_size, seq_len=seq_len, threads=threads)
+    def training_memory_bytes(self, batch_size: int, seq_len: int, threads: int = 12, cores: int | None = None) -> int:
+        """Bytes the Rust trainer allocates to train this shape on `cores`
+        cores (None: every core this process may use): weights and AdamW
+        moments once, then per lane of working memory a gradient buffer, a
+        micro-batch's activations and a chunk of logits (computed from the
+        formulas the allocation uses). A step's plan has at most
+        min(cores, threads - 1, batch_size) lanes, whatever its teams' sizes."""
+        return _core.training_memory_bytes(**asdict(self), batch_size=batch_size, seq_len=seq_len, threads=threads,
+                                           cores=cores)
 
 
 # The older names of TrainConfig fields, still the names of the command-line
@@ -162,6 +165,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the gradient's global norm (0: off)
     # system
     threads: int = 12  # sphere threads: Node Zero + workers
+    cores: int | None = None  # cores the spheres divide into teams (None: every core this process may use)
     seed: int = 0  # initialisation and data order
     # checkpoints, validation and reports
     checkpoint_dir: str = ""  # the run directory (default: runs/<date-time>)
@@ -199,6 +203,8 @@ class TrainConfig:
             raise UserError("--watch-interval needs --watch DIR and a positive number of steps")
         if self.watch is not None and not Path(self.watch).is_dir():
             raise UserError(f"--watch {self.watch} is not a directory")
+        if self.cores is not None and not 1 <= self.cores <= _core.MAX_THREADS:
+            raise UserError(f"--cores must be from 1 to {_core.MAX_THREADS}, got {self.cores}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
         if not (0 < self.learning_rate < 10) or not math.isfinite(self.learning_rate):
@@ -258,7 +264,7 @@ PRESETS: dict[str, dict] = {
 # What may change when a run is resumed: how it is watched, saved and how
 # far it goes. Its shape, data and schedule stay as saved.
 RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
-                     "progress", "sample_tokens", "checkpoint_dir", "threads", "watch_interval"}
+                     "progress", "sample_tokens", "checkpoint_dir", "threads", "cores", "watch_interval"}
 
 
 def load_toml(path: Path) -> dict:

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from crystalline import checkpoint
-from crystalline.atomic import new_directory
+from crystalline.atomic import disk_full_at, new_directory
 from crystalline.config import F32_BYTES, ModelConfig, TrainConfig, check_types
 from crystalline.data.tokenizer import EOT, Tokenizer
 from crystalline.errors import UserError
@@ -82,7 +82,7 @@ def export(path: Path | str, out_dir: Path | str) -> Path:
         "clean_up_tokenization_spaces": False,
     }
     tensors = {PREFIX + name: np.ascontiguousarray(a) for name, a in loaded.parameters().items()}
-    with writing(out_dir, "--out"), new_directory(out_dir) as tmp:
+    with writing(out_dir, "--out"), disk_full_at(out_dir), new_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(loaded.path / checkpoint.TOKENIZER, tmp / "tokenizer.json")
         _write_json(tmp / "config.json", config)

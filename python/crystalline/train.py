@@ -158,7 +158,7 @@ class Trainer:
         need more memory than is available, before allocating them."""
         cfg = self.cfg
         with core_refusals():
-            needed = cfg.model_config().training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
+            needed = cfg.model_config().training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
         ensure_memory(needed, f"training a model of {cfg.model_config().num_parameters():,} parameters",
                       "choose a smaller --embed-dim, --num-layers, --vocab-size, --batch-size or --seq-len")
 
@@ -211,7 +211,7 @@ class Trainer:
     def _build_trainer(self) -> None:
         cfg = self.cfg
         with core_refusals():
-            self.trainer = _core.Trainer(**asdict(cfg.model_config()), threads=cfg.threads, seed=cfg.seed,
+            self.trainer = _core.Trainer(**asdict(cfg.model_config()), threads=cfg.threads, cores=cfg.cores, seed=cfg.seed,
                                          weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         self.step, self.epoch, self.pos = 0, 0, 0
         if self.resume_from is not None:
@@ -228,8 +228,11 @@ class Trainer:
             f"[Node Zero] data: {len(self.train_tokens):,} training tokens, {len(self.val_tokens):,} validation; "
             f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {self.steps_per_epoch:,} steps per epoch, {planned}"
         )
-        mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
-        c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers); "
+        mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
+        cores = self.trainer.cores
+        teams = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
+        c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers) on "
+                f"{cores} cores: {len(teams['cores'])} lanes, teams of {', '.join(map(str, teams['cores']))} cores; "
                 f"training buffers need about {mem / 2**20:,.0f} MiB")
 
     def _load_data(self, progress: bool) -> bool:
@@ -390,6 +393,10 @@ class Trainer:
             self.console.print(f"[yellow]warning:[/] {warning}")
             self.cfg = replace(self.cfg, threads=threads)
             self._tally = EpochTally.start(threads)
+        if self.cfg.cores is not None and self.cfg.cores > _core.available_cores():
+            self.console.print(f"[yellow]note:[/] --cores {self.cfg.cores} is more than the {_core.available_cores()} "
+                               "this process may use; the teams share them (slower, with the results of "
+                               f"{self.cfg.cores} cores)")
         check_writable(self.run_dir, "--checkpoint-dir")
         created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)

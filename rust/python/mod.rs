@@ -31,6 +31,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(trainer::validate_optimizer, m)?)?;
     m.add_function(wrap_pyfunction!(trainer::available_cores, m)?)?;
     m.add_function(wrap_pyfunction!(trainer::lanes, m)?)?;
+    m.add_function(wrap_pyfunction!(trainer::plan_teams, m)?)?;
     m.add_function(wrap_pyfunction!(trainer::training_memory_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::matmul_forward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::matmul_backward, m)?)?;

@@ -1,11 +1,13 @@
 //! `Trainer`: the kissing-sphere trainer for Python (steps, evaluation, the
 //! zero-copy parameter and optimizer views Python saves and restores), and
-//! the figures Python plans a run with: optimizer checks, lanes and memory.
+//! the figures Python plans a run with: optimizer checks, cores, lanes, the
+//! teams of a step and memory.
 
 use super::convert::{Int, ids_in, refusal_error, tensor_views, value_error};
 use crate::memory;
 use crate::kernels::adamw::AdamW;
 use crate::model::{Config, Gpt2};
+use crate::plan;
 use crate::train::{self, Hyper, StepError, Trainer};
 use pyo3::exceptions::{PyFloatingPointError, PyRuntimeError};
 use pyo3::prelude::*;
@@ -25,17 +27,51 @@ pub fn available_cores() -> usize {
     train::available_cores()
 }
 
-/// Lanes of working memory a Trainer of `threads` threads keeps here.
+/// `cores`, or every core this process may use when None; refused unless
+/// 1 to MAX_THREADS.
+fn cores_or_all(cores: Option<Int<usize>>) -> PyResult<usize> {
+    let cores = cores.map_or_else(train::available_cores, |c| c.0);
+    train::check_cores(cores).map_err(value_error)?;
+    Ok(cores)
+}
+
+/// Lanes of working memory a Trainer of `threads` threads keeps on `cores`
+/// cores (default: every core this process may use).
 #[pyfunction]
-pub fn lanes(threads: Int<usize>) -> usize {
-    let threads = threads.0;
-    train::lanes_for(threads, train::available_cores())
+#[pyo3(signature = (threads, cores=None))]
+pub fn lanes(threads: Int<usize>, cores: Option<Int<usize>>) -> PyResult<usize> {
+    Ok(train::lanes_for(threads.0, cores_or_all(cores)?))
+}
+
+/// The plan of a step of `batch_size` sequences of `seq_len` tokens for
+/// `threads` sphere threads on `cores` cores: per lane, the cores of its
+/// team and the sequences it runs.
+#[pyfunction]
+#[pyo3(signature = (*, threads, cores, batch_size, seq_len))]
+pub fn plan_teams<'py>(
+    py: Python<'py>,
+    threads: Int<usize>,
+    cores: Int<usize>,
+    batch_size: Int<usize>,
+    seq_len: Int<usize>,
+) -> PyResult<Bound<'py, PyDict>> {
+    train::check_threads(threads.0).map_err(value_error)?;
+    let cores = cores_or_all(Some(cores))?;
+    if batch_size.0 == 0 || seq_len.0 == 0 {
+        return Err(value_error("batch_size and seq_len must be positive"));
+    }
+    let teams = plan::teams(cores, threads.0, batch_size.0, seq_len.0);
+    let d = PyDict::new(py);
+    d.set_item("cores", teams.cores.clone())?;
+    d.set_item("quota", teams.quota.clone())?;
+    Ok(d)
 }
 
 /// Bytes a Trainer allocates to train this shape on batches of
-/// `batch_size` sequences of `seq_len` tokens with `threads` threads here.
+/// `batch_size` sequences of `seq_len` tokens with `threads` threads on
+/// `cores` cores (default: every core this process may use).
 #[pyfunction]
-#[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, batch_size, seq_len, threads))]
+#[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, batch_size, seq_len, threads, cores=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn training_memory_bytes(
     vocab_size: Int<usize>,
@@ -46,16 +82,18 @@ pub fn training_memory_bytes(
     batch_size: Int<usize>,
     seq_len: Int<usize>,
     threads: Int<usize>,
+    cores: Option<Int<usize>>,
 ) -> PyResult<u64> {
     let (vocab_size, n_embd, n_layer, n_head, block_size, batch_size, seq_len, threads) = (vocab_size.0, n_embd.0, n_layer.0, n_head.0, block_size.0, batch_size.0, seq_len.0, threads.0);
     let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
     cfg.validate().map_err(value_error)?;
-    train::training_bytes(&cfg, batch_size, seq_len, threads, train::available_cores())
+    train::training_bytes(&cfg, batch_size, seq_len, threads, cores_or_all(cores)?)
         .ok_or_else(|| value_error("the training memory of this shape overflows a 64-bit count"))
 }
 
 /// The kissing-sphere trainer: a model, its AdamW state and a pool of
-/// `threads` threads (Node Zero plus worker spheres).
+/// `threads` threads (Node Zero plus worker spheres) dividing `cores` cores
+/// (default: every core this process may use) among them.
 #[pyclass(name = "Trainer", module = "crystalline._core")]
 pub struct PyTrainer {
     inner: Trainer,
@@ -64,7 +102,7 @@ pub struct PyTrainer {
 #[pymethods]
 impl PyTrainer {
     #[new]
-    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, threads=Int(12), seed=Int(0),
+    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, threads=Int(12), cores=None, seed=Int(0),
                         beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -74,6 +112,7 @@ impl PyTrainer {
         n_head: Int<usize>,
         block_size: Int<usize>,
         threads: Int<usize>,
+        cores: Option<Int<usize>>,
         seed: Int<u64>,
         beta1: f32,
         beta2: f32,
@@ -88,17 +127,24 @@ impl PyTrainer {
         let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
         cfg.validate().map_err(value_error)?;
         train::check_threads(threads).map_err(value_error)?;
+        let cores = cores_or_all(cores)?;
         // the weights, two AdamW moments and a gradient buffer per lane
-        let copies = 3 + train::lanes_for(threads, train::available_cores());
+        let copies = 3 + train::lanes_for(threads, cores);
         let floats = cfg.num_parameters().checked_mul(copies);
         memory::ensure(memory::f32_bytes(floats), "the model, its optimizer state and gradients").map_err(refusal_error)?;
         let model = Gpt2::new(cfg, seed).map_err(value_error)?;
-        Ok(PyTrainer { inner: Trainer::new(model, hyper, threads).map_err(value_error)? })
+        Ok(PyTrainer { inner: Trainer::with_cores(model, hyper, threads, cores).map_err(value_error)? })
     }
 
     #[getter]
     fn threads(&self) -> usize {
         self.inner.threads()
+    }
+
+    /// Cores the spheres divide among them.
+    #[getter]
+    fn cores(&self) -> usize {
+        self.inner.cores()
     }
 
     /// Optimizer steps taken (AdamW's t).

@@ -153,6 +153,8 @@ def size(
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (the block size).")] = None,
     threads: Annotated[Optional[int], typer.Option(help="Sphere threads (for the memory estimate).")] = None,
+    cores: Annotated[Optional[int], typer.Option(help="Cores (for the memory estimate; default: every CPU "
+                                                      "this process may use).")] = None,
     ext: Annotated[Optional[list[str]], typer.Option("--ext", help="Only files with this extension.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar while preparing raw text.")] = True,
 ) -> None:
@@ -161,7 +163,7 @@ def size(
     With no shape flags and no --config it sizes the recommended model; with
     them it sizes what `crystalline train` would build from the same flags."""
     settings = canonical(dict(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
-                              batch_size=batch_size, seq_len=seq_len, threads=threads))
+                              batch_size=batch_size, seq_len=seq_len, threads=threads, cores=cores))
     r = size_run(data, settings, config, ext, progress)
     cfg, model, rec, row = r.config, r.model, r.recommended, r.table_row
     typer.echo(f"data           {r.data_bytes / 1e6:.1f} MB, {r.train_tokens:,} train / {r.val_tokens:,} validation tokens")
@@ -170,7 +172,11 @@ def size(
         f"heads {model.n_head}, block {model.block_size}"
     )
     typer.echo(f"parameters     {r.parameters:,}")
-    typer.echo(f"memory         {r.memory_bytes / 2**30:.2f} GiB to train at batch {cfg.batch_size} x seq {cfg.seq_len}")
+    typer.echo(f"memory         {r.memory_bytes / 2**30:.2f} GiB to train at batch {cfg.batch_size} x seq {cfg.seq_len} "
+               f"on {r.cores} cores")
+    typer.echo(f"               = 4 bytes x (3 x {r.parameters:,} weights and moments + {r.lanes} lanes x "
+               f"({r.parameters:,} gradients + activations of a [{r.micro_batch}, {cfg.seq_len}] micro-batch)); "
+               "lanes: at most min(cores, worker spheres, batch), whatever the teams' sizes")
     typer.echo(f"tokens/param   {r.train_tokens / r.parameters:.2f} (advice: at least {sizing.MIN_TOKENS_PER_PARAM:g})")
     typer.echo(
         f"recommended    vocab {rec.vocab_size:,}, embed {rec.n_embd}, layers {rec.n_layer}, heads {rec.n_head}, "

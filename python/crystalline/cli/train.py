@@ -30,6 +30,8 @@ def train(
     learning_rate: Annotated[Optional[float], Opt(help="Peak learning rate (warmup, then cosine decay).")] = None,
     epochs: Annotated[Optional[int], Opt(help="Passes over the training data.")] = None,
     threads: Annotated[Optional[int], Opt(help="Sphere threads: Node Zero + workers (default 12).")] = None,
+    cores: Annotated[Optional[int], Opt(help="Cores the spheres divide into teams (default: every CPU this "
+                                             "process may use).")] = None,
     checkpoint_dir: Annotated[Optional[str], Opt(help="Run directory (default runs/<date-time>).")] = None,
     seed: Annotated[Optional[int], Opt(help="Seed for initialisation and data order.")] = None,
     warmup_steps: Annotated[Optional[int], Opt(help="Linear warmup steps.")] = None,
@@ -64,7 +66,7 @@ def train(
     overrides = canonical(dict(  # the flags' names to the config's
         data=[str(p) for p in data] or None, vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers,
         num_heads=num_heads, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, epochs=epochs,
-        threads=threads, checkpoint_dir=checkpoint_dir, seed=seed, warmup_steps=warmup_steps,
+        threads=threads, cores=cores, checkpoint_dir=checkpoint_dir, seed=seed, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval, val_fraction=val_fraction,
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,

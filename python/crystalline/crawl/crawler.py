@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import re
 import socket
-import sqlite3
 import time
 import zlib
 from collections.abc import Callable
@@ -209,7 +208,7 @@ class Crawler:
             self.store.finish(url, outcome.state, outcome.reason, outcome.http_status)
             return
         except DiskFull:  # the crawl stops; the URL is fetched again on resume
-            with contextlib.suppress(sqlite3.Error):  # the database may be out of space too: `fetching` is requeued
+            with contextlib.suppress(DiskFull):  # the database may be out of space too: `fetching` is requeued
                 self.store.finish(url, "queued", "disk full")
             raise
         except Exception as err:  # a bug or a case not foreseen costs this URL, not the crawl

@@ -64,9 +64,9 @@ def run(
     with locked(data_dir):
         store = Store(data_dir)
         try:
-            store.requeue_interrupted()
-            store.add(starts, config.max_per_host)
             try:
+                store.requeue_interrupted()
+                store.add(starts, config.max_per_host)
                 stats = asyncio.run(_crawl(config, store, on_progress, on_note or (lambda note: None)))
             except DiskFull as err:
                 raise UserError(f"{err}; free some space, then continue with --resume") from None

@@ -15,7 +15,8 @@ rows left in `fetching` go back to `queued`, and a URL marked done is never
 fetched again. A file renamed into place whose row was not committed yet is
 rewritten under the same name when its URL is fetched again. A page that
 cannot be written for lack of space raises DiskFull: the crawl stops, and
-the URL goes back to `queued` for the resumed run.
+the URL goes back to `queued` for the resumed run. So does a database that
+cannot grow: SQLite rolls the transaction back, and nothing committed is lost.
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from crystalline.atomic import disk_full_at, write_atomic
+from crystalline.atomic import DiskFull, disk_full_at, write_atomic
 from crystalline.crawl.urls import domain_of, host_key
 
 DB_NAME = "crawl.sqlite3"
 PAGES_DIR = "pages"
+# SQLite's result codes for a write the disk had no room for: SQLITE_FULL on
+# ENOSPC; a file size limit or a full quota reaches it as SQLITE_IOERR_WRITE.
+NO_ROOM = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_WRITE})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frontier (
@@ -122,19 +128,31 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction, committed at the end of the block; a
+        database that cannot grow rolls it back and raises DiskFull."""
+        try:
+            with self.conn:
+                yield
+        except sqlite3.OperationalError as err:
+            if err.sqlite_errorcode in NO_ROOM:
+                raise DiskFull(self.root / DB_NAME) from err
+            raise
+
     def is_empty(self) -> bool:
         return self.conn.execute("SELECT count(*) FROM frontier").fetchone()[0] == 0
 
     def requeue_interrupted(self) -> int:
         """Rows a killed crawl left in `fetching` go back to `queued`."""
-        with self.conn:
+        with self._transaction():
             return self.conn.execute("UPDATE frontier SET state = 'queued' WHERE state = 'fetching'").rowcount
 
     def add(self, links: list[Link], host_cap: int) -> None:
         """Add URLs not seen before (in one transaction). A URL to follow
         becomes `queued` unless its host already has `host_cap` URLs, then it
         is skipped for the page cap."""
-        with self.conn:
+        with self._transaction():
             self._add(links, host_cap)
 
     def _add(self, links: list[Link], host_cap: int) -> None:
@@ -169,7 +187,7 @@ class Store:
         ).fetchone()
         if row is None:
             return None
-        with self.conn:
+        with self._transaction():
             self.conn.execute("UPDATE frontier SET state = 'fetching' WHERE id = ?", (row[0],))
         return row[1], row[2]
 
@@ -184,7 +202,7 @@ class Store:
 
     def finish(self, url: str, state: str, reason: str | None = None, http_status: int | None = None) -> None:
         """Record that `url` failed or was skipped (or redirected elsewhere)."""
-        with self.conn:
+        with self._transaction():
             self.conn.execute(
                 "UPDATE frontier SET state = ?, reason = ?, http_status = ? WHERE url = ?",
                 (state, reason, http_status, url),
@@ -198,7 +216,7 @@ class Store:
         rel = Path(PAGES_DIR) / _safe_host(host_key(page.url)) / (hashlib.sha1(page.url.encode()).hexdigest() + ".txt")
         with disk_full_at(self.root / rel):
             _write_atomic(self.root / rel, data)
-        with self.conn:
+        with self._transaction():
             self.conn.execute(
                 "INSERT OR REPLACE INTO pages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (

@@ -65,7 +65,10 @@ class SizeReport:
     val_tokens: int  # tokens of the validation split
     config: TrainConfig  # the run sized: the flags and --config file, else the recommended shape
     parameters: int  # the model's parameter count
-    memory_bytes: int  # what training allocates at config's batch size, sequence length and threads
+    memory_bytes: int  # what training allocates at config's batch size, sequence length, threads and cores
+    cores: int  # the cores sized for: --cores, else every core this process may use
+    lanes: int  # lanes of working memory a step's plan uses on them
+    micro_batch: int  # sequences of the largest micro-batch (a symmetry group's share of a batch)
     recommended: ModelConfig  # the largest shape the data supports (sizing.recommend)
     table_row: sizing.Row  # the design table's row for data_bytes
     warnings: list[str]  # what may go wrong: too few tokens per parameter, too little memory, ...
@@ -87,7 +90,7 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
     given = {k: v for k, v in settings.items() if v is not None}
     if config_file is None and not given.keys() & SHAPE_SETTINGS:
         given = dict(vocab_size=ds.vocab_size, n_embd=rec.n_embd, n_layer=rec.n_layer, n_head=rec.n_head,
-                     seq_len=rec.block_size, **{k: v for k, v in given.items() if k in ("batch_size", "threads")})
+                     seq_len=rec.block_size, **{k: v for k, v in given.items() if k in ("batch_size", "threads", "cores")})
     given.setdefault("vocab_size", ds.vocab_size)
     cfg = build_config(given, config_file, preset="quick")
     cfg.validate()
@@ -98,13 +101,16 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
             f"use --vocab-size {ds.vocab_size}"
         )
     with core_refusals():  # a size whose memory overflows a 64-bit count
-        memory = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads)
+        memory = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
+    cores = cfg.cores or _core.available_cores()
+    plan = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     warnings = sizing.check_data(model, ds.train_count, cfg.batch_size, cfg.seq_len)
     ram = _physical_memory()
     if ram and memory > ram:
         warnings.append(f"training needs {memory / 2**30:.1f} GiB but this machine has {ram / 2**30:.1f} GiB")
     return SizeReport(data_bytes=data_bytes, train_tokens=ds.train_count, val_tokens=ds.val_count, config=cfg,
-                      parameters=model.num_parameters(), memory_bytes=memory, recommended=rec,
+                      parameters=model.num_parameters(), memory_bytes=memory, cores=cores, lanes=len(plan["cores"]),
+                      micro_batch=-(-cfg.batch_size // _core.SYMMETRY_GROUPS), recommended=rec,
                       table_row=sizing.table_row(data_bytes), warnings=warnings)
 
 
