@@ -1,5 +1,7 @@
 """Generation speed: Crystalline's KV-cache decoding against `transformers`
-`generate` (with its cache) on the same weights, on 2 threads each.
+`generate` (with its cache) on the same weights, on 2 threads each; and,
+where the CPU has avx512_bf16, Crystalline with bf16 weights against its
+float32 (`load(..., precision="bf16")`).
 
 For each config (small and seed, random weights) the model is saved as a
 Crystalline run, exported with `crystalline.hf.export`, and loaded by both
@@ -12,7 +14,9 @@ The end-of-text row of the embedding is zeroed in both, so its logit is 0,
 far below the largest of thousands of random logits: greedy decoding never
 stops early and both sides produce all 256 tokens.
 
-    python benches/generate.py [--configs small,seed] [--repeats 2]
+The timed runs of the libraries alternate, and each cell reports the median.
+
+    python benches/generate.py [--configs small,seed] [--batches 1,8] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -56,18 +60,20 @@ def synthetic_tokenizer(path: Path, vocab_size: int) -> int:
     return vocab[EOT]
 
 
-def make_models(cfg: ModelConfig, work: Path):
-    """(our loaded model, transformers model) with the same random weights."""
+def make_models(cfg: ModelConfig, work: Path, bf16: bool):
+    """(our loaded model, our model with bf16 weights or None, transformers
+    model) with the same random weights."""
     core = _core.Model(cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.block_size, seed=1)
     params = core.parameters()
     eot = synthetic_tokenizer(work / "tokenizer.json", cfg.vocab_size)
     params["wte.weight"][eot] = 0.0
     ckpt = write_run(work / "run", params, cfg, work / "tokenizer.json")
     ours = load(ckpt, threads=THREADS)
+    ours16 = load(ckpt, threads=THREADS, precision="bf16") if bf16 else None
     import transformers
 
     theirs = transformers.GPT2LMHeadModel.from_pretrained(hf.export(ckpt, work / "hf")).eval()
-    return ours, theirs
+    return ours, ours16, theirs
 
 
 def time_ours(model, prompts: np.ndarray) -> tuple[float, np.ndarray]:
@@ -100,35 +106,52 @@ def agreement(a: np.ndarray, b: np.ndarray) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="small,seed")
-    parser.add_argument("--repeats", type=int, default=2, help="Timed runs per cell; the best counts.")
+    parser.add_argument("--batches", default="1,8", help="Batch sizes to time.")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per cell; the median counts.")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(THREADS)
+    bf16 = _core.bf16_supported()
     rng = np.random.default_rng(0)
     rows = []
     for name in args.configs.split(","):
         cfg = CONFIGS[name]
         with tempfile.TemporaryDirectory() as tmp:
-            ours, theirs = make_models(cfg, Path(tmp))
+            ours, ours16, theirs = make_models(cfg, Path(tmp), bf16)
             eot = ours.tokenizer.eot_id
-            for batch in (1, 8):
+            for batch in (int(b) for b in args.batches.split(",")):
                 prompts = rng.integers(0, eot, size=(batch, PROMPT_TOKENS))
-                time_ours(ours, prompts[:, :8])  # warm up both (thread pools, allocations)
-                time_theirs(theirs, prompts[:, :8], eot)
-                t_ours = min(time_ours(ours, prompts)[0] for _ in range(args.repeats))
-                t_theirs = min(time_theirs(theirs, prompts, eot)[0] for _ in range(args.repeats))
-                same = agreement(time_ours(ours, prompts[:1])[1], time_theirs(theirs, prompts[:1], eot)[1])
-                tokens = batch * NEW_TOKENS
-                rows.append((name, batch, tokens / t_ours, tokens / t_theirs, same))
+                runs = {"ours": lambda p: time_ours(ours, p), "theirs": lambda p: time_theirs(theirs, p, eot)}
+                if ours16 is not None:
+                    runs["bf16"] = lambda p: time_ours(ours16, p)
+                for run in runs.values():  # warm up (thread pools, allocations)
+                    run(prompts[:, :8])
+                times = {key: [] for key in runs}
+                for _ in range(args.repeats):  # alternate, so load falls on all alike
+                    for key, run in runs.items():
+                        times[key].append(run(prompts)[0])
+                tps = {key: batch * NEW_TOKENS / float(np.median(t)) for key, t in times.items()}
+                first = {key: run(prompts[:1])[1] for key, run in runs.items()}
+                same = agreement(first["ours"], first["theirs"])
+                same16 = agreement(first["ours"], first["bf16"]) if ours16 is not None else None
+                rows.append((name, batch, tps, same, same16))
     load_avg = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\n{NEW_TOKENS} new tokens after a {PROMPT_TOKENS}-token prompt, greedy, {THREADS} threads each, "
-          f"best of {args.repeats}; torch {torch.__version__}; load average {load_avg}\n")
+          f"median of {args.repeats}; torch {torch.__version__}; load average {load_avg}\n")
     print("| config | batch | crystalline tok/s | transformers tok/s | ratio | same greedy tokens |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, batch, ours_tps, theirs_tps, same in rows:
-        print(f"| {name} | {batch} | {ours_tps:,.0f} | {theirs_tps:,.0f} | {ours_tps / theirs_tps:.2f}x "
+    for name, batch, tps, same, _ in rows:
+        print(f"| {name} | {batch} | {tps['ours']:,.0f} | {tps['theirs']:,.0f} | {tps['ours'] / tps['theirs']:.2f}x "
               f"| {same}/{NEW_TOKENS} |")
+    if not bf16:
+        print("\nbf16: skipped, this CPU lacks avx512_bf16")
+        return
+    print("\n| config | batch | crystalline fp32 tok/s | crystalline bf16 tok/s | bf16 / fp32 | same greedy tokens |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, batch, tps, _, same16 in rows:
+        print(f"| {name} | {batch} | {tps['ours']:,.0f} | {tps['bf16']:,.0f} | {tps['bf16'] / tps['ours']:.2f}x "
+              f"| {same16}/{NEW_TOKENS} |")
 
 
 if __name__ == "__main__":

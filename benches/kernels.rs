@@ -16,6 +16,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Samplin
 use crystalline::kernels::adamw::AdamW;
 use crystalline::kernels::attention::{attention_backward, attention_forward};
 use crystalline::kernels::crossentropy::crossentropy_fused;
+use crystalline::kernels::bf16::{bf16_gemm, bf16_hardware, to_bf16, Operand};
 use crystalline::kernels::matmul::sgemm;
 use crystalline::model::{Activations, Config, Gpt2};
 use crystalline::optim::Optimizer;
@@ -104,6 +105,24 @@ fn bench_matmul(c: &mut Criterion) {
                 })
             });
         }
+        if !bf16_hardware() {
+            continue;
+        }
+        // b rounded once beforehand, as training does with the weights
+        let b16: Vec<u16> = b.iter().map(|&x| to_bf16(x)).collect();
+        for threads in THREADS {
+            group.bench_with_input(BenchmarkId::new(format!("bf16_{label}_flops"), format!("threads={threads}")), &threads, |bch, &threads| {
+                bch.iter(|| {
+                    run_with(&pool2, threads, || {
+                        bf16_gemm(m, n, k, Operand::F32(black_box(&a)), false, Operand::Bf16(black_box(&b16)), false, &mut out, false, threads)
+                    });
+                    black_box(&out);
+                })
+            });
+        }
+    }
+    if !bf16_hardware() {
+        println!("bf16 matmul benchmarks skipped: this CPU lacks avx512_bf16");
     }
     group.finish();
 }

@@ -1,4 +1,7 @@
-"""Time numpy's float32 `a @ b` against crystalline's `_core.matmul_forward`.
+"""Time numpy's float32 `a @ b` against crystalline's `_core.matmul_forward`,
+in float32 and, where the CPU has avx512_bf16, in bf16 (operands rounded to
+bf16, f32 sums; the weight `b` is rounded once beforehand, as training does
+once per step, and `a` as the product packs it).
 
 Both run with the same number of threads (2 unless already set in the
 environment): OMP_NUM_THREADS / OPENBLAS_NUM_THREADS for numpy's BLAS and
@@ -11,7 +14,7 @@ numpy and crystalline are imported, which this script does at the top.
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benches/matmul.py
 
 Prints a markdown table of median and best GFLOP/s (2*m*n*k / time) per shape
-and the ratio crystalline / numpy. The two libraries' runs are interleaved so
+and the ratios crystalline / numpy and bf16 / fp32. The runs are interleaved so
 load from other processes falls on both alike; the script reports how much CPU
 other processes used meanwhile (on a busy machine trust the "best" columns).
 """
@@ -97,6 +100,8 @@ def main() -> int:
         print("- threadpoolctl not installed: numpy's BLAS threads taken from the env vars above")
 
     rng = np.random.default_rng(0)
+    bf16 = core.bf16_supported()
+    print(f"- avx512_bf16: {'yes' if bf16 else 'no (bf16 rows skipped)'}")
     rows = []
     threads_before = os_threads()
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -111,26 +116,30 @@ def main() -> int:
         err = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
         assert err < 1e-4, f"{label}: crystalline differs from numpy by {err:.2e} (relative)"
         flops = 2.0 * m * n * k
-        run_np = lambda: a @ b  # noqa: E731
-        run_cr = lambda: core.matmul_forward(a, b)  # noqa: E731
+        runs = {"numpy": lambda: a @ b, "crystalline": lambda: core.matmul_forward(a, b)}
+        if bf16:
+            b16 = core.to_bf16(b)
+            got16 = core.matmul_forward(a, b16)
+            err16 = float(np.linalg.norm(got16 - ref) / np.linalg.norm(ref))
+            assert err16 < 1e-2, f"{label}: bf16 differs from numpy by {err16:.2e} (relative)"
+            runs["bf16"] = lambda: core.matmul_forward(a, b16)
         for _ in range(2):  # warm-up: pools started, pages touched
-            run_np()
-            run_cr()
-        # Alternate blocks of the two libraries (switching which goes first)
-        # so load from other processes falls on both alike. Each block
-        # starts with a pause and an untimed call, so the other library's
-        # worker threads have gone idle and this one's pool is awake before
-        # its timed calls run back to back.
-        t_np, t_cr = [], []
-        per_block = max(1, args.repeats // args.blocks)
-        for blk in range(args.blocks):
-            order = [(run_np, t_np), (run_cr, t_cr)]
-            for fn, out in order if blk % 2 == 0 else order[::-1]:
-                time.sleep(args.pause)
+            for fn in runs.values():
                 fn()
-                out.extend(timed(fn) for _ in range(per_block))
-        rows.append((label, flops / statistics.median(t_np) / 1e9, flops / statistics.median(t_cr) / 1e9,
-                     flops / min(t_np) / 1e9, flops / min(t_cr) / 1e9))
+        # Alternate blocks of the libraries (rotating which goes first) so
+        # load from other processes falls on all alike. Each block starts
+        # with a pause and an untimed call, so the other library's worker
+        # threads have gone idle and this one's pool is awake before its
+        # timed calls run back to back.
+        times = {name: [] for name in runs}
+        per_block = max(1, args.repeats // args.blocks)
+        names = list(runs)
+        for blk in range(args.blocks):
+            for name in names[blk % len(names):] + names[:blk % len(names)]:
+                time.sleep(args.pause)
+                runs[name]()
+                times[name].extend(timed(runs[name]) for _ in range(per_block))
+        rows.append((label, {name: (flops / statistics.median(t) / 1e9, flops / min(t) / 1e9) for name, t in times.items()}))
     wall = time.perf_counter() - wall0
     busy1, own1 = cpu_jiffies()
     print(f"- process threads: {threads_before} after numpy import, {os_threads()} after crystalline's first call")
@@ -146,8 +155,20 @@ def main() -> int:
     print("| shape | numpy median | crystalline median | crystalline / numpy (median) "
           "| numpy best | crystalline best | crystalline / numpy (best) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, g_np, g_cr, b_np, b_cr in rows:
-        print(f"| {label} | {g_np:.1f} | {g_cr:.1f} | {g_cr / g_np:.2f} | {b_np:.1f} | {b_cr:.1f} | {b_cr / b_np:.2f} |")
+    for label, g in rows:
+        (m_np, b_np), (m_cr, b_cr) = g["numpy"], g["crystalline"]
+        print(f"| {label} | {m_np:.1f} | {m_cr:.1f} | {m_cr / m_np:.2f} | {b_np:.1f} | {b_cr:.1f} | {b_cr / b_np:.2f} |")
+    print()
+    if not bf16:
+        print("bf16: skipped, this CPU lacks avx512_bf16")
+        return 0
+    print("## bf16 x bf16 -> f32 against crystalline's float32, same runs (GFLOP/s)")
+    print()
+    print("| shape | fp32 median | bf16 median | bf16 / fp32 (median) | fp32 best | bf16 best | bf16 / fp32 (best) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, g in rows:
+        (m_cr, b_cr), (m_bf, b_bf) = g["crystalline"], g["bf16"]
+        print(f"| {label} | {m_cr:.1f} | {m_bf:.1f} | {m_bf / m_cr:.2f} | {b_cr:.1f} | {b_bf:.1f} | {b_bf / b_cr:.2f} |")
     return 0
 
 

@@ -9,6 +9,11 @@ is its own. PyTorch runs on `--torch-threads` threads (default 2);
 Crystalline at each of `--threads` (default 1,2,3,12), and the table shows
 --threads 12 against its best thread count.
 
+Where the CPU has avx512_bf16 a second table adds Crystalline at 12 threads
+with `--precision bf16` and PyTorch under torch.autocast("cpu",
+dtype=torch.bfloat16), against both float32 runs of the first table
+(`--no-bf16` skips it).
+
     python benches/train_vs_torch.py [--configs tiny,small,seed] [--steps 6]
     python benches/train_vs_torch.py --configs seq128,seq1024,seq2048,seq4096 --threads 12
 """
@@ -41,11 +46,12 @@ def batches(cfg: dict, n: int):
     return [rng.integers(0, cfg["V"], size=(cfg["B"], cfg["T"] + 1)) for _ in range(n)]
 
 
-def run_crystalline(cfg: dict, threads: int, steps: int) -> list[float]:
+def run_crystalline(cfg: dict, threads: int, steps: int, precision: str) -> list[float]:
     from crystalline import _core
 
     tr = _core.Trainer(cfg["V"], cfg["C"], cfg["L"], cfg["H"], cfg["T"], threads=threads, seed=0,
                        beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=WD, grad_clip=0.0)
+    tr.set_precision(precision)
     times = []
     for batch in batches(cfg, steps + 2):
         t0 = time.perf_counter()
@@ -54,7 +60,7 @@ def run_crystalline(cfg: dict, threads: int, steps: int) -> list[float]:
     return times[2:]
 
 
-def run_torch(cfg: dict, threads: int, steps: int) -> list[float]:
+def run_torch(cfg: dict, threads: int, steps: int, precision: str) -> list[float]:
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -94,12 +100,14 @@ def run_torch(cfg: dict, threads: int, steps: int) -> list[float]:
 
     model = GPT()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     times = []
     for batch in batches(cfg, steps + 2):
         b = torch.from_numpy(batch)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(b[:, :-1], b[:, 1:])
+        with autocast:
+            loss = model(b[:, :-1], b[:, 1:])
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
@@ -108,7 +116,8 @@ def run_torch(cfg: dict, threads: int, steps: int) -> list[float]:
 
 def worker(args) -> None:
     cfg = CONFIGS[args.config]
-    times = (run_torch if args.worker == "torch" else run_crystalline)(cfg, args.worker_threads, args.steps)
+    run = run_torch if args.worker == "torch" else run_crystalline
+    times = run(cfg, args.worker_threads, args.steps, args.precision)
     tokens = cfg["B"] * cfg["T"]
     print(json.dumps({"tokens_per_s": tokens / statistics.median(times), "peak_rss": peak_rss()}))
 
@@ -122,10 +131,10 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(kind: str, config: str, threads: int, steps: int) -> dict | None:
+def measure(kind: str, config: str, threads: int, steps: int, precision: str = "fp32") -> dict | None:
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", kind, "--config", config, "--worker-threads", str(threads),
-           "--steps", str(steps)]
+           "--steps", str(steps), "--precision", precision]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         print(f"# {kind} {config} threads={threads} failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -139,7 +148,9 @@ def main() -> None:
     p.add_argument("--threads", default="1,2,3,12", help="Crystalline thread counts to try")
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed steps per run (after 2 warm-up steps)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 table")
     p.add_argument("--worker", choices=["crystalline", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -158,6 +169,7 @@ def main() -> None:
           f"threads 12 / best | torch tok/s ({args.torch_threads} thr) | crystalline@12 / torch | "
           "peak RSS crystalline@12 | peak RSS torch |")
     print("|---|---|---|---|---|---|---|")
+    fp32 = {}
     for name in args.configs.split(","):
         ours = {t: measure("crystalline", name, t, args.steps) for t in thread_counts}
         theirs = measure("torch", name, args.torch_threads, args.steps) if have_torch else None
@@ -169,10 +181,32 @@ def main() -> None:
             row += [f"{theirs['tokens_per_s']:,.0f}", f"{at12 / theirs['tokens_per_s']:.2f}x"]
         else:
             row += ["-", "-"]
+        fp32[name] = (at12, theirs["tokens_per_s"] if theirs else float("nan"))
         rss12 = ours.get(12)
         row += [f"{rss12['peak_rss'] / 2**30:.2f} GiB" if rss12 else "-",
                 f"{theirs['peak_rss'] / 2**30:.2f} GiB" if theirs else "-"]
         print("| " + " | ".join(row) + " |", flush=True)
+    if not args.no_bf16:
+        bf16_table(args, fp32, have_torch)
+
+
+def bf16_table(args, fp32: dict, have_torch: bool) -> None:
+    """Crystalline bf16 at 12 threads and PyTorch bf16 autocast, against the float32 runs."""
+    from crystalline import _core
+
+    if not _core.bf16_supported():
+        print("\nbf16: skipped, this CPU lacks avx512_bf16")
+        return
+    print(f"\n| config | crystalline fp32@12 | crystalline bf16@12 | bf16 / fp32 | torch fp32 | bf16 / torch fp32 "
+          f"| torch bf16 autocast ({args.torch_threads} thr) | bf16 / torch bf16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (ours32, torch32) in fp32.items():
+        ours16 = measure("crystalline", name, 12, args.steps, "bf16")
+        torch16 = measure("torch", name, args.torch_threads, args.steps, "bf16") if have_torch else None
+        o16 = ours16["tokens_per_s"] if ours16 else float("nan")
+        t16 = torch16["tokens_per_s"] if torch16 else float("nan")
+        print(f"| {name} | {ours32:,.0f} | {o16:,.0f} | {o16 / ours32:.2f}x | {torch32:,.0f} | {o16 / torch32:.2f}x "
+              f"| {t16:,.0f} | {o16 / t16:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

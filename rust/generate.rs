@@ -9,7 +9,7 @@ use crate::kernels::attention::{attention_decode_forward, attention_prefill_forw
 use crate::kernels::encoder::encoder_forward;
 use crate::kernels::layernorm::layernorm_forward;
 use crate::kernels::matmul::matmul_transposed_forward;
-use crate::model::{block_forward, named, BlockActs, Config, Gpt2};
+use crate::model::{block_forward, matrix, named, BlockActs, Config, Gpt2};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -86,6 +86,7 @@ pub fn decode_step(
         next[s] += 1;
     }
     let p = named(model.layout.views(&model.params));
+    let p16 = model.bf16.as_deref().map(|h| named(model.layout.views(h)));
     // x[m] = wte[token] + wpe[pos]
     let mut x = vec![0.0f32; m * c];
     for (i, (&pos, &tok)) in positions.iter().zip(tokens).enumerate() {
@@ -94,7 +95,7 @@ pub fn decode_step(
     let mut a = BlockActs::zeros(m, c);
     for (l, w) in p.blocks.iter().enumerate() {
         let cache = &mut *cache;
-        block_forward(&mut a, &x, w, m, c, threads, |qkv, atty| {
+        block_forward(&mut a, &x, w, p16.as_ref().map(|h| &h.blocks[l]), m, c, threads, |qkv, atty| {
             for (i, (&s, &pos)) in seqs.iter().zip(&positions).enumerate() {
                 let at = cache.at(l, s, pos);
                 cache.k[at..at + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
@@ -111,7 +112,7 @@ pub fn decode_step(
     let (mut ln, mut mean, mut rstd) = (vec![0.0; m * c], vec![0.0; m], vec![0.0; m]);
     layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, p.lnfw, p.lnfb, m, c);
     let mut logits = vec![0.0f32; m * v];
-    matmul_transposed_forward(&mut logits, &ln, p.wte, m, c, v, threads);
+    matmul_transposed_forward(&mut logits, &ln, matrix(p.wte, p16.as_ref().map(|h| h.wte)), m, c, v, threads);
     Ok(logits)
 }
 
@@ -266,6 +267,27 @@ mod tests {
             }
         }
         assert!(decode_step(&m, &mut cache, &[0], &[1], true, 1).unwrap_err().contains("block size"));
+    }
+
+    #[test]
+    fn bf16_decoding_matches_the_bf16_full_pass() {
+        // 20 rows: the full pass takes the packed product, decoding the few-rows one
+        let cfg = Config { vocab_size: 61, n_embd: 32, n_layer: 2, n_head: 2, block_size: 20 };
+        let mut m = Gpt2::new(cfg, 4).unwrap();
+        let seq: Vec<u32> = (0..20).map(|i| (i * 7 + 1) % 61).collect();
+        let mut acts = Activations::new(&cfg, 1, 20);
+        let full32 = m.forward_logits(&mut acts, &seq, 1);
+        m.set_precision(crate::kernels::bf16::Precision::Bf16);
+        let full = m.forward_logits(&mut acts, &seq, 2);
+        assert_ne!(full, full32, "bf16 must change the rounding");
+        let mut cache = KvCache::new(&m, 1);
+        for (pos, &tok) in seq.iter().enumerate() {
+            let got = decode_step(&m, &mut cache, &[0], &[tok], true, 2).unwrap();
+            for (a, b) in got.iter().zip(&full[pos * 61..(pos + 1) * 61]) {
+                // the same bf16 products, summed in another order
+                assert!((a - b).abs() < 1e-4, "pos {pos}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

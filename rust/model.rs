@@ -10,7 +10,8 @@ use crate::kernels::crossentropy::crossentropy_fused;
 use crate::kernels::encoder::{encoder_backward, encoder_forward};
 use crate::kernels::gelu::{gelu_backward, gelu_forward};
 use crate::kernels::layernorm::{layernorm_backward, layernorm_forward};
-use crate::kernels::matmul::{matmul_backward, matmul_forward, matmul_transposed_forward, sgemm};
+use crate::kernels::bf16::{bf16_gemm, cast_to_bf16, Operand, Precision};
+use crate::kernels::matmul::{matmul_backward, matmul_forward, matmul_transposed_forward, product, sgemm};
 use crate::kernels::residual::residual_matmul_forward;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -161,8 +162,8 @@ impl Layout {
         self.shapes[i].iter().product()
     }
 
-    /// Split a flat buffer into one slice per tensor.
-    pub fn views<'a>(&self, buf: &'a [f32]) -> Vec<&'a [f32]> {
+    /// Split a flat buffer (of parameters, or of their bf16 copies) into one slice per tensor.
+    pub fn views<'a, T>(&self, buf: &'a [T]) -> Vec<&'a [T]> {
         (0..self.names.len()).map(|i| &buf[self.offsets[i]..self.offsets[i] + self.len_of(i)]).collect()
     }
 
@@ -281,12 +282,14 @@ impl BlockActs {
 /// x:      [N, C]
 /// a:      the block's buffers for at least N rows (written)
 /// w:      the block's parameters
+/// w16:    their bf16 copies, when the matmuls run in bf16
 /// attend: fills atty [N, C] from qkv [N, 3C]: over each sequence's causal
 ///         window in training, over the key/value cache when decoding
 pub(crate) fn block_forward(
     a: &mut BlockActs,
     x: &[f32],
     w: &Block<&[f32]>,
+    w16: Option<&Block<&[u16]>>,
     n: usize,
     c: usize,
     threads: usize,
@@ -294,13 +297,18 @@ pub(crate) fn block_forward(
 ) {
     let (nc, n3c, n4c) = (n * c, n * 3 * c, n * 4 * c);
     layernorm_forward(&mut a.ln1[..nc], &mut a.ln1_mean[..n], &mut a.ln1_rstd[..n], &x[..nc], w.ln1w, w.ln1b, n, c);
-    matmul_forward(&mut a.qkv[..n3c], &a.ln1[..nc], w.qkvw, Some(w.qkvb), n, c, 3 * c, threads);
+    matmul_forward(&mut a.qkv[..n3c], &a.ln1[..nc], matrix(w.qkvw, w16.map(|b| b.qkvw)), Some(w.qkvb), n, c, 3 * c, threads);
     attend(&a.qkv[..n3c], &mut a.atty[..nc]);
-    residual_matmul_forward(&mut a.residual2[..nc], &x[..nc], &a.atty[..nc], w.attprojw, w.attprojb, n, c, c, threads);
+    residual_matmul_forward(&mut a.residual2[..nc], &x[..nc], &a.atty[..nc], matrix(w.attprojw, w16.map(|b| b.attprojw)), w.attprojb, n, c, c, threads);
     layernorm_forward(&mut a.ln2[..nc], &mut a.ln2_mean[..n], &mut a.ln2_rstd[..n], &a.residual2[..nc], w.ln2w, w.ln2b, n, c);
-    matmul_forward(&mut a.fch[..n4c], &a.ln2[..nc], w.fcw, Some(w.fcb), n, c, 4 * c, threads);
+    matmul_forward(&mut a.fch[..n4c], &a.ln2[..nc], matrix(w.fcw, w16.map(|b| b.fcw)), Some(w.fcb), n, c, 4 * c, threads);
     gelu_forward(&mut a.fch_gelu[..n4c], &a.fch[..n4c]);
-    residual_matmul_forward(&mut a.residual3[..nc], &a.residual2[..nc], &a.fch_gelu[..n4c], w.fcprojw, w.fcprojb, n, 4 * c, c, threads);
+    residual_matmul_forward(&mut a.residual3[..nc], &a.residual2[..nc], &a.fch_gelu[..n4c], matrix(w.fcprojw, w16.map(|b| b.fcprojw)), w.fcprojb, n, 4 * c, c, threads);
+}
+
+/// A weight matrix as the matmuls read it: its bf16 copy when there is one.
+pub(crate) fn matrix<'a>(f32s: &'a [f32], bf16s: Option<&'a [u16]>) -> Operand<'a> {
+    bf16s.map_or(Operand::F32(f32s), Operand::Bf16)
 }
 
 /// Every buffer one forward and backward pass of a (B, T) batch needs.
@@ -381,6 +389,9 @@ pub struct Gpt2 {
     pub config: Config,
     pub layout: Layout,
     pub params: Vec<f32>,
+    /// [P] the parameters rounded to bf16, which the matmuls read when the
+    /// model runs in bf16 (None in fp32). Refreshed by `cast_weights`.
+    pub bf16: Option<Vec<u16>>,
 }
 
 impl Gpt2 {
@@ -405,7 +416,37 @@ impl Gpt2 {
                 view.fill(1.0);
             }
         }
-        Ok(Gpt2 { config, layout, params })
+        Ok(Gpt2 { config, layout, params, bf16: None })
+    }
+
+    pub fn precision(&self) -> Precision {
+        if self.bf16.is_some() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        }
+    }
+
+    /// Run the matmuls in `precision` from now on (weights cast now).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.bf16 = match precision {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(vec![0; self.layout.total]),
+        };
+        self.cast_weights();
+    }
+
+    /// Round the parameters into their bf16 copy (after they change; a
+    /// no-op in fp32).
+    pub fn cast_weights(&mut self) {
+        if let Some(h) = &mut self.bf16 {
+            cast_to_bf16(h, &self.params);
+        }
+    }
+
+    /// The bf16 copies of the tensors, by name, when running in bf16.
+    fn tensors16(&self) -> Option<Tensors<&[u16]>> {
+        self.bf16.as_deref().map(|h| named(self.layout.views(h)))
     }
 
     /// Check a (B, T) batch of token ids (and targets, if given).
@@ -438,12 +479,13 @@ impl Gpt2 {
         let (b, t, c, nh) = (acts.b, acts.t, cfg.n_embd, cfg.n_head);
         let n = b * t;
         let p = named(self.layout.views(&self.params));
+        let p16 = self.tensors16();
         encoder_forward(&mut acts.encoded, tokens, p.wte, p.wpe, b, t, c);
         for l in 0..cfg.n_layer {
             let (prev, rest) = acts.blocks.split_at_mut(l);
             let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].residual3 };
             let lse = &mut acts.lses[l];
-            block_forward(&mut rest[0], x, &p.blocks[l], n, c, threads, |qkv, atty| {
+            block_forward(&mut rest[0], x, &p.blocks[l], p16.as_ref().map(|h| &h.blocks[l]), n, c, threads, |qkv, atty| {
                 attention_forward(atty, lse, qkv, b, t, c, nh, threads)
             });
         }
@@ -461,7 +503,8 @@ impl Gpt2 {
         self.forward_body(acts, tokens, threads);
         let (n, c, v) = (acts.b * acts.t, self.config.n_embd, self.config.vocab_size);
         let mut logits = vec![0.0f32; n * v];
-        matmul_transposed_forward(&mut logits, &acts.lnf, &self.params[..v * c], n, c, v, threads);
+        let wte = matrix(&self.params[..v * c], self.bf16.as_ref().map(|h| &h[..v * c]));
+        matmul_transposed_forward(&mut logits, &acts.lnf, wte, n, c, v, threads);
         logits
     }
 
@@ -491,19 +534,22 @@ impl Gpt2 {
     ) -> f64 {
         self.forward_body(acts, tokens, threads);
         let (n, c, v) = (acts.b * acts.t, self.config.n_embd, self.config.vocab_size);
-        let wte = &self.params[..v * c];
+        let wte = matrix(&self.params[..v * c], self.bf16.as_ref().map(|h| &h[..v * c]));
         let mut grads = grads;
         let mut total = 0.0f64;
         for start in (0..n).step_by(LOGIT_CHUNK) {
             let r = LOGIT_CHUNK.min(n - start);
             let x = &acts.lnf[start * c..(start + r) * c];
             let logits = &mut acts.logits[..r * v];
-            sgemm(r, v, c, x, false, wte, true, logits, false, threads);
+            product(r, v, c, x, false, wte, true, logits, false, threads);
             total += crossentropy_fused(logits, &targets[start..start + r], dloss, r, v);
             if let Some(g) = grads.as_deref_mut() {
                 // dlnf[r, C] = dlogits @ wte;  dwte[V, C] += dlogits^T @ lnf
-                sgemm(r, c, v, logits, false, wte, false, &mut acts.dln[start * c..(start + r) * c], false, threads);
-                sgemm(v, c, r, logits, true, x, false, &mut g[..v * c], true, threads);
+                product(r, c, v, logits, false, wte, false, &mut acts.dln[start * c..(start + r) * c], false, threads);
+                match wte {
+                    Operand::F32(_) => sgemm(v, c, r, logits, true, x, false, &mut g[..v * c], true, threads),
+                    Operand::Bf16(_) => bf16_gemm(v, c, r, Operand::F32(logits), true, Operand::F32(x), false, &mut g[..v * c], true, threads),
+                }
             }
         }
         if let Some(g) = grads {
@@ -518,6 +564,7 @@ impl Gpt2 {
         let (b, t, c, nh) = (acts.b, acts.t, cfg.n_embd, cfg.n_head);
         let n = b * t;
         let p = named(self.layout.views(&self.params));
+        let p16 = self.tensors16();
         let g = named(self.layout.views_mut(grads));
         let Tensors { wte: gwte, wpe: gwpe, blocks: mut gblocks, lnfw: glnfw, lnfb: glnfb } = g;
         let last: &[f32] = match acts.blocks.last() {
@@ -530,21 +577,22 @@ impl Gpt2 {
             let x: &[f32] = if l == 0 { &acts.encoded } else { &acts.blocks[l - 1].residual3 };
             let (a, lse) = (&acts.blocks[l], &acts.lses[l]);
             let (w, gw) = (&p.blocks[l], &mut gblocks[l]);
-            // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2))))
+            let w16 = p16.as_ref().map(|h| &h.blocks[l]);
+                    // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2))))
             acts.dfch_gelu[..n * 4 * c].fill(0.0);
-            matmul_backward(&mut acts.dfch_gelu, gw.fcprojw, Some(&mut *gw.fcprojb), &acts.dresidual, &a.fch_gelu, w.fcprojw, n, 4 * c, c, threads);
+            matmul_backward(&mut acts.dfch_gelu, gw.fcprojw, Some(&mut *gw.fcprojb), &acts.dresidual, &a.fch_gelu, matrix(w.fcprojw, w16.map(|b| b.fcprojw)), n, 4 * c, c, threads);
             acts.dfch[..n * 4 * c].fill(0.0);
             gelu_backward(&mut acts.dfch[..n * 4 * c], &a.fch[..n * 4 * c], &acts.dfch_gelu[..n * 4 * c]);
             acts.dln[..n * c].fill(0.0);
-            matmul_backward(&mut acts.dln, gw.fcw, Some(&mut *gw.fcb), &acts.dfch, &a.ln2, w.fcw, n, c, 4 * c, threads);
+            matmul_backward(&mut acts.dln, gw.fcw, Some(&mut *gw.fcb), &acts.dfch, &a.ln2, matrix(w.fcw, w16.map(|b| b.fcw)), n, c, 4 * c, threads);
             layernorm_backward(&mut acts.dresidual, gw.ln2w, gw.ln2b, &acts.dln, &a.residual2, w.ln2w, &a.ln2_mean, &a.ln2_rstd, n, c);
             // attention: residual2 = x + c_proj(attn(c_attn(ln1(x))))
             acts.datty[..n * c].fill(0.0);
-            matmul_backward(&mut acts.datty, gw.attprojw, Some(&mut *gw.attprojb), &acts.dresidual, &a.atty, w.attprojw, n, c, c, threads);
+            matmul_backward(&mut acts.datty, gw.attprojw, Some(&mut *gw.attprojb), &acts.dresidual, &a.atty, matrix(w.attprojw, w16.map(|b| b.attprojw)), n, c, c, threads);
             acts.dqkv[..n * 3 * c].fill(0.0);
             attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, &a.atty, lse, b, t, c, nh, threads);
             acts.dln[..n * c].fill(0.0);
-            matmul_backward(&mut acts.dln, gw.qkvw, Some(&mut *gw.qkvb), &acts.dqkv, &a.ln1, w.qkvw, n, c, 3 * c, threads);
+            matmul_backward(&mut acts.dln, gw.qkvw, Some(&mut *gw.qkvb), &acts.dqkv, &a.ln1, matrix(w.qkvw, w16.map(|b| b.qkvw)), n, c, 3 * c, threads);
             layernorm_backward(&mut acts.dresidual, gw.ln1w, gw.ln1b, &acts.dln, x, w.ln1w, &a.ln1_mean, &a.ln1_rstd, n, c);
         }
         encoder_backward(gwte, gwpe, &acts.dresidual, tokens, b, t, c);
@@ -625,6 +673,30 @@ mod tests {
         let cfg = Config { block_size: 100, n_layer: 1, ..tiny() };
         assert!(3 * 100 > 2 * LOGIT_CHUNK && (3 * 100) % LOGIT_CHUNK != 0);
         check_model_gradients(cfg, 3, 100, |name| name == "wte.weight" || name.starts_with("ln_f."));
+    }
+
+    #[test]
+    fn bf16_loss_and_gradients_stay_near_fp32() {
+        // On CPUs without avx512_bf16 this runs the emulated bf16 product.
+        let cfg = Config { vocab_size: 300, n_embd: 32, n_layer: 2, n_head: 4, block_size: 16 };
+        let mut m = Gpt2::new(cfg, 9).unwrap();
+        let (x, y) = batch(&cfg, 4, 16, 2);
+        let mut acts = Activations::new(&cfg, 4, 16);
+        let mut run = |m: &Gpt2| {
+            let mut g = vec![0.0f32; m.layout.total];
+            (m.mean_loss(&mut acts, &x, &y, Some(&mut g), 2), g)
+        };
+        let (l32, g32) = run(&m);
+        m.set_precision(Precision::Bf16);
+        assert_eq!(m.precision(), Precision::Bf16);
+        let (l16, g16) = run(&m);
+        assert_ne!(l16, l32, "bf16 must change the rounding");
+        assert!((l16 - l32).abs() <= 1e-2 * l32, "loss {l16} vs {l32}");
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let diff: Vec<f32> = g16.iter().zip(&g32).map(|(a, b)| a - b).collect();
+        assert!(norm(&diff) <= 2e-2 * norm(&g32), "gradient relative error {}", norm(&diff) / norm(&g32));
+        m.set_precision(Precision::Fp32);
+        assert_eq!(run(&m).0, l32, "fp32 again is the plain float32 pass");
     }
 
     #[test]

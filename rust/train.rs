@@ -119,6 +119,35 @@ pub struct StepReport {
     pub step_s: f64,
 }
 
+/// A process's share of a step's batch when several processes (MPI ranks)
+/// train together: it holds sequences `offset..offset + b` of a global batch
+/// of `total`. Its gradient is d(mean loss over all `total`)/dparams, so the
+/// processes' gradients sum to the global one; its slots in the symmetry
+/// groups' rotation start at `offset`, so over the cluster every group gets
+/// an equal share as it would in one process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Share {
+    pub total: usize,
+    pub offset: usize,
+}
+
+impl Share {
+    /// The whole batch of `b` sequences in one process.
+    pub fn whole(b: usize) -> Self {
+        Share { total: b, offset: 0 }
+    }
+}
+
+/// What the forward and backward passes of a step did, before the update.
+#[derive(Clone, Debug)]
+pub struct GradReport {
+    /// Summed token losses of this process's sequences.
+    pub loss_sum: f64,
+    pub group_sequences: [usize; SYMMETRY_GROUPS],
+    pub spheres: Vec<SphereReport>,
+    pub compute_s: f64,
+}
+
 /// The working memory of one team of cores: a gradient buffer and
 /// activations.
 ///
@@ -250,6 +279,12 @@ pub struct Trainer {
     cpus: Vec<usize>,
     pool: rayon::ThreadPool,
     lanes: Vec<Lane>,
+    /// The summed gradient of the last `gradients` call, [P]. One
+    /// allocation for the trainer's life (lent to lane 0 while the spheres
+    /// run), so a view of it stays valid.
+    grad: Vec<f32>,
+    /// Sequences of the global batch whose gradient waits for `apply`.
+    pending: Option<usize>,
     /// The latest batch shapes' plans with their team pools, oldest first.
     crews: Mutex<Vec<(Shape, Arc<Crew>)>>,
     /// The plan the sphere threads are pinned for.
@@ -316,6 +351,7 @@ impl Trainer {
             })
             .collect();
         let opt = Optimizer::new(&model.layout);
+        let grad = vec![0.0; model.layout.total];
         Ok(Trainer {
             model,
             opt,
@@ -326,6 +362,8 @@ impl Trainer {
             cpus: affinity::allowed_cpus(),
             pool,
             lanes,
+            grad,
+            pending: None,
             crews: Mutex::new(Vec::new()),
             pinned: Mutex::new(None),
             running: Mutex::new(()),
@@ -399,13 +437,13 @@ impl Trainer {
         *pinned = Some(teams.clone());
     }
 
-    /// Run every micro-batch of a [B, T+1] batch on the spheres. With
-    /// `backward`, the gradient buffer of each lane listed in the returned
-    /// lane plan holds the sum over its spheres' micro-batches of
-    /// d(mean batch loss)/dparams.
-    fn run_spheres(&self, batch: &[u32], b: usize, t: usize, backward: bool) -> Result<SphereRun, String> {
+    /// Run every micro-batch of a [B, T+1] batch, this process's `share`
+    /// of the step's, on the spheres. With `backward`, the gradient buffer
+    /// of each lane listed in the returned lane plan holds the sum over its
+    /// spheres' micro-batches of d(mean loss of the global batch)/dparams.
+    fn run_spheres(&self, batch: &[u32], b: usize, t: usize, share: Share, backward: bool) -> Result<SphereRun, String> {
         let firsts: Vec<u32> = (0..b).map(|i| batch[i * (t + 1)]).collect();
-        let mbs = deal(&firsts, self.dealt);
+        let mbs = deal(&firsts, self.dealt + share.offset as u64);
         let crew = self.crew(b, t)?;
         let lanes = crew.teams.lanes();
         let plan = plan::route(&mbs, &crew.teams, self.threads);
@@ -420,7 +458,7 @@ impl Trainer {
                 slot[s] = Some((l, k));
             }
         }
-        let dloss = 1.0 / (b * t) as f32;
+        let dloss = 1.0 / (share.total * t) as f32;
         let model = &self.model;
         let _running = lock(&self.running);
         self.pin_spheres(&crew.teams);
@@ -522,25 +560,51 @@ impl Trainer {
     }
 
     /// One optimizer step on a [B, T+1] batch (inputs are each row's first T
-    /// ids, targets its last T) at learning rate `lr`. A non-finite loss or
-    /// gradient is refused before the parameters change.
+    /// ids, targets its last T) at learning rate `lr`: `gradients` of the
+    /// whole batch, then `apply`. A non-finite loss or gradient is refused
+    /// before the parameters change.
     pub fn step(&mut self, batch: &[u32], b: usize, t: usize, lr: f32) -> Result<StepReport, StepError> {
-        self.check(batch, b, t).map_err(StepError::BadBatch)?;
         let t0 = Instant::now();
-        let SphereRun { mbs, lane_plan, reports: spheres } = self.run_spheres(batch, b, t, true).map_err(StepError::SphereFailed)?;
+        let GradReport { loss_sum, group_sequences, spheres, compute_s } = self.gradients(batch, b, t, Share::whole(b))?;
+        let loss = loss_sum / (b * t) as f64;
+        let grad_norm = self.apply(lr, loss)?;
+        Ok(StepReport { loss, grad_norm, group_sequences, spheres, compute_s, step_s: t0.elapsed().as_secs_f64() })
+    }
+
+    /// Forward and backward passes of this process's `share` of a step: a
+    /// [B, T+1] batch holding rows `share.offset..share.offset + B` of the
+    /// global batch. Leaves the sum of the lanes' gradients in `gradient()`
+    /// for `apply` (after other processes' gradients are added to it).
+    pub fn gradients(&mut self, batch: &[u32], b: usize, t: usize, share: Share) -> Result<GradReport, StepError> {
+        self.check(batch, b, t).map_err(StepError::BadBatch)?;
+        if share.offset.checked_add(b).is_none_or(|end| end > share.total) {
+            let msg = format!("rows {}..{} are not inside a global batch of {}", share.offset, share.offset + b, share.total);
+            return Err(StepError::BadBatch(msg));
+        }
+        self.pending = None;
+        let t0 = Instant::now();
+        // Lane 0 sums into the trainer's own buffer (it runs the first
+        // micro-batch unless teams of unequal sizes say otherwise).
+        lock(&self.lanes[0].mem).grads = std::mem::take(&mut self.grad);
+        let run = self.run_spheres(batch, b, t, share, true);
+        self.grad = std::mem::take(&mut lock(&self.lanes[0].mem).grads);
+        let SphereRun { mbs, lane_plan, reports: spheres } = run.map_err(StepError::SphereFailed)?;
         let compute_s = t0.elapsed().as_secs_f64();
-        let loss = spheres.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64;
+        let loss_sum = spheres.iter().map(|r| r.loss_sum).sum::<f64>();
         let mut group_sequences = [0usize; SYMMETRY_GROUPS];
         for mb in &mbs {
             group_sequences[mb.group] = mb.sequences.len();
         }
         // Node Zero: reduce the lanes' gradients in lane order.
-        let mut guards: Vec<_> = self.lanes.iter().map(|l| lock(&l.mem)).collect();
+        let guards: Vec<_> = self.lanes.iter().map(|l| lock(&l.mem)).collect();
         let used: Vec<usize> = (0..self.lanes.len()).filter(|&l| !lane_plan[l].is_empty()).collect();
         let (first, others) = used.split_first().expect("a batch has work");
-        let mut total = std::mem::take(&mut guards[*first].grads);
+        if *first != 0 {
+            self.grad.copy_from_slice(&guards[*first].grads);
+        }
         let rest: Vec<&[f32]> = others.iter().map(|&l| &guards[l].grads[..]).collect();
-        let grad_norm = self.pool.install(|| {
+        let total = &mut self.grad;
+        self.pool.install(|| {
             total.par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
                 for g in &rest {
                     for (a, b) in chunk.iter_mut().zip(&g[ci * CHUNK..]) {
@@ -548,33 +612,57 @@ impl Trainer {
                     }
                 }
             });
-            let partial: Vec<f64> = total.par_chunks(CHUNK).map(global_norm).map(|n| n * n).collect();
+        });
+        self.pending = Some(share.total);
+        Ok(GradReport { loss_sum, group_sequences, spheres, compute_s })
+    }
+
+    /// The summed gradient [P] the last `gradients` call left, which other
+    /// processes' gradients may be added to before `apply`.
+    pub fn gradient(&self) -> &[f32] {
+        &self.grad
+    }
+
+    pub fn gradient_mut(&mut self) -> &mut [f32] {
+        &mut self.grad
+    }
+
+    /// Clip `gradient()` to the global norm and apply AdamW at learning
+    /// rate `lr`; `loss` is the step's mean loss over the global batch.
+    /// Returns the norm before clipping. A non-finite loss or gradient is
+    /// refused before the parameters change; either way the gradient is used up.
+    pub fn apply(&mut self, lr: f32, loss: f64) -> Result<f64, StepError> {
+        let Some(total) = self.pending.take() else {
+            return Err(StepError::BadBatch("apply needs the gradients of a step first".into()));
+        };
+        let grad = &mut self.grad;
+        let grad_norm = self.pool.install(|| {
+            let partial: Vec<f64> = grad.par_chunks(CHUNK).map(global_norm).map(|n| n * n).collect();
             partial.iter().sum::<f64>().sqrt()
         });
-        drop(rest);
-        let result = if !loss.is_finite() || !grad_norm.is_finite() {
-            Err(StepError::NonFinite { loss, grad_norm })
-        } else {
-            let clip = self.hyper.grad_clip as f64;
-            if clip > 0.0 && grad_norm > clip {
-                let scale = (clip / grad_norm) as f32;
-                self.pool.install(|| total.par_iter_mut().for_each(|g| *g *= scale));
-            }
-            let hp = AdamW { lr, ..self.hyper.adamw };
-            let (opt, model) = (&mut self.opt, &mut self.model);
-            self.pool.install(|| opt.update(&model.layout, &mut model.params, &total, &hp));
-            self.dealt += b as u64;
-            Ok(())
-        };
-        guards[*first].grads = total;
-        result?;
-        Ok(StepReport { loss, grad_norm, group_sequences, spheres, compute_s, step_s: t0.elapsed().as_secs_f64() })
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(StepError::NonFinite { loss, grad_norm });
+        }
+        let clip = self.hyper.grad_clip as f64;
+        if clip > 0.0 && grad_norm > clip {
+            let scale = (clip / grad_norm) as f32;
+            self.pool.install(|| grad.par_iter_mut().for_each(|g| *g *= scale));
+        }
+        let hp = AdamW { lr, ..self.hyper.adamw };
+        let (opt, model) = (&mut self.opt, &mut self.model);
+        self.pool.install(|| {
+            opt.update(&model.layout, &mut model.params, grad, &hp);
+            // bf16: the matmuls read the weights rounded once per step
+            model.cast_weights();
+        });
+        self.dealt += total as u64;
+        Ok(grad_norm)
     }
 
     /// Mean loss of a [B, T+1] batch, forward only, on the spheres.
     pub fn eval(&self, batch: &[u32], b: usize, t: usize) -> Result<f64, String> {
         self.check(batch, b, t)?;
-        let reports = self.run_spheres(batch, b, t, false)?.reports;
+        let reports = self.run_spheres(batch, b, t, Share::whole(b), false)?.reports;
         Ok(reports.iter().map(|r| r.loss_sum).sum::<f64>() / (b * t) as f64)
     }
 }
@@ -729,6 +817,44 @@ mod tests {
         }
         let refused = Trainer::with_cores(Gpt2::new(tiny_cfg(), 1).unwrap(), tiny_trainer(2, 1).hyper, 12, 0);
         assert!(refused.is_err_and(|e| e.contains("cores must be between 1 and")));
+    }
+
+    #[test]
+    fn two_shares_summed_give_the_whole_batch_s_step_to_rounding() {
+        // what K = 2 processes do: each its half of the batch, gradients summed, then apply
+        let (mut whole, mut a, mut b) = (tiny_trainer(4, 2), tiny_trainer(4, 2), tiny_trainer(3, 1));
+        for s in 0..4 {
+            let full = batch(s);
+            let r = whole.step(&full, 14, 8, 1e-2).unwrap();
+            let (top, bottom) = full.split_at(5 * 9);
+            let ga = a.gradients(top, 5, 8, Share { total: 14, offset: 0 }).unwrap();
+            let gb = b.gradients(bottom, 9, 8, Share { total: 14, offset: 5 }).unwrap();
+            let groups: Vec<usize> = (0..SYMMETRY_GROUPS).map(|g| ga.group_sequences[g] + gb.group_sequences[g]).collect();
+            assert_eq!(groups, r.group_sequences.to_vec(), "the cluster deals as one process does");
+            let sum: Vec<f32> = a.gradient().iter().zip(b.gradient()).map(|(x, y)| x + y).collect();
+            a.gradient_mut().copy_from_slice(&sum);
+            b.gradient_mut().copy_from_slice(&sum);
+            let loss = (ga.loss_sum + gb.loss_sum) / (14 * 8) as f64;
+            assert!((loss - r.loss).abs() < 1e-6 * r.loss, "{loss} vs {}", r.loss);
+            let (na, nb) = (a.apply(1e-2, loss).unwrap(), b.apply(1e-2, loss).unwrap());
+            assert!(na == nb && (na - r.grad_norm).abs() < 1e-5 * r.grad_norm, "{na} {nb} {}", r.grad_norm);
+        }
+        assert!(a.model.params.iter().zip(&b.model.params).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // to rounding: AdamW (lr 1e-2) turns gradients that differ in the last bits into
+        // steps that differ by up to about 1e-5; 5e-5 is 0.1% of what 4 steps can move a weight
+        assert!(a.model.params.iter().zip(&whole.model.params).all(|(x, y)| (x - y).abs() < 5e-5));
+        assert_eq!((a.dealt, a.opt.step), (whole.dealt, whole.opt.step));
+    }
+
+    #[test]
+    fn apply_needs_gradients_and_a_share_must_lie_inside_the_batch() {
+        let mut tr = tiny_trainer(2, 1);
+        assert!(matches!(tr.apply(1e-2, 1.0), Err(StepError::BadBatch(_))));
+        let err = tr.gradients(&batch(0), 14, 8, Share { total: 14, offset: 1 }).unwrap_err();
+        assert!(matches!(&err, StepError::BadBatch(m) if m.contains("1..15")), "{err}");
+        tr.gradients(&batch(0), 14, 8, Share::whole(14)).unwrap();
+        tr.apply(1e-2, 1.0).unwrap();
+        assert!(tr.apply(1e-2, 1.0).is_err(), "a gradient is applied once");
     }
 
     #[test]

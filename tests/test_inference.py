@@ -2,8 +2,8 @@
 seeded sampling, the sliding window, top-k/top-p sets, streaming text,
 evaluation against an independent cross-entropy, the Hugging Face round trip
 (checked by a NumPy GPT-2 forward of our own, and by `transformers` itself),
-the commands, and each refusal. One tiny trained checkpoint serves the whole
-module."""
+the commands, bf16 weights against float32, and each refusal. One tiny
+trained checkpoint serves the whole module."""
 
 from __future__ import annotations
 
@@ -370,6 +370,7 @@ def test_bad_input_gets_one_clear_message_and_a_nonzero_exit(run_dir, env, tmp_p
         (["generate", str(run_dir), "--prompt", "x", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["generate", str(run_dir), "--prompt", "x", "--temperature", "-1"], "--temperature"),
         (["generate", str(run_dir), "--prompt", "x", "--num-samples", "0"], "--num-samples"),
+        (["generate", str(run_dir), "--prompt", "x", "--precision", "fp16"], "--precision must be one of"),
         (["chat", str(missing)], "tokenizer.json is missing"),
         (["eval", str(changed), str(STDLIB / "json")], "not the one the model was trained with"),
         (["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "x")], "unknown --format"),
@@ -392,3 +393,49 @@ def test_import_refuses_models_it_cannot_run(tmp_path, model):
         with pytest.raises(Exception, match=message):
             hf.import_hf(out, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+BF16 = pytest.mark.skipif(not _core.bf16_supported(),
+                          reason="this CPU lacks avx512_bf16: bf16 weights are tested where the CPU has it")
+
+
+@BF16
+def test_bf16_weights_pick_fp32s_greedy_token_at_least_95_percent_of_the_time(run_dir, model):
+    bf = load(run_dir, precision="bf16")
+    assert (model.precision, bf.precision) == ("fp32", "bf16")
+    text = (STDLIB / "json" / "decoder.py").read_text()
+    ids = model.tokenizer.encode(text)
+    t = model.block_size
+    picks32, picks16 = [], []
+    for start in range(0, 256, t):  # 256 next-token predictions, a window at a time
+        window = ids[start:start + t]
+        l32, l16 = model.logits(window), bf.logits(window)
+        assert not np.array_equal(l32, l16), "bf16 must change the rounding"
+        picks32 += list(np.argmax(l32, axis=-1))
+        picks16 += list(np.argmax(l16, axis=-1))
+    assert len(picks32) == 256
+    agree = np.mean(np.array(picks32) == np.array(picks16))
+    assert agree >= 0.95, f"bf16 picks fp32's greedy token at {agree:.1%} of 256 positions"
+
+
+@BF16
+def test_generate_and_eval_run_in_bf16_from_the_command_line(run_dir, env):
+    args = ["generate", str(run_dir), "--prompt", PROMPT, "--max-tokens", "20", "--temperature", "0"]
+    r = cli([*args, "--precision", "bf16"], env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == PROMPT + load(run_dir, precision="bf16").generate(PROMPT, max_tokens=20, temperature=0) + "\n"
+    e = cli(["eval", str(run_dir), str(STDLIB / "json"), "--precision", "auto", "--no-progress"], env)
+    assert e.returncode == 0 and "perplexity" in e.stdout, e.stderr
+
+
+def test_auto_follows_the_cpu_and_the_environment_forces_fp32(run_dir, monkeypatch):
+    assert load(run_dir, precision="auto").precision == ("bf16" if _core.bf16_supported() else "fp32")
+    monkeypatch.setenv("CRYSTALLINE_FORCE_FP32", "1")
+    assert load(run_dir, precision="auto").precision == "fp32"
+    assert load(run_dir, precision="bf16").precision == "fp32"
+
+
+@pytest.mark.skipif(_core.bf16_supported(), reason="this CPU has avx512_bf16, so bf16 is not refused")
+def test_bf16_is_refused_with_the_reason_where_the_cpu_lacks_it(run_dir, env):
+    r = cli(["generate", str(run_dir), "--prompt", PROMPT, "--precision", "bf16"], env)
+    assert r.returncode == 2 and "needs a CPU with avx512_bf16" in r.stderr, r.stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crystalline import Model, checkpoint, load
+from crystalline import Model, _core, checkpoint, load
 from crystalline.errors import UserError
 from crystalline.plot import read_metrics
 from crystalline.config import PRESETS, ModelConfig, TrainConfig, build_config
@@ -359,7 +359,8 @@ def test_metrics_jsonl_records_every_step_as_the_readme_says(tmp_path, cache):
     trainer = Trainer(cfg)
     run = trainer.run()
     records = [json.loads(line) for line in (run.run_dir / checkpoint.METRICS).read_text().splitlines()]
-    fields = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "sphere_busy_s"}
+    fields = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "sphere_busy_s", "compute_s",
+              "group_sequences"}
     assert [set(r) for r in records] == [fields | ({"val_loss"} if step % 3 == 0 else set()) for step in range(1, 7)]
     assert [r["step"] for r in records] == list(range(1, 7)) and {r["epoch"] for r in records} == {1}
     assert [r["loss"] for r in records] == run.losses
@@ -368,6 +369,9 @@ def test_metrics_jsonl_records_every_step_as_the_readme_says(tmp_path, cache):
     assert all(r["tokens_per_s"] > 0 for r in records)
     for r in records:  # Node Zero runs no micro-batch; both workers do
         assert len(r["sphere_busy_s"]) == 3 and r["sphere_busy_s"][0] == 0.0 and min(r["sphere_busy_s"][1:]) > 0
+        assert max(r["sphere_busy_s"]) <= r["compute_s"] < cfg.batch_size * cfg.seq_len / r["tokens_per_s"]
+        # every sequence of the batch dealt to one of the 12 symmetry groups
+        assert len(r["group_sequences"]) == 12 and sum(r["group_sequences"]) == cfg.batch_size
     loss, grads = first_step_gradient(trainer)
     assert records[0]["loss"] == pytest.approx(loss, rel=1e-5)
     assert records[0]["grad_norm"] == pytest.approx(global_norm(grads), rel=1e-4)
@@ -496,3 +500,26 @@ def test_watch_waits_for_data_then_picks_up_a_file_added_while_it_runs(interval,
         assert ended, lines[at - 1 : at + 1]
         steps_in = [sum(r["epoch"] == e for r in records) for e in range(1, int(ended[1]) + 1)]
         assert steps_in == [per_epoch] * int(ended[1])
+
+
+@pytest.mark.skipif(not _core.bf16_supported(),
+                    reason="this CPU lacks avx512_bf16: bf16 training is tested where the CPU has it")
+def test_bf16_training_tracks_fp32_and_saves_float32_weights(tmp_path, cache):
+    runs = {p: Trainer(tiny_config(tmp_path / p, max_steps=12, threads=2, learning_rate=1e-2, warmup_steps=2,
+                                   precision=p)) for p in ("fp32", "bf16")}
+    curves = {p: t.run().losses for p, t in runs.items()}
+    assert runs["bf16"].trainer.precision == "bf16" and runs["fp32"].trainer.precision == "fp32"
+    assert curves["bf16"] != curves["fp32"], "bf16 must change the rounding"
+    assert curves["bf16"][-1] < curves["bf16"][0] - 0.3
+    np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=2e-2)
+    # the checkpoint format is unchanged: float32 master weights, as trained
+    saved = checkpoint.load(tmp_path / "bf16")
+    for name, w in runs["bf16"].trainer.parameters().items():
+        assert saved.params[name].dtype == np.float32 and np.array_equal(saved.params[name], w), name
+
+
+def test_fp32_is_what_auto_trains_in_when_forced_by_the_environment(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("CRYSTALLINE_FORCE_FP32", "1")
+    trainer = Trainer(tiny_config(tmp_path / "forced", max_steps=1, threads=2, precision="auto"))
+    trainer.run()
+    assert trainer.trainer.precision == "fp32"

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 F32 = npt.NDArray[np.float32]
+U16 = npt.NDArray[np.uint16]
 Ids = npt.NDArray[np.integer]
 
 __version__: str
@@ -43,8 +44,13 @@ def training_memory_bytes(
 def parameter_shapes(
     vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int
 ) -> list[tuple[str, list[int]]]: ...
-def matmul_forward(inp: F32, weight: F32, bias: F32 | None = None) -> F32:
-    """inp [N, C] @ weight [C, OC] + bias [OC] -> [N, OC]"""
+def bf16_supported() -> bool:
+    """Whether this CPU has avx512_bf16 (the bf16 matmuls run on it)."""
+def to_bf16(x: F32) -> U16:
+    """The bf16 bit patterns of x (rounded to nearest, ties to even), same shape."""
+def matmul_forward(inp: F32, weight: F32 | U16, bias: F32 | None = None) -> F32:
+    """inp [N, C] @ weight [C, OC] + bias [OC] -> [N, OC]; a uint16 weight (from
+    `to_bf16`) multiplies in bf16 (inp rounded too, float32 sums)."""
 def matmul_backward(dout: F32, inp: F32, weight: F32) -> tuple[F32, F32, F32]:
     """-> (dinp [N, C], dweight [C, OC], dbias [OC])"""
 def layernorm_forward(inp: F32, weight: F32, bias: F32) -> tuple[F32, F32, F32]:
@@ -101,6 +107,11 @@ class Model:
         """(mean loss, name -> gradient view); the next call overwrites the views."""
     def set_threads(self, threads: int) -> None:
         """Run this model's work on a private pool of `threads` threads."""
+    precision: str
+    """"fp32" or "bf16": what the matmuls run in."""
+    def set_precision(self, precision: str) -> None:
+        """Run the matmuls in "fp32" or "bf16" (bf16 operands, float32 sums). The weights
+        are rounded to bf16 now: call again after writing them through `parameters()`."""
     def reset_cache(self, batch_size: int, seed: int = 0) -> None:
         """Empty key/value caches for `batch_size` sequences; seed the sampler."""
     def cache_lengths(self) -> list[int]: ...
@@ -128,6 +139,8 @@ class Trainer:
     cores: int
     step_count: int
     dealt: int
+    precision: str
+    """"fp32" or "bf16": what the matmuls run in."""
 
     def __init__(
         self,
@@ -149,9 +162,23 @@ class Trainer:
     def num_parameters(self) -> int: ...
     def parameters(self) -> dict[str, F32]: ...
     def optimizer_state(self) -> tuple[dict[str, F32], dict[str, F32]]: ...
+    def set_precision(self, precision: str) -> None:
+        """Run the matmuls in "fp32" or "bf16"; the weights are rounded now and after
+        every step: call again after writing them through `parameters()`."""
     def step(self, batch: Ids, lr: float) -> dict:
         """One AdamW step on batch [B, T+1]; raises FloatingPointError on a NaN/inf loss.
         -> {loss (mean), grad_norm, group_sequences [12], compute_s, step_s,
             spheres: [{micro_batches, sequences, tokens, loss_sum, busy_s}]}"""
+    def gradients(self, batch: Ids, *, batch_size: int | None = None, offset: int = 0) -> dict:
+        """`step`'s forward and backward passes only, for one process's rows
+        `offset..offset+B` of a global batch of `batch_size` (default B)
+        sequences; the summed gradient, scaled for the global mean loss, is
+        left in `gradient()` for `apply`.
+        -> {loss_sum (summed token losses), group_sequences [12], compute_s, spheres}"""
+    def gradient(self) -> F32:
+        """[P] writeable zero-copy view of the summed gradient, in flat parameter order."""
+    def apply(self, lr: float, loss: float) -> float:
+        """Clip `gradient()` to the global norm and take the AdamW step; `loss` is the
+        global batch's mean loss. -> the norm before clipping; FloatingPointError on NaN/inf."""
     def eval(self, batch: Ids) -> float:
         """Mean loss of batch [B, T+1], forward only, on the spheres."""

@@ -242,16 +242,17 @@ def metrics_records(run_dir: Path) -> list[dict]:
     *lines, last = text.split("\n")  # `last` is "" when the file ends with a newline
     records = []
     for n, line in enumerate(lines, 1):
-        record = _metrics_record(line)
+        record = metrics_record(line)
         if record is None:
             raise UserError(f"{path}:{n} is not a metrics record (a JSON object with step and loss): "
                             "the file is corrupt there; delete that line to go on")
         records.append(record)
-    record = _metrics_record(last)
+    record = metrics_record(last)
     return records + ([record] if record is not None else [])
 
 
-def _metrics_record(line: str) -> dict | None:
+def metrics_record(line: str | bytes) -> dict | None:
+    """A line of metrics.jsonl as its record (None: not a record)."""
     try:
         record = json.loads(line)
     except ValueError:

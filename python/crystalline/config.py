@@ -133,6 +133,8 @@ LEGACY_NAMES = {"embed_dim": "n_embd", "num_layers": "n_layer", "num_heads": "n_
 _FLAG_NAMES = {new: old for old, new in LEGACY_NAMES.items()} | {"block_size": "seq_len"}
 # Epochs of a --watch run when none are asked for: in effect until Ctrl-C.
 WATCH_EPOCHS = 1_000_000_000
+# The --precision choices (what each means: crystalline.precision).
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -166,6 +168,7 @@ class TrainConfig:
     # system
     threads: int = 12  # sphere threads: Node Zero + workers
     cores: int | None = None  # cores the spheres divide into teams (None: every core this process may use)
+    precision: str = "fp32"  # matmul precision: fp32, bf16 or auto (crystalline.precision)
     seed: int = 0  # initialisation and data order
     # checkpoints, validation and reports
     checkpoint_dir: str = ""  # the run directory (default: runs/<date-time>)
@@ -176,6 +179,7 @@ class TrainConfig:
     sample_tokens: int = 120  # tokens sampled after training (0: none)
     verbose: bool = False  # a line per sphere per step
     progress: bool = True  # the rich progress bar
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars into RUN/tb/
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(self.vocab_size, self.n_embd, self.n_layer, self.n_head, self.seq_len)
@@ -214,6 +218,8 @@ class TrainConfig:
         for name in ("warmup_steps", "keep", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
@@ -264,7 +270,8 @@ PRESETS: dict[str, dict] = {
 # What may change when a run is resumed: how it is watched, saved and how
 # far it goes. Its shape, data and schedule stay as saved.
 RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
-                     "progress", "sample_tokens", "checkpoint_dir", "threads", "cores", "watch_interval"}
+                     "progress", "sample_tokens", "checkpoint_dir", "threads", "cores", "watch_interval",
+                     "tensorboard", "precision"}
 
 
 def load_toml(path: Path) -> dict:

@@ -30,6 +30,7 @@ from crystalline.data import corpus
 from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
 from crystalline.guard import core_refusals, ensure_memory, fresh_directory, utf8, writing
+from crystalline.precision import resolve as resolve_precision
 
 # Called with (sequence index, text that became stable since the last call).
 StreamCallback = Callable[[int, str], None]
@@ -148,6 +149,11 @@ class LoadedModel:
 
     def parameters(self) -> dict[str, np.ndarray]:
         return self.model.parameters()
+
+    @property
+    def precision(self) -> str:
+        """What the matmuls run in: "fp32" or "bf16"."""
+        return self.model.precision
 
     # -- scoring -----------------------------------------------------------
 
@@ -307,9 +313,13 @@ class LoadedModel:
                          self.state.config)
 
 
-def load(path: Path | str, threads: int | None = None) -> LoadedModel:
+def load(path: Path | str, threads: int | None = None, precision: str = "fp32") -> LoadedModel:
     """Load a checkpoint directory, or a run directory's latest checkpoint,
-    after checking that its tokenizer is the one the model was trained with."""
+    after checking that its tokenizer is the one the model was trained with.
+    `precision` ("fp32", "bf16" or "auto", see `crystalline.precision`) is
+    what the matmuls run in; bf16 keeps a bf16 copy of the weights, which
+    halves the bytes read per generated token."""
+    run_in = resolve_precision(precision)
     ckpt = checkpoint.resolve(Path(path))
     state = checkpoint.read_state(ckpt)
     ensure_memory(state.model.model_bytes(), f"the model in {ckpt}", "it cannot be loaded on this machine")
@@ -323,6 +333,7 @@ def load(path: Path | str, threads: int | None = None) -> LoadedModel:
     with core_refusals():
         model = _core.Model(**asdict(state.model))
     checkpoint.restore_into(checkpoint.load(ckpt, with_optimizer=False), model)
+    model.set_precision(run_in)  # after the weights are in: it rounds them
     loaded = LoadedModel(model, Tokenizer.load(tok_path), state.model, state, ckpt)
     if threads is not None:
         loaded.set_threads(threads)

@@ -9,6 +9,7 @@ checkpoints, resume and a sample at the end. Its settings are a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,14 +24,16 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from crystalline import _core, checkpoint, locks
+from crystalline import _core, checkpoint, locks, tensorboard_log
 from crystalline.atomic import DiskFull, disk_full_at
+from crystalline.cluster import SYNC_INTERVAL, Solo, connect
 from crystalline.config import WATCH_EPOCHS, TrainConfig, capped_threads, resume_config
 from crystalline.data import corpus, sizing
 from crystalline.data.prepare import Dataset, prepare_for_training
 from crystalline.errors import UserError
 from crystalline.guard import check_writable, core_refusals, ensure_memory
 from crystalline.inference import Sampling, load, windows
+from crystalline.precision import resolve as resolve_precision
 
 # Seconds between looks at a --watch directory that holds too little data to train.
 WATCH_POLL_S = 2.0
@@ -108,7 +111,10 @@ class Trainer:
         self.console = console or Console(stderr=True, soft_wrap=True)
         self.run_dir = Path(config.checkpoint_dir)
         self.resume_from: Path | None = None
-        self._stop = False  # set by Ctrl-C: save and stop after this step
+        self._stop = False  # save and stop after this step (Ctrl-C on any rank)
+        self._interrupted = False  # Ctrl-C reached this process
+        self._created_run_dir = False  # this run made its directory (removed again if setting up fails)
+        self.cluster: Solo = Solo()  # the processes training together (`run` connects them)
         self._waiting = False  # a --watch run has said it waits for data
         self._order_cache: tuple[int, int, np.ndarray] | None = None  # (epoch, sequences, permutation)
         self.losses: list[float] = []  # each step's loss, this session
@@ -214,8 +220,9 @@ class Trainer:
             self.trainer = _core.Trainer(**asdict(cfg.model_config()), threads=cfg.threads, cores=cfg.cores, seed=cfg.seed,
                                          weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         self.step, self.epoch, self.pos = 0, 0, 0
-        if self.resume_from is not None:
+        if self.resume_from is not None and self.cluster.leader:  # the other ranks take rank 0's weights
             self._restore(self.resume_from)
+        self.trainer.set_precision(resolve_precision(cfg.precision))  # after a restore: it rounds the weights
 
     def _report_plan(self) -> None:
         cfg, mc, c = self.cfg, self.cfg.model_config(), self.console
@@ -233,7 +240,7 @@ class Trainer:
         teams = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers) on "
                 f"{cores} cores: {len(teams['cores'])} lanes, teams of {', '.join(map(str, teams['cores']))} cores; "
-                f"training buffers need about {mem / 2**20:,.0f} MiB")
+                f"training buffers need about {mem / 2**20:,.0f} MiB; matmuls in {self.trainer.precision}")
 
     def _load_data(self, progress: bool) -> bool:
         """(Re)prepare the data, incrementally; True when the training split changed."""
@@ -247,6 +254,12 @@ class Trainer:
             extensions=self.extensions,
         )
         self.dataset.check_token_ids()
+        return self._use_dataset(self.dataset)
+
+    def _use_dataset(self, dataset: Dataset) -> bool:
+        """Memory-map `dataset` and plan the epochs; True when the training split changed."""
+        cfg = self.cfg
+        self.dataset = dataset
         old = len(getattr(self, "train_tokens", ()))
         self.train_tokens = self.dataset.train_tokens()
         self.val_tokens = self.dataset.val_tokens()
@@ -344,12 +357,23 @@ class Trainer:
         group (in rotation, so shares differ by at most one whatever the
         corpus) and each worker sphere's share and mean loss; then a fresh tally."""
         tally, c = self._tally, self.console
+        tallies = self.cluster.gather(tally)  # every rank's, on rank 0
+        self._tally = EpochTally.start(self.cfg.threads)
+        if tallies is None:
+            return
         first = self.step - len(tally.losses) + 1
+        where = f" over {len(tallies)} ranks" if len(tallies) > 1 else ""
         c.print(f"[Node Zero] Distribution by symmetry group (epoch {self._epoch_name(epoch)}, "
-                f"steps {first}-{self.step}), sequences dealt:")
-        dealt = sum(tally.groups)
-        for g, n in enumerate(tally.groups):
+                f"steps {first}-{self.step}), sequences dealt{where}:")
+        groups = [sum(t.groups[g] for t in tallies) for g in range(_core.SYMMETRY_GROUPS)]
+        dealt = sum(groups)
+        for g, n in enumerate(groups):
             c.print(f"  Group {g:2d}: {n} sequences ({100 * n / max(dealt, 1):.1f}%)")
+        if len(tallies) > 1 and self.cfg.verbose:
+            for r, t in enumerate(tallies):
+                ran = sum(s["sequences"] for s in t.spheres)
+                loss = sum(s["loss_sum"] for s in t.spheres) / max(sum(s["tokens"] for s in t.spheres), 1)
+                c.print(f"[Rank {r}] {ran} sequences, groups {t.groups}, loss={loss:.4f}")
         for i, s in enumerate(tally.spheres):
             if i == 0 and self.cfg.threads > 1:
                 continue
@@ -357,7 +381,6 @@ class Trainer:
             c.print(f"[Sphere {i}] {s['sequences']} sequences, busy {busy:.0f}%, loss={sphere_loss(s):.4f}")
         avg = sum(tally.losses) / len(tally.losses) if tally.losses else float("nan")
         c.print(f"Epoch {self._epoch_name(epoch)} complete, average loss: {avg:.4f}")
-        self._tally = EpochTally.start(self.cfg.threads)
 
     def _epoch_name(self, epoch: int) -> str:
         return f"{epoch + 1}" if self.cfg.epochs == WATCH_EPOCHS else f"{epoch + 1}/{self.cfg.epochs}"
@@ -386,8 +409,14 @@ class Trainer:
     def run(self) -> Run:
         """Lock the run directory, set up, train until the plan is done or
         Ctrl-C (saving every --save-interval steps and at the end), then
-        sample the model."""
+        sample the model. Under MPI, rank 0 does all of that and the other
+        ranks train with it (`_follow`)."""
         self.cfg.validate()
+        self.cluster = connect()
+        self.console.quiet = self.console.quiet or not self.cluster.leader
+        self._check_cluster()
+        if self.cfg.tensorboard:  # before any work: say which extra is missing
+            tensorboard_log.require()
         threads, warning = capped_threads(self.cfg.threads)
         if warning:
             self.console.print(f"[yellow]warning:[/] {warning}")
@@ -397,18 +426,69 @@ class Trainer:
             self.console.print(f"[yellow]note:[/] --cores {self.cfg.cores} is more than the {_core.available_cores()} "
                                "this process may use; the teams share them (slower, with the results of "
                                f"{self.cfg.cores} cores)")
-        check_writable(self.run_dir, "--checkpoint-dir")
-        created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with locks.locked(self.run_dir):
+        if not self.cluster.leader:
+            return self._follow()
+        with contextlib.ExitStack() as lock:
             try:
-                self.setup()
+                self.cluster.lead(lambda: self._lock_and_set_up(lock))
+                self._join_cluster()
             except BaseException:
-                if created:
+                if self._created_run_dir:
                     self._remove_run_dir()
                 raise
             self._train_locked()
             return self._finish()
+
+    def _lock_and_set_up(self, lock: contextlib.ExitStack) -> dict:
+        """Check, make and lock (held by `lock`) the run directory, then set
+        up; returns what the other ranks need, which they wait for."""
+        check_writable(self.run_dir, "--checkpoint-dir")
+        self._created_run_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock.enter_context(locks.locked(self.run_dir))
+        self.setup()
+        return dict(config=self.cfg, dataset=self.dataset, position=(self.step, self.epoch, self.pos))
+
+    def _check_cluster(self) -> None:
+        """Refuse what several ranks cannot do (checked alike on every rank)."""
+        k, cfg = self.cluster.size, self.cfg
+        if k == 1:
+            return
+        if cfg.watch is not None:
+            raise UserError("--watch trains in one process; start it without mpiexec")
+        if cfg.batch_size < k:
+            raise UserError(f"--batch-size {cfg.batch_size} is smaller than the {k} MPI ranks: each rank needs "
+                            f"a sequence of every step; use --batch-size {k} or more")
+
+    def _join_cluster(self) -> None:
+        """Every rank builds its trainer (each refusal stops all), takes rank
+        0's weights and optimizer state, and rank 0 names the ranks."""
+        cluster = self.cluster
+        cluster.together(self._build_follower if not cluster.leader else lambda: None)
+        cluster.broadcast_weights(self.trainer)
+        for line in cluster.describe(self.cfg.threads):
+            self.console.print(line)
+
+    def _build_follower(self) -> None:
+        self._check_memory()
+        self._build_trainer()
+
+    def _follow(self) -> Run:
+        """A rank other than 0: take rank 0's settings and prepared data (it
+        prepares while the others wait), then train in step with it,
+        printing and saving nothing."""
+        shared = self.cluster.lead(self._lock_and_set_up)  # run by rank 0, not here
+        self.cfg = shared["config"]
+        self._use_dataset(shared["dataset"])
+        self._join_cluster()
+        self.step, self.epoch, self.pos = shared["position"]
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            with self._progress_bar() as bar:
+                self._train(None, bar, None)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        return self._finish()
 
     def _remove_run_dir(self) -> None:
         """Remove the run directory this run made when setting up failed, if
@@ -427,8 +507,9 @@ class Trainer:
         try:
             with disk_full_at(metrics_path):
                 checkpoint.cut_metrics(self.run_dir, self.step)
-                with open(metrics_path, "a", buffering=1) as metrics, self._progress_bar() as bar:
-                    self._train(metrics, bar)
+                with (open(metrics_path, "a", buffering=1) as metrics, self._progress_bar() as bar,
+                      tensorboard_log.opened(self.run_dir, self.step + 1, self.cfg.tensorboard) as board):
+                    self._train(metrics, bar, board)
         except DiskFull as err:
             advice = "free some space, then start again"
             if self.last_checkpoint is not None:
@@ -442,26 +523,43 @@ class Trainer:
         return Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
-            console=self.console, disable=not self.cfg.progress, transient=False,
+            console=self.console, disable=not (self.cfg.progress and self.cluster.leader), transient=False,
         )
 
-    def _train(self, metrics: TextIO, bar: Progress) -> None:
-        """Step until the plan is done or Ctrl-C: each step's record, then the
-        end of the epoch and a checkpoint when they are due."""
+    def _train(self, metrics: TextIO | None, bar: Progress, board: tensorboard_log.TensorBoardLog | None) -> None:
+        """Step until the plan is done or Ctrl-C: each step's record (to
+        metrics.jsonl, and to TensorBoard with --tensorboard), then the end of
+        the epoch and a checkpoint when they are due. Under MPI every rank
+        steps; rank 0 alone validates, writes `metrics` and `board` and
+        saves, while the others wait for it (and stop with it if that fails)."""
+        cluster = self.cluster
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
                             loss="-", tps="-")
         while not self._finished() and not self._stop:
             record = self._step()
             last = self.total_steps is not None and self.step >= self.total_steps
-            if self.step % self.cfg.eval_interval == 0 or last:
-                self._validate(record)
-            metrics.write(json.dumps(record) + "\n")
+            if self.step % SYNC_INTERVAL == 0 or last:
+                cluster.check_in_sync(self.trainer, self.step)
+            cluster.lead(lambda: self._record(record, last, metrics, board))
             bar.update(task, advance=1, epoch=self.epoch + 1, loss=f"{record['loss']:.4f}",
                        tps=f"{record['tokens_per_s']:,.0f}")
             if self._end_epoch_if_due(last):
                 bar.update(task, total=self.total_steps)
             if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
-                self.last_checkpoint = self.save()
+                cluster.lead(self._save_checkpoint)
+
+    def _record(self, record: dict, last: bool, metrics: TextIO,
+                board: tensorboard_log.TensorBoardLog | None) -> None:
+        """The validation loss when it is due, then the step's line in
+        metrics.jsonl and its scalars in TensorBoard."""
+        if self.step % self.cfg.eval_interval == 0 or last:
+            self._validate(record)
+        metrics.write(json.dumps(record) + "\n")
+        if board is not None:
+            board.add(record)
+
+    def _save_checkpoint(self) -> None:
+        self.last_checkpoint = self.save()
 
     def _step(self) -> dict:
         """One optimizer step on the next batch; returns its metrics record."""
@@ -472,7 +570,7 @@ class Trainer:
         batch = self.batch(self.epoch, self.pos)
         t0 = time.perf_counter()
         try:
-            r = self.trainer.step(batch, lr)
+            r, stop = self.cluster.step(self.trainer, batch, lr, self._interrupted)
         except FloatingPointError as err:
             where = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
             raise UserError(
@@ -480,6 +578,7 @@ class Trainer:
                 "Lower --learning-rate or raise --warmup-steps", exit_code=3
             ) from None
         tps = cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
+        self._stop = self._stop or stop
         self.step += 1
         self.pos += 1
         self.losses.append(r["loss"])
@@ -488,8 +587,12 @@ class Trainer:
             for i, s in enumerate(r["spheres"]):
                 if s["micro_batches"]:
                     self.console.print(f"[Sphere {i}] Forward pass complete, loss={sphere_loss(s):.4f}")
-        return {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"],
-                "tokens_per_s": tps, "sphere_busy_s": [s["busy_s"] for s in r["spheres"]]}
+        record = {"step": self.step, "epoch": self.epoch + 1, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"],
+                  "tokens_per_s": tps, "sphere_busy_s": [s["busy_s"] for s in r["spheres"]],
+                  "compute_s": r["compute_s"], "group_sequences": r["group_sequences"]}
+        if "allreduce_s" in r:  # several ranks: rank 0's seconds in the gradient sum
+            record["allreduce_s"] = r["allreduce_s"]
+        return record
 
     def _validate(self, record: dict) -> None:
         self.val = self.val_loss()
@@ -521,15 +624,23 @@ class Trainer:
         if interrupted:
             self.console.print(f"[Node Zero] interrupted: saved {self.last_checkpoint}; continue with "
                                f"`crystalline train --resume {shlex.quote(str(self.run_dir))}`")
-        sample = None
-        if not interrupted and self.cfg.sample_tokens > 0 and self.last_checkpoint is not None:
-            sample = self.sample(self.last_checkpoint, self.cfg.sample_tokens)
+        # the other ranks end with rank 0, not spinning in MPI's finalize while it samples
+        sample = self.cluster.lead(lambda: self._final_sample(interrupted))
+        if not self.cluster.leader:
+            sample = None  # printed by rank 0 alone
         return Run(self.run_dir, self.step, self.losses, self.val_losses, self.last_checkpoint, interrupted, sample)
 
+    def _final_sample(self, interrupted: bool) -> str | None:
+        if interrupted or self.cfg.sample_tokens <= 0 or self.last_checkpoint is None:
+            return None
+        return self.sample(self.last_checkpoint, self.cfg.sample_tokens)
+
     def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
-        if self._stop:  # a second Ctrl-C: stop now
+        if self._interrupted:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self._stop = True
+        self._interrupted = True
+        if self.cluster.size == 1:  # several ranks stop after the step in which all of them learn of it
+            self._stop = True
 
     def sample(self, checkpoint_path: Path, n_tokens: int, prompt: str = "import os\nimport sys\n\n\ndef ") -> str:
         """A short text from the trained model, with the KV-cache generator:

@@ -2,7 +2,11 @@
 //! the package is portable and still uses AVX2/AVX-512/NEON where present).
 //!
 //! Weights use the GPT-2 "Conv1D" layout, `[in, out]`, so `out = inp @ weight`.
+//! A weight given as float32 gives float32 products; one given as bf16 makes
+//! the layer multiply in bf16 (both operands rounded, f32 sums: see `bf16`),
+//! forward and backward.
 
+use super::bf16::{bf16_gemm, Operand};
 use super::vecmath::{self, simd_dispatch};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -105,16 +109,25 @@ pub(crate) unsafe fn gemm_strided(
     );
 }
 
+/// c[m,n] (+)= op(a)[m,k] @ op(w)[k,n] in the precision `w` is stored in.
+#[allow(clippy::too_many_arguments)]
+pub fn product(m: usize, n: usize, k: usize, a: &[f32], a_trans: bool, w: Operand, w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
+    match w {
+        Operand::F32(w) => sgemm(m, n, k, a, a_trans, w, w_trans, c, accumulate, threads),
+        Operand::Bf16(_) => bf16_gemm(m, n, k, Operand::F32(a), a_trans, w, w_trans, c, accumulate, threads),
+    }
+}
+
 /// out = inp @ weight + bias
 ///
 /// out:    [N, OC]  (written)
 /// inp:    [N, C]
 /// weight: [C, OC]
 /// bias:   [OC] or none
-pub fn matmul_forward(
+pub fn matmul_forward<'w>(
     out: &mut [f32],
     inp: &[f32],
-    weight: &[f32],
+    weight: impl Into<Operand<'w>>,
     bias: Option<&[f32]>,
     n: usize,
     c: usize,
@@ -126,7 +139,7 @@ pub fn matmul_forward(
             out[..n * oc].fill(0.0);
             matmul_accumulate(out, inp, weight, bias, n, c, oc, threads);
         }
-        None => sgemm(n, oc, c, inp, false, weight, false, out, false, threads),
+        None => product(n, oc, c, inp, false, weight.into(), false, out, false, threads),
     }
 }
 
@@ -139,7 +152,16 @@ pub fn matmul_forward(
 /// weight: [C, OC]
 /// bias:   [OC]
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_accumulate(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f32], n: usize, c: usize, oc: usize, threads: usize) {
+pub fn matmul_accumulate<'w>(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: impl Into<Operand<'w>>,
+    bias: &[f32],
+    n: usize,
+    c: usize,
+    oc: usize,
+    threads: usize,
+) {
     if n == 0 || oc == 0 {
         return;
     }
@@ -148,10 +170,12 @@ pub fn matmul_accumulate(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f
             *o += b;
         }
     }
-    sgemm(n, oc, c, inp, false, weight, false, out, true, threads);
+    product(n, oc, c, inp, false, weight.into(), false, out, true, threads);
 }
 
-/// Backward of `matmul_forward`, accumulating into every gradient.
+/// Backward of `matmul_forward`, accumulating into every gradient. With a
+/// bf16 weight both products multiply in bf16 (dout and inp rounded as
+/// they are packed); the gradients are summed in f32.
 ///
 /// dinp:    [N, C]   (+=)
 /// dweight: [C, OC]  (+=)
@@ -160,22 +184,26 @@ pub fn matmul_accumulate(out: &mut [f32], inp: &[f32], weight: &[f32], bias: &[f
 /// inp:     [N, C]
 /// weight:  [C, OC]
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_backward(
+pub fn matmul_backward<'w>(
     dinp: &mut [f32],
     dweight: &mut [f32],
     dbias: Option<&mut [f32]>,
     dout: &[f32],
     inp: &[f32],
-    weight: &[f32],
+    weight: impl Into<Operand<'w>>,
     n: usize,
     c: usize,
     oc: usize,
     threads: usize,
 ) {
+    let weight = weight.into();
     // dinp[N,C] += dout[N,OC] @ weight^T
-    sgemm(n, c, oc, dout, false, weight, true, dinp, true, threads);
+    product(n, c, oc, dout, false, weight, true, dinp, true, threads);
     // dweight[C,OC] += inp^T @ dout
-    sgemm(c, oc, n, inp, true, dout, false, dweight, true, threads);
+    match weight {
+        Operand::F32(_) => sgemm(c, oc, n, inp, true, dout, false, dweight, true, threads),
+        Operand::Bf16(_) => bf16_gemm(c, oc, n, Operand::F32(inp), true, Operand::F32(dout), false, dweight, true, threads),
+    }
     if let (Some(dbias), true) = (dbias, oc > 0) {
         for row in dout[..n * oc].chunks_exact(oc) {
             for (db, d) in dbias[..oc].iter_mut().zip(row) {
@@ -194,15 +222,24 @@ pub fn matmul_backward(
 /// inp:    [N, C]
 /// weight: [OC, C]
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_transposed_forward(out: &mut [f32], inp: &[f32], weight: &[f32], n: usize, c: usize, oc: usize, threads: usize) {
+pub fn matmul_transposed_forward<'w>(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: impl Into<Operand<'w>>,
+    n: usize,
+    c: usize,
+    oc: usize,
+    threads: usize,
+) {
     /// Fewer rows than this take the matrix-vector path.
     const FEW_ROWS: usize = 16;
     /// Weight rows per parallel task on that path.
     const ROWS: usize = 512;
-    if n == 0 || n >= FEW_ROWS || threads <= 1 {
-        sgemm(n, oc, c, inp, false, weight, true, out, false, threads);
-        return;
-    }
+    let weight = match weight.into() {
+        Operand::F32(w) if n > 0 && n < FEW_ROWS && threads > 1 => w,
+        // bf16_gemm has its own few-rows path
+        w => return product(n, oc, c, inp, false, w, true, out, false, threads),
+    };
     let mut by_row = vec![0.0f32; oc * n]; // [OC, N]
     by_row.par_chunks_mut(ROWS * n).enumerate().for_each(|(ci, chunk)| {
         for (r, col) in chunk.chunks_mut(n).enumerate() {
@@ -216,6 +253,24 @@ pub fn matmul_transposed_forward(out: &mut [f32], inp: &[f32], weight: &[f32], n
         for i in 0..n {
             out[i * oc + j] = by_row[j * n + i];
         }
+    }
+}
+
+impl<'a> From<&'a [f32]> for Operand<'a> {
+    fn from(x: &'a [f32]) -> Self {
+        Operand::F32(x)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Operand<'a> {
+    fn from(x: &'a Vec<f32>) -> Self {
+        Operand::F32(x)
+    }
+}
+
+impl<'a> From<&'a [u16]> for Operand<'a> {
+    fn from(x: &'a [u16]) -> Self {
+        Operand::Bf16(x)
     }
 }
 

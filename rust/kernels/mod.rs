@@ -5,6 +5,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod crossentropy;
 pub mod encoder;
 pub mod gelu;

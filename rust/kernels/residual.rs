@@ -1,5 +1,6 @@
 //! Residual connections: a plain sum, and a projection added onto the stream.
 
+use crate::kernels::bf16::Operand;
 use crate::kernels::matmul::matmul_accumulate;
 
 /// out = a + b
@@ -32,11 +33,11 @@ pub fn residual_backward(da: &mut [f32], db: &mut [f32], dout: &[f32]) {
 /// weight:   [IC, OC]
 /// bias:     [OC]
 #[allow(clippy::too_many_arguments)]
-pub fn residual_matmul_forward(
+pub fn residual_matmul_forward<'w>(
     out: &mut [f32],
     residual: &[f32],
     inp: &[f32],
-    weight: &[f32],
+    weight: impl Into<Operand<'w>>,
     bias: &[f32],
     n: usize,
     ic: usize,

@@ -4,14 +4,33 @@
 
 use super::convert::{Int, expect_shape, f32_in, f32_inout, ids_in, out, value_error, zeros, Arr, F32In};
 use crate::kernels::adamw::AdamW;
+use crate::kernels::bf16::{bf16_hardware, cast_to_bf16, Operand};
 use crate::kernels::{adamw, attention, crossentropy, encoder, gelu, layernorm, matmul, residual};
+use numpy::{PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods, ToPyArray};
 use pyo3::prelude::*;
 
 fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// out = inp @ weight + bias. inp [N, C], weight [C, OC], bias [OC] or None -> out [N, OC]
+/// Whether this CPU has the bf16 instructions (avx512_bf16).
+#[pyfunction]
+pub fn bf16_supported() -> bool {
+    bf16_hardware()
+}
+
+/// float32 array -> uint16 array of its bf16 bits (rounded to nearest even), same shape
+#[pyfunction]
+pub fn to_bf16<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArrayDyn<u16>>> {
+    let x = f32_in(x, "x", 0)?;
+    let src = x.as_slice();
+    let mut h = vec![0u16; src.len()];
+    py.detach(|| cast_to_bf16(&mut h, src));
+    Ok(numpy::ndarray::ArrayViewD::from_shape(numpy::ndarray::IxDyn(x.shape()), &h).expect("shape matches length").to_pyarray(py))
+}
+
+/// out = inp @ weight + bias. inp [N, C], weight [C, OC], bias [OC] or None -> out [N, OC].
+/// A weight of bf16 bits (uint16, from `to_bf16`) multiplies in bf16.
 #[pyfunction]
 #[pyo3(signature = (inp, weight, bias=None))]
 pub fn matmul_forward<'py>(
@@ -20,15 +39,28 @@ pub fn matmul_forward<'py>(
     weight: &Bound<'py, PyAny>,
     bias: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Arr<'py>> {
-    let (inp, weight) = (f32_in(inp, "inp", 2)?, f32_in(weight, "weight", 2)?);
+    let inp = f32_in(inp, "inp", 2)?;
     let (n, c) = (inp.shape()[0], inp.shape()[1]);
-    let oc = weight.shape()[1];
-    expect_shape("weight", weight.shape(), &[c, oc])?;
+    let half = weight.cast::<PyArrayDyn<u16>>().ok().map(|w| w.try_readonly()).transpose().map_err(|e| value_error(format!("weight: {e}")))?;
+    let weight32 = if half.is_none() { Some(f32_in(weight, "weight", 2)?) } else { None };
+    let (wshape, w): (Vec<usize>, Operand) = match (&half, &weight32) {
+        (Some(h), _) => {
+            let data = h.as_slice().map_err(|_| value_error("a uint16 (bf16) weight must be C-contiguous"))?;
+            (h.shape().to_vec(), Operand::Bf16(data))
+        }
+        (None, Some(f)) => (f.shape().to_vec(), Operand::F32(f.as_slice())),
+        (None, None) => unreachable!("one of the two was read"),
+    };
+    if wshape.len() != 2 {
+        return Err(value_error(format!("weight must have 2 dimensions, got shape {wshape:?}")));
+    }
+    let oc = wshape[1];
+    expect_shape("weight", &wshape, &[c, oc])?;
     let bias = bias.map(|b| f32_in(b, "bias", 1)).transpose()?;
     if let Some(b) = &bias {
         expect_shape("bias", b.shape(), &[oc])?;
     }
-    let (x, w, b) = (inp.as_slice(), weight.as_slice(), bias.as_ref().map(|b| b.as_slice()));
+    let (x, b) = (inp.as_slice(), bias.as_ref().map(|b| b.as_slice()));
     let mut o = zeros(&[n, oc], "out")?;
     py.detach(|| matmul::matmul_forward(&mut o, x, w, b, n, c, oc, threads()));
     let data = o;

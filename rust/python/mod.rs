@@ -33,6 +33,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(trainer::lanes, m)?)?;
     m.add_function(wrap_pyfunction!(trainer::plan_teams, m)?)?;
     m.add_function(wrap_pyfunction!(trainer::training_memory_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::bf16_supported, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::to_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::matmul_forward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::matmul_backward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::layernorm_forward, m)?)?;

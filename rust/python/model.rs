@@ -2,6 +2,7 @@
 //! decoding and sampling), `Sampler` (a seeded sampler of its own), and the checks of model shapes and sampling
 //! settings that Python asks before it builds anything.
 
+use crate::kernels::bf16::Precision;
 use super::convert::{Int, expect_shape, f32_in, ids_in, out, refusal_error, tensor_views, value_error, zeros, Arr};
 use crate::memory;
 use crate::train::check_threads;
@@ -152,6 +153,21 @@ impl PyModel {
         let model = Gpt2::new(cfg, seed).map_err(value_error)?;
         let grads = zeros(&[model.layout.total], "the gradients")?;
         Ok(PyModel { model, grads, acts: None, cache: None, rng: ChaCha8Rng::seed_from_u64(seed), pool: None })
+    }
+
+    /// Run the matmuls in "fp32" or "bf16" (bf16 operands, f32 sums). The
+    /// weights are rounded to bf16 now: call again after changing them.
+    fn set_precision(&mut self, py: Python<'_>, precision: &str) -> PyResult<()> {
+        let p = Precision::parse(precision).map_err(value_error)?;
+        let model = &mut self.model;
+        py.detach(|| model.set_precision(p));
+        Ok(())
+    }
+
+    /// "fp32" or "bf16".
+    #[getter]
+    fn precision(&self) -> &'static str {
+        self.model.precision().name()
     }
 
     /// The configuration as a dict (vocab_size, n_embd, n_layer, n_head, block_size).

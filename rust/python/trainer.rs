@@ -3,14 +3,16 @@
 //! the figures Python plans a run with: optimizer checks, cores, lanes, the
 //! teams of a step and memory.
 
+use crate::kernels::bf16::Precision;
 use super::convert::{Int, ids_in, refusal_error, tensor_views, value_error};
 use crate::memory;
 use crate::kernels::adamw::AdamW;
 use crate::model::{Config, Gpt2};
 use crate::plan;
-use crate::train::{self, Hyper, StepError, Trainer};
+use crate::train::{self, Hyper, Share, SphereReport, StepError, Trainer};
 use pyo3::exceptions::{PyFloatingPointError, PyRuntimeError};
 use pyo3::prelude::*;
+use numpy::PyArray1;
 use pyo3::types::{PyDict, PyList};
 
 /// Refuse optimizer settings that cannot train.
@@ -136,6 +138,20 @@ impl PyTrainer {
         Ok(PyTrainer { inner: Trainer::with_cores(model, hyper, threads, cores).map_err(value_error)? })
     }
 
+    /// Run the matmuls in "fp32" or "bf16" (bf16 operands, f32 sums). The
+    /// weights are rounded now and after every step: call again after
+    /// writing them through `parameters()`.
+    fn set_precision(&mut self, precision: &str) -> PyResult<()> {
+        self.inner.model.set_precision(Precision::parse(precision).map_err(value_error)?);
+        Ok(())
+    }
+
+    /// "fp32" or "bf16".
+    #[getter]
+    fn precision(&self) -> &'static str {
+        self.inner.model.precision().name()
+    }
+
     #[getter]
     fn threads(&self) -> usize {
         self.inner.threads()
@@ -193,47 +209,104 @@ impl PyTrainer {
     /// figures; raises FloatingPointError (parameters unchanged) on a NaN or
     /// infinite loss.
     fn step<'py>(&mut self, py: Python<'py>, batch: &Bound<'py, PyAny>, lr: f32) -> PyResult<Bound<'py, PyDict>> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(value_error(format!("lr must be a finite non-negative number, got {lr}")));
-        }
-        let (ids, shape) = ids_in(batch, "batch", 2, Some(self.inner.model.config.vocab_size))?;
-        if shape[1] < 2 {
-            return Err(value_error(format!("batch must be [B, T+1] with T >= 1, got shape {shape:?}")));
-        }
-        let (b, t) = (shape[0], shape[1] - 1);
+        check_lr(lr)?;
+        let (ids, b, t) = self.batch_in(batch)?;
         let inner = &mut self.inner;
-        let report = py.detach(|| inner.step(&ids, b, t, lr)).map_err(|e| match e {
-            StepError::BadBatch(msg) => value_error(msg),
-            e @ StepError::NonFinite { .. } => PyFloatingPointError::new_err(e.to_string()),
-            e @ StepError::SphereFailed(_) => PyRuntimeError::new_err(e.to_string()),
-        })?;
-        let d = PyDict::new(py);
+        let report = py.detach(|| inner.step(&ids, b, t, lr)).map_err(step_error)?;
+        let d = passes_dict(py, report.group_sequences.to_vec(), &report.spheres, report.compute_s)?;
         d.set_item("loss", report.loss)?;
         d.set_item("grad_norm", report.grad_norm)?;
-        d.set_item("group_sequences", report.group_sequences.to_vec())?;
-        d.set_item("compute_s", report.compute_s)?;
         d.set_item("step_s", report.step_s)?;
-        let spheres = PyList::empty(py);
-        for s in &report.spheres {
-            let sd = PyDict::new(py);
-            sd.set_item("micro_batches", s.micro_batches)?;
-            sd.set_item("sequences", s.sequences)?;
-            sd.set_item("tokens", s.tokens)?;
-            sd.set_item("loss_sum", s.loss_sum)?;
-            sd.set_item("busy_s", s.busy_s)?;
-            spheres.append(sd)?;
-        }
-        d.set_item("spheres", spheres)?;
         Ok(d)
+    }
+
+    /// Forward and backward passes of this process's rows of a step: batch
+    /// [B, T+1] is rows `offset..offset+B` of a global batch of `batch_size`
+    /// sequences (default: B, the whole batch). Leaves the summed gradient
+    /// in `gradient()` for `apply`; returns `loss_sum` (summed token losses
+    /// of these rows) and the per-group and per-sphere figures of `step`.
+    #[pyo3(signature = (batch, *, batch_size=None, offset=Int(0)))]
+    fn gradients<'py>(&mut self, py: Python<'py>, batch: &Bound<'py, PyAny>, batch_size: Option<Int<usize>>,
+                      offset: Int<usize>) -> PyResult<Bound<'py, PyDict>> {
+        let (ids, b, t) = self.batch_in(batch)?;
+        let share = Share { total: batch_size.map_or(b, |n| n.0), offset: offset.0 };
+        let inner = &mut self.inner;
+        let report = py.detach(|| inner.gradients(&ids, b, t, share)).map_err(step_error)?;
+        let d = passes_dict(py, report.group_sequences.to_vec(), &report.spheres, report.compute_s)?;
+        d.set_item("loss_sum", report.loss_sum)?;
+        Ok(d)
+    }
+
+    /// The summed gradient [P] of the last `gradients` call: a writeable
+    /// zero-copy view, in the order of the flat parameter buffer, which an
+    /// in-place MPI Allreduce sums across processes before `apply`.
+    fn gradient<'py>(slf: &Bound<'py, Self>) -> Bound<'py, PyArray1<f32>> {
+        let this = slf.borrow();
+        let view = numpy::ndarray::ArrayView1::from(this.inner.gradient());
+        // SAFETY: the gradient buffer is allocated once and never resized.
+        unsafe { PyArray1::borrow_from_array(&view, slf.as_any().clone()) }
+    }
+
+    /// Clip `gradient()` to the global norm and apply AdamW at `lr`; `loss`
+    /// is the step's mean loss over the global batch. Returns the norm
+    /// before clipping; raises FloatingPointError (parameters unchanged) on
+    /// a NaN or infinite loss or gradient.
+    fn apply(&mut self, py: Python<'_>, lr: f32, loss: f64) -> PyResult<f64> {
+        check_lr(lr)?;
+        let inner = &mut self.inner;
+        py.detach(|| inner.apply(lr, loss)).map_err(step_error)
     }
 
     /// Mean loss of batch [B, T+1], forward only, on the spheres.
     fn eval(&self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<f64> {
+        let (ids, b, t) = self.batch_in(batch)?;
+        let inner = &self.inner;
+        py.detach(|| inner.eval(&ids, b, t)).map_err(value_error)
+    }
+}
+
+impl PyTrainer {
+    /// The ids of a [B, T+1] batch with T >= 1, and B and T.
+    fn batch_in(&self, batch: &Bound<'_, PyAny>) -> PyResult<(Vec<u32>, usize, usize)> {
         let (ids, shape) = ids_in(batch, "batch", 2, Some(self.inner.model.config.vocab_size))?;
         if shape[1] < 2 {
             return Err(value_error(format!("batch must be [B, T+1] with T >= 1, got shape {shape:?}")));
         }
-        let inner = &self.inner;
-        py.detach(|| inner.eval(&ids, shape[0], shape[1] - 1)).map_err(value_error)
+        Ok((ids, shape[0], shape[1] - 1))
     }
+}
+
+fn check_lr(lr: f32) -> PyResult<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(value_error(format!("lr must be a finite non-negative number, got {lr}")));
+    }
+    Ok(())
+}
+
+fn step_error(e: StepError) -> PyErr {
+    match e {
+        StepError::BadBatch(msg) => value_error(msg),
+        e @ StepError::NonFinite { .. } => PyFloatingPointError::new_err(e.to_string()),
+        e @ StepError::SphereFailed(_) => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// The figures of a step's forward and backward passes: sequences per
+/// symmetry group, compute seconds and each sphere's report.
+fn passes_dict<'py>(py: Python<'py>, groups: Vec<usize>, spheres: &[SphereReport], compute_s: f64) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("group_sequences", groups)?;
+    d.set_item("compute_s", compute_s)?;
+    let list = PyList::empty(py);
+    for s in spheres {
+        let sd = PyDict::new(py);
+        sd.set_item("micro_batches", s.micro_batches)?;
+        sd.set_item("sequences", s.sequences)?;
+        sd.set_item("tokens", s.tokens)?;
+        sd.set_item("loss_sum", s.loss_sum)?;
+        sd.set_item("busy_s", s.busy_s)?;
+        list.append(sd)?;
+    }
+    d.set_item("spheres", list)?;
+    Ok(d)
 }

@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from crystalline.cluster import launcher_rank
 from crystalline.errors import UserError
 
 app = typer.Typer(
@@ -48,24 +49,31 @@ from crystalline.cli import serve as serve_command  # noqa: E402
 
 app.command("serve")(serve_command.serve)
 
+from crystalline.cli import monitor as monitor_commands  # noqa: E402
+
+app.command("dashboard")(monitor_commands.dashboard)
+app.command("validate")(monitor_commands.validate)
+
 
 def main() -> None:
     """Console-script entry point: a UserError from any command, or a usage
     error typer finds in the arguments, becomes one line on stderr and its
-    exit code (2 for bad input)."""
+    exit code (2 for bad input). Under MPI every rank exits with that code,
+    and only rank 0 says why (the ranks meet the same error)."""
+    say = typer.echo if launcher_rank() == 0 else lambda *args, **kw: None
     try:
         code = app(standalone_mode=False)
     except UserError as err:
-        typer.echo(f"error: {err}", err=True)
+        say(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except typer.TyperException as err:  # typer's usage errors, e.g. --top-k 1e23
         message = err.format_message()
-        typer.echo(message if "\n" in message else f"error: {message} (see --help)", err=True)  # or the help
+        say(message if "\n" in message else f"error: {message} (see --help)", err=True)  # or the help
         sys.exit(err.exit_code)
     except typer.Abort:  # end of input at a confirmation
         typer.echo("aborted", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        say("interrupted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(code) returns its code

@@ -35,6 +35,8 @@ TopP = Annotated[float, Opt(help="Nucleus sampling: the smallest set of likelies
                                  "probability, in (0, 1] (1: all).")]
 Seed = Annotated[Optional[int], Opt(help="Seed for reproducible samples (default: a fresh one each run).")]
 Threads = Annotated[Optional[int], Opt(help="Threads for the model (default: one per core).")]
+Precision = Annotated[str, Opt(help="Matmul precision: fp32, bf16 (bf16 weights, f32 sums; needs avx512_bf16) "
+                                    "or auto (bf16 where the CPU has it). CRYSTALLINE_FORCE_FP32=1 forces fp32.")]
 
 
 def generate(
@@ -48,6 +50,7 @@ def generate(
     seed: Seed = None,
     num_samples: Annotated[int, Opt(help="Samples to draw from the prompt (generated together, as a batch).")] = 1,
     threads: Threads = None,
+    precision: Precision = "fp32",
 ) -> None:
     """Continue a prompt with a trained model, streaming the text as it is written.
 
@@ -64,7 +67,7 @@ def generate(
         if sys.stdin.isatty():
             raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text to stdin")
         prompt = read_stdin("the prompt on standard input")
-    model = _load(checkpoint_path, threads)
+    model = _load(checkpoint_path, threads, precision)
     ids = model.encode_prompt(prompt)  # refuse an empty or too long prompt before printing anything
     model.check_generation_memory(num_samples, num_samples * len(ids))  # before a list of num_samples prompts
     args = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -77,13 +80,13 @@ def generate(
         _write(f"{'' if i == 0 else chr(10)}--- sample {i + 1} ---\n{prompt}{text}\n")
 
 
-def _load(checkpoint_path: Path, threads: int | None) -> LoadedModel:
+def _load(checkpoint_path: Path, threads: int | None, precision: str) -> LoadedModel:
     """The model, on at most the core's MAX_THREADS threads (saying so when capped)."""
     if threads is not None:
         threads, warning = capped_threads(threads)
         if warning:
             typer.echo(f"warning: {warning}", err=True)
-    return load(checkpoint_path, threads=threads)
+    return load(checkpoint_path, threads=threads, precision=precision)
 
 
 def _write(text: str) -> None:
@@ -99,6 +102,7 @@ def chat(
     top_p: TopP = 1.0,
     seed: Seed = None,
     threads: Threads = None,
+    precision: Precision = "fp32",
 ) -> None:
     """Type prompts, read the model's continuations; Ctrl-D exits.
 
@@ -108,7 +112,7 @@ def chat(
     When a reply reaches the model's block size the window slides: it goes on
     from its last block_size/2 tokens."""
     Sampling(max_tokens, temperature, top_k, top_p, seed).validate()
-    model = _load(checkpoint_path, threads)
+    model = _load(checkpoint_path, threads, precision)
     err = Console(stderr=True)
     err.print(f"[bold]{model.path}[/]: {model.config.num_parameters():,} parameters, context "
               f"{model.block_size} tokens. Ctrl-D to quit.", soft_wrap=True)
@@ -142,6 +146,7 @@ def evaluate(
     data: Annotated[list[Path], Arg(help="Held-out text files or directories (recursive).")],
     ext: Annotated[Optional[list[str]], Opt("--ext", help="Only files with this extension (repeatable).")] = None,
     threads: Threads = None,
+    precision: Precision = "fp32",
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model on held-out text.
@@ -150,7 +155,7 @@ def evaluate(
     non-overlapping windows of the block size, so every token but the first
     is predicted once. Bits per byte = total loss in nats / ln 2 / UTF-8 bytes
     of the text; unlike the loss it compares models with different tokenizers."""
-    model = _load(checkpoint_path, threads)
+    model = _load(checkpoint_path, threads, precision)
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=no_progress) as bar:
         task = bar.add_task("eval", total=None)

@@ -32,6 +32,9 @@ def train(
     threads: Annotated[Optional[int], Opt(help="Sphere threads: Node Zero + workers (default 12).")] = None,
     cores: Annotated[Optional[int], Opt(help="Cores the spheres divide into teams (default: every CPU this "
                                              "process may use).")] = None,
+    precision: Annotated[Optional[str], Opt(help="Matmul precision: fp32 (default), bf16 (bf16 operands, float32 "
+                                                 "weights, optimizer, norms and sums; needs avx512_bf16) or auto "
+                                                 "(bf16 where the CPU has it). CRYSTALLINE_FORCE_FP32=1 forces fp32.")] = None,
     checkpoint_dir: Annotated[Optional[str], Opt(help="Run directory (default runs/<date-time>).")] = None,
     seed: Annotated[Optional[int], Opt(help="Seed for initialisation and data order.")] = None,
     warmup_steps: Annotated[Optional[int], Opt(help="Linear warmup steps.")] = None,
@@ -55,6 +58,9 @@ def train(
                                                "--epochs/--max-steps; the learning rate stays at its peak after warmup.")] = None,
     watch_interval: Annotated[Optional[int], Opt(help="Steps between checks of --watch (default: each epoch).")] = None,
     verbose: Annotated[bool, Opt("--verbose", help="A line per sphere per step.")] = False,
+    tensorboard: Annotated[Optional[bool], Opt("--tensorboard/--no-tensorboard",
+                                               help="Also write the metrics as TensorBoard scalars into RUN/tb/ "
+                                                    "(pip install 'crystalline-cllm[tensorboard]').")] = None,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Train a GPT-2 model on text or code, on every core, with checkpoints."""
@@ -66,11 +72,12 @@ def train(
     overrides = canonical(dict(  # the flags' names to the config's
         data=[str(p) for p in data] or None, vocab_size=vocab_size, embed_dim=embed_dim, num_layers=num_layers,
         num_heads=num_heads, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate, epochs=epochs,
-        threads=threads, cores=cores, checkpoint_dir=checkpoint_dir, seed=seed, warmup_steps=warmup_steps,
+        threads=threads, cores=cores, precision=precision, checkpoint_dir=checkpoint_dir, seed=seed,
+        warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval, val_fraction=val_fraction,
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
-        watch=str(watch) if watch else None, watch_interval=watch_interval,
+        watch=str(watch) if watch else None, watch_interval=watch_interval, tensorboard=tensorboard,
     ))
     console = Console(stderr=True, soft_wrap=True)
     if resume:

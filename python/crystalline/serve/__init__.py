@@ -15,7 +15,8 @@ run(create_app(load("runs/my-run"), max_batch=8), sock)
 ```
 """
 
-from crystalline.serve.app import create_app, exposure_warning, listen, run, url
+from crystalline.serve.app import create_app, exposure_warning, is_loopback, listen, run, serve_forever, url
 from crystalline.serve.scheduler import Overloaded, Scheduler
 
-__all__ = ["Overloaded", "Scheduler", "create_app", "exposure_warning", "listen", "run", "url"]
+__all__ = ["Overloaded", "Scheduler", "create_app", "exposure_warning", "is_loopback", "listen", "run", "serve_forever",
+           "url"]

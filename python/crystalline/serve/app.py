@@ -484,13 +484,17 @@ def url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` keeps other machines out."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 def exposure_warning(host: str, api_key: str | None) -> str | None:
     """What to tell the user when `host` lets other machines in."""
-    try:
-        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name
-        local = False
-    if local:
+    if is_loopback(host):
         return None
     key = "only with the API key" if api_key else "with no API key (pass --api-key)"
     return f"listening on {host}: other machines that can reach this one can use the model, {key}"
@@ -502,12 +506,22 @@ def run(app: FastAPI, sock: socket.socket) -> None:
     # The scheduler is started and stopped here, not by an ASGI lifespan: on
     # a second Ctrl-C uvicorn skips a lifespan's end and logs its
     # cancellation as an error with a traceback.
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=DRAIN_SECONDS, lifespan="off")
     scheduler = app.state.server.scheduler
     scheduler.start()
+    try:
+        serve_forever(app, sock)
+    finally:
+        scheduler.close()
+
+
+def serve_forever(app: ASGIApp, sock: socket.socket, access_log: bool = True) -> None:
+    """Serve `app` with uvicorn on `sock` until Ctrl-C, which lets running
+    requests finish for up to DRAIN_SECONDS (a second Ctrl-C cancels them
+    at once); `access_log`: a line per request. The dashboard is served this
+    way too, without the lines for its polls."""
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=DRAIN_SECONDS, lifespan="off",
+                            access_log=access_log)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down
         pass
-    finally:
-        scheduler.close()

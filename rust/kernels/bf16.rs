@@ -1,0 +1,640 @@
+//! bfloat16 matrix multiply: `c[m,n] (+)= bf16(op(a)) @ bf16(op(b))` with
+//! float32 products and sums, for the CPUs that have AVX512_BF16.
+//!
+//! bf16 keeps float32's 8 exponent bits and 7 of its 23 mantissa bits, so
+//! rounding an operand to it (nearest, ties to even) changes it by at most
+//! 2^-8 of its magnitude. Products of two bf16 values are exact in f32, so
+//! each element of the result obeys
+//!
+//!   |c - c_f32| <= (2^-7 + 2^-16) * sum_p |a_ip| |b_pj|  +  f32 summation error,
+//!
+//! i.e. a relative error of at most 7.8e-3 where the terms do not cancel
+//! (about 2e-3 typically, the rounding errors being independent). The
+//! tests check this bound and a relative error of at most 1e-2 on random
+//! data.
+//!
+//! On CPUs with avx512_bf16 the product runs on `vdpbf16ps`, which does two
+//! bf16 multiply-adds per f32 lane: twice the multiply-adds of an f32 FMA.
+//! Operands are packed (and rounded to bf16 on the way) into panels in the
+//! order the register-blocked microkernel reads them; blocks of rows run in
+//! parallel on rayon. Elsewhere the same product is computed by rounding the
+//! operands to bf16 in f32 buffers and running the float32 `sgemm`, so the
+//! numbers mean the same thing everywhere, only slower.
+//!
+//! Matrices of bf16 values are stored as `u16` bit patterns (the top half of
+//! the f32's bits).
+
+use super::matmul::sgemm;
+use super::vecmath::simd_dispatch;
+use rayon::prelude::*;
+
+/// How a model's matmuls multiply: in float32, or with bf16 operands and
+/// float32 sums (everything else stays float32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// "fp32" or "bf16".
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "fp32" => Ok(Precision::Fp32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(format!("precision must be 'fp32' or 'bf16', got {name:?}")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A matrix operand as stored: float32 (rounded to bf16 when packed) or
+/// already bf16.
+#[derive(Clone, Copy)]
+pub enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl Operand<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Operand::F32(x) => x.len(),
+            Operand::Bf16(x) => x.len(),
+        }
+    }
+}
+
+/// f32 -> bf16 bits, rounded to nearest, ties to even; NaN stays a (quiet) NaN.
+#[inline(always)]
+pub fn to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        ((bits >> 16) as u16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// bf16 bits -> f32 (exact).
+#[inline(always)]
+pub fn from_bf16(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+#[inline(always)]
+fn round_slice(dst: &mut [u16], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = to_bf16(s);
+    }
+}
+
+simd_dispatch! {
+    fn round_chunk(dst: &mut [u16], src: &[f32]) => round_slice
+}
+
+/// dst[i] = bf16(src[i]), in parallel for long slices.
+///
+/// dst, src: [len]
+pub fn cast_to_bf16(dst: &mut [u16], src: &[f32]) {
+    /// Elements per parallel task.
+    const CHUNK: usize = 1 << 16;
+    assert_eq!(dst.len(), src.len(), "cast_to_bf16: {} outputs for {} inputs", dst.len(), src.len());
+    if src.len() <= CHUNK {
+        round_chunk(dst, src);
+    } else {
+        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| round_chunk(d, s));
+    }
+}
+
+/// Whether this CPU runs the bf16 instructions (`vdpbf16ps`).
+pub fn bf16_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Row-major bf16 GEMM with f32 accumulation:
+/// `c[m,n] (+)= bf16(op(a))[m,k] @ bf16(op(b))[k,n]`.
+///
+/// a: `[m, k]`, or `[k, m]` when `a_trans`
+/// b: `[k, n]`, or `[n, k]` when `b_trans`
+/// c: `[m, n]`, overwritten unless `accumulate`
+/// threads: 1 runs on the calling thread; more use the current rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub fn bf16_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    a_trans: bool,
+    b: Operand,
+    b_trans: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    assert!(a.len() >= m * k, "bf16_gemm: a has {} elements, need {}", a.len(), m * k);
+    assert!(b.len() >= k * n, "bf16_gemm: b has {} elements, need {}", b.len(), k * n);
+    assert!(c.len() >= m * n, "bf16_gemm: c has {} elements, need {}", c.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if let (true, false, Operand::Bf16(w)) = (m < FEW_ROWS, a_trans, b) {
+        few_rows(m, n, k, a, w, b_trans, c, accumulate, threads);
+    } else if bf16_hardware() {
+        #[cfg(target_arch = "x86_64")]
+        packed::gemm(m, n, k, a, a_trans, b, b_trans, c, accumulate, threads);
+    } else {
+        bf16_gemm_emulated(m, n, k, a, a_trans, b, b_trans, c, accumulate, threads);
+    }
+}
+
+/// Fewer rows than this, times a bf16 matrix, take the `few_rows` path.
+const FEW_ROWS: usize = 16;
+
+/// acc[j] += x * w[j]
+#[inline(always)]
+fn axpy_widen(acc: &mut [f32], x: f32, w: &[u16]) {
+    for (o, &h) in acc.iter_mut().zip(w) {
+        *o += x * from_bf16(h);
+    }
+}
+
+/// sum_j x[j] * w[j], with 16 independent accumulators.
+#[inline(always)]
+fn dot_widen(x: &[f32], w: &[u16]) -> f32 {
+    const LANES: usize = 16;
+    let n = x.len().min(w.len());
+    let (cx, cw) = (x[..n].chunks_exact(LANES), w[..n].chunks_exact(LANES));
+    let tail: f32 = cx.remainder().iter().zip(cw.remainder()).map(|(a, &h)| a * from_bf16(h)).sum();
+    let mut acc = [0.0f32; LANES];
+    for (a, h) in cx.zip(cw) {
+        for i in 0..LANES {
+            acc[i] += a[i] * from_bf16(h[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+simd_dispatch! {
+    fn axpy(acc: &mut [f32], x: f32, w: &[u16]) => axpy_widen
+}
+
+simd_dispatch! {
+    fn dot(x: &[f32], w: &[u16]) -> f32 => dot_widen
+}
+
+/// `c[m,n] (+)= bf16(a)[m,k] @ op(w)` for few rows, a row-major `[m, k]`
+/// and w bf16: a matrix-vector product bound by reading w, so w is read
+/// once, its columns (rows when transposed) split across threads, and its
+/// elements widened to f32 in registers (exact) rather than packed.
+///
+/// w: `[k, n]`, or `[n, k]` when `w_trans`
+#[allow(clippy::too_many_arguments)]
+fn few_rows(m: usize, n: usize, k: usize, a: Operand, w: &[u16], w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
+    /// Columns of c per parallel task.
+    const COLS: usize = 256;
+    let x: Vec<f32> = match a {
+        Operand::F32(v) => v[..m * k].iter().map(|&s| from_bf16(to_bf16(s))).collect(),
+        Operand::Bf16(v) => v[..m * k].iter().map(|&h| from_bf16(h)).collect(),
+    };
+    // by_col[chunk][m][cols]: each task's block of c
+    let mut by_col = vec![0.0f32; m * n];
+    let work = |(ci, block): (usize, &mut [f32])| {
+        let (j0, cols) = (ci * COLS, block.len() / m.max(1));
+        for (i, out) in block.chunks_exact_mut(cols).enumerate() {
+            let xi = &x[i * k..(i + 1) * k];
+            if w_trans {
+                for (jj, o) in out.iter_mut().enumerate() {
+                    *o = dot(xi, &w[(j0 + jj) * k..(j0 + jj + 1) * k]);
+                }
+            } else {
+                for (p, &xp) in xi.iter().enumerate() {
+                    axpy(out, xp, &w[p * n + j0..p * n + j0 + cols]);
+                }
+            }
+        }
+    };
+    let chunk = COLS * m;
+    if threads > 1 {
+        by_col.par_chunks_mut(chunk).enumerate().for_each(work);
+    } else {
+        by_col.chunks_mut(chunk).enumerate().for_each(work);
+    }
+    for (ci, block) in by_col.chunks(chunk).enumerate() {
+        let (j0, cols) = (ci * COLS, block.len() / m.max(1));
+        for i in 0..m {
+            let (dst, src) = (&mut c[i * n + j0..i * n + j0 + cols], &block[i * cols..(i + 1) * cols]);
+            if accumulate {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// The same product on any CPU: operands rounded to bf16 values held in
+/// f32, then the float32 sgemm.
+#[allow(clippy::too_many_arguments)]
+pub fn bf16_gemm_emulated(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    a_trans: bool,
+    b: Operand,
+    b_trans: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    let widen = |x: Operand, len: usize| -> Vec<f32> {
+        match x {
+            Operand::F32(v) => v[..len].iter().map(|&s| from_bf16(to_bf16(s))).collect(),
+            Operand::Bf16(v) => v[..len].iter().map(|&h| from_bf16(h)).collect(),
+        }
+    };
+    let (a, b) = (widen(a, m * k), widen(b, k * n));
+    sgemm(m, n, k, &a, a_trans, &b, b_trans, c, accumulate, threads);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod packed {
+    //! The AVX512_BF16 path. Packed layouts, with pairs of consecutive k
+    //! (the two bf16 of each `vdpbf16ps` lane) held as one u32, low half
+    //! first:
+    //!
+    //!   A block: [ceil(rows / MR)][KC / 2][MR]    pairs of one row
+    //!   B block: [ceil(n / NR)][KC / 2][NR]       pairs of one column
+    //!
+    //! Rows and columns past the matrix and an odd k's last pair are zero.
+
+    use super::{to_bf16, Operand};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+    use std::cell::Cell;
+    use std::thread::LocalKey;
+
+    /// Rows of the microkernel's tile.
+    const MR: usize = 6;
+    /// 16-lane vectors across the tile; NR columns.
+    const NV: usize = 4;
+    const NR: usize = 16 * NV;
+    /// k per block (even): a B micro-panel, KC x NR bf16, is 128 KiB and
+    /// stays in L2. Fewer C tile updates pay more than L1 residency: on a
+    /// Zen 5 core KC = 1024 ran 2.2x as fast as 128 and 1.15x as fast as 2048.
+    const KC: usize = 1024;
+    /// Rows per parallel task (a multiple of MR): its A block is 192 KiB.
+    const MC: usize = 16 * MR;
+    /// Columns per parallel task (a multiple of NR).
+    const NC: usize = 16 * NR;
+
+    /// An operand indexed (row, k): element (r, p) is `x[p * ld + r]` when
+    /// its rows are contiguous, else `x[r * ld + p]` (its k is contiguous).
+    #[derive(Clone, Copy)]
+    struct Strided<'a> {
+        x: Operand<'a>,
+        ld: usize,
+        rows_contiguous: bool,
+    }
+
+    /// Pack rows [r0, r0 + rows) and k [k0, k0 + kc) of `src` into `dst` as
+    /// panels of `w` rows: [ceil(rows/w)][kc/2][w], rounding to bf16.
+    #[inline(always)]
+    fn pack(dst: &mut [u32], src: Strided, r0: usize, rows: usize, k0: usize, kc: usize, w: usize) {
+        match src.x {
+            Operand::F32(x) => pack_as(dst, x, to_bf16, src, r0, rows, k0, kc, w),
+            Operand::Bf16(x) => pack_as(dst, x, |h| h, src, r0, rows, k0, kc, w),
+        }
+    }
+
+    /// `pack` for one element type; written as contiguous loops so that
+    /// they vectorise.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn pack_as<T: Copy + Default>(
+        dst: &mut [u32],
+        x: &[T],
+        round: impl Fn(T) -> u16,
+        src: Strided,
+        r0: usize,
+        rows: usize,
+        k0: usize,
+        kc: usize,
+        w: usize,
+    ) {
+        let pairs = kc.div_ceil(2);
+        let pair = |lo: T, hi: T| round(lo) as u32 | (round(hi) as u32) << 16;
+        // one row's pairs (k-contiguous case), then spread with stride w
+        let mut line = vec![0u32; pairs];
+        for (panel, out) in dst.chunks_exact_mut(pairs * w).take(rows.div_ceil(w)).enumerate() {
+            let (first, valid) = (r0 + panel * w, w.min(rows - panel * w));
+            if src.rows_contiguous {
+                for p in 0..pairs {
+                    let o = &mut out[p * w..(p + 1) * w];
+                    let lo = &x[(k0 + 2 * p) * src.ld + first..][..valid];
+                    if 2 * p + 1 < kc {
+                        let hi = &x[(k0 + 2 * p + 1) * src.ld + first..][..valid];
+                        for ((d, &a), &b) in o.iter_mut().zip(lo).zip(hi) {
+                            *d = pair(a, b);
+                        }
+                    } else {
+                        for (d, &a) in o.iter_mut().zip(lo) {
+                            *d = pair(a, T::default());
+                        }
+                    }
+                    o[valid..].fill(0);
+                }
+            } else {
+                for i in 0..w {
+                    if i >= valid {
+                        (0..pairs).for_each(|p| out[p * w + i] = 0);
+                        continue;
+                    }
+                    let row = &x[(first + i) * src.ld + k0..][..kc];
+                    let (whole, last) = row.split_at(kc & !1);
+                    for (d, ab) in line.iter_mut().zip(whole.chunks_exact(2)) {
+                        *d = pair(ab[0], ab[1]);
+                    }
+                    if let Some(&a) = last.first() {
+                        line[pairs - 1] = pair(a, T::default());
+                    }
+                    for (p, &v) in line.iter().enumerate() {
+                        out[p * w + i] = v;
+                    }
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn pack_v4(dst: &mut [u32], src: Strided, r0: usize, rows: usize, k0: usize, kc: usize, w: usize) {
+        pack(dst, src, r0, rows, k0, kc, w)
+    }
+
+    /// c[rows, cols] (+)= the product of an A micro-panel [pairs][MR] and a
+    /// B micro-panel [pairs][NR]; `rows <= MR`, `cols <= NR`.
+    ///
+    /// # Safety
+    /// The CPU has avx512_bf16; `a` and `b` hold `pairs` full rows of their
+    /// panels; `c` reaches `rows` rows of stride `ldc` and `cols` columns.
+    #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
+    unsafe fn microkernel(pairs: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for p in 0..pairs {
+            let bp = b.add(p * NR);
+            let mut bv = [_mm512_setzero_si512(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_loadu_si512(bp.add(16 * v) as *const __m512i);
+            }
+            let ap = a.add(p * MR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+                for (x, bx) in row.iter_mut().zip(&bv) {
+                    *x = _mm512_dpbf16_ps(*x, av, std::mem::transmute::<__m512i, __m512bh>(*bx));
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate().take(rows) {
+            for (v, x) in row.iter().enumerate() {
+                let col = 16 * v;
+                if col >= cols {
+                    break;
+                }
+                let ptr = c.add(r * ldc + col);
+                let mask: __mmask16 = if cols - col >= 16 { 0xffff } else { (1u16 << (cols - col)) - 1 };
+                let sum = if load_c { _mm512_add_ps(*x, _mm512_maskz_loadu_ps(mask, ptr)) } else { *x };
+                _mm512_mask_storeu_ps(ptr, mask, sum);
+            }
+        }
+    }
+
+    thread_local! {
+        /// Packing buffers kept per thread between calls: a fresh one per
+        /// call costs page faults that dwarf the product for few rows.
+        static PACK_A: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+        static PACK_B: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// Run `f` on `len` elements of this thread's buffer `key` (taken, so a
+    /// nested call on the same thread gets a buffer of its own).
+    fn with_buffer<R>(key: &'static LocalKey<Cell<Vec<u32>>>, len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+        let mut buf = key.take();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        let r = f(&mut buf[..len]);
+        key.set(buf);
+        r
+    }
+
+    /// A raw pointer that may cross threads: tasks write disjoint tiles.
+    #[derive(Clone, Copy)]
+    struct Out(*mut f32);
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+    impl Out {
+        fn at(self, i: usize) -> *mut f32 {
+            self.0.wrapping_add(i)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(m: usize, n: usize, k: usize, a: Operand, a_trans: bool, b: Operand, b_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                c[..m * n].fill(0.0);
+            }
+            return;
+        }
+        // op(a) indexed (row i, k p); op(b)^T indexed (column j, k p).
+        let sa = if a_trans { Strided { x: a, ld: m, rows_contiguous: true } } else { Strided { x: a, ld: k, rows_contiguous: false } };
+        let sb = if b_trans { Strided { x: b, ld: k, rows_contiguous: false } } else { Strided { x: b, ld: n, rows_contiguous: true } };
+        let b_panels = n.div_ceil(NR);
+        let tiles: Vec<(usize, usize)> =
+            (0..m.div_ceil(MC)).flat_map(|i| (0..n.div_ceil(NC)).map(move |j| (i * MC, j * NC))).collect();
+        let out = Out(c.as_mut_ptr());
+        with_buffer(&PACK_B, b_panels * KC.min(k).div_ceil(2) * NR, |bpack| {
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                let pairs = kc.div_ceil(2);
+                let panel = pairs * NR;
+                // SAFETY (both calls): bf16_gemm only comes here on a CPU with avx512_bf16.
+                let pack_b = |(j, dst): (usize, &mut [u32])| unsafe { pack_v4(dst, sb, j * NR, NR.min(n - j * NR), k0, kc, NR) };
+                if threads > 1 {
+                    bpack[..b_panels * panel].par_chunks_mut(panel).enumerate().for_each(pack_b);
+                } else {
+                    bpack[..b_panels * panel].chunks_mut(panel).enumerate().for_each(pack_b);
+                }
+                let load_c = accumulate || k0 > 0;
+                let bpack = &*bpack;
+                let tile = |&(i0, j0): &(usize, usize)| {
+                    let rows = MC.min(m - i0);
+                    with_buffer(&PACK_A, rows.div_ceil(MR) * pairs * MR, |apack| {
+                        unsafe { pack_v4(apack, sa, i0, rows, k0, kc, MR) };
+                        for j in (j0..n.min(j0 + NC)).step_by(NR) {
+                            let bp = &bpack[(j / NR) * panel..];
+                            for (ip, ap) in apack.chunks_exact(pairs * MR).enumerate() {
+                                let i = i0 + ip * MR;
+                                // SAFETY: the tile [i, i+MR) x [j, j+NR) clipped to
+                                // m x n lies in c and belongs to this task alone.
+                                unsafe {
+                                    microkernel(pairs, ap.as_ptr(), bp.as_ptr(), out.at(i * n + j), n, MR.min(m - i), NR.min(n - j), load_c)
+                                };
+                            }
+                        }
+                    })
+                };
+                if threads > 1 {
+                    tiles.par_iter().for_each(tile);
+                } else {
+                    tiles.iter().for_each(tile);
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gradcheck::rand_vec;
+
+    fn transpose(r: usize, c: usize, x: &[f32]) -> Vec<f32> {
+        (0..r * c).map(|i| x[(i % r) * c + i / r]).collect()
+    }
+
+    /// (exact product of the bf16-rounded operands, f32 product, sum_p |a||b|), in f64.
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let r = |x: f32| from_bf16(to_bf16(x)) as f64;
+        let (mut q, mut f, mut s) = (vec![0.0; m * n], vec![0.0; m * n], vec![0.0; m * n]);
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    let (x, y) = (a[i * k + p], b[p * n + j]);
+                    q[i * n + j] += r(x) * r(y);
+                    f[i * n + j] += x as f64 * y as f64;
+                    s[i * n + j] += (x as f64 * y as f64).abs();
+                }
+            }
+        }
+        (q, f, s)
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties go to the even 1.
+        assert_eq!(to_bf16(1.0 + 2f32.powi(-8)), to_bf16(1.0));
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up.
+        assert_eq!(from_bf16(to_bf16(1.0 + 3.0 * 2f32.powi(-8))), 1.0 + 2f32.powi(-6));
+        assert_eq!(from_bf16(to_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20))), 1.0 + 2f32.powi(-7));
+        assert_eq!(from_bf16(to_bf16(-2.5)), -2.5);
+        assert_eq!(from_bf16(to_bf16(f32::MAX)), f32::INFINITY);
+        assert_eq!(from_bf16(to_bf16(f32::NEG_INFINITY)), f32::NEG_INFINITY);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        assert!(from_bf16(to_bf16(f32::from_bits(0x7f80_0001))).is_nan(), "a NaN whose payload is in the low bits");
+        let xs = rand_vec(100_003, 1);
+        let mut bulk = vec![0u16; xs.len()];
+        cast_to_bf16(&mut bulk, &xs);
+        for (x, h) in xs.iter().zip(&bulk) {
+            assert_eq!(*h, to_bf16(*x));
+            assert!((from_bf16(*h) - x).abs() <= x.abs() * 2f32.powi(-8));
+        }
+    }
+
+    /// Check `gemm` on odd shapes, every transpose, both operand types,
+    /// overwrite and accumulate, against the bound in the header.
+    fn check(gemm: fn(usize, usize, usize, Operand, bool, Operand, bool, &mut [f32], bool, usize)) {
+        // k = 2100 spans three of the packed path's k blocks
+        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (37, 70, 53), (100, 130, 600), (13, 1, 300), (3, 700, 40), (20, 70, 2100)] {
+            let a = rand_vec(m * k, 2);
+            let b = rand_vec(k * n, 3);
+            let (exact, f32ref, mag) = reference(m, n, k, &a, &b);
+            let (at, bt) = (transpose(m, k, &a), transpose(k, n, &b));
+            let a16: Vec<u16> = a.iter().map(|&x| to_bf16(x)).collect();
+            let bt16: Vec<u16> = bt.iter().map(|&x| to_bf16(x)).collect();
+            let b16: Vec<u16> = b.iter().map(|&x| to_bf16(x)).collect();
+            let cases = [
+                (Operand::F32(&a), false, Operand::F32(&b), false),
+                (Operand::F32(&at), true, Operand::F32(&b), false),
+                (Operand::Bf16(&a16), false, Operand::F32(&bt), true),
+                (Operand::F32(&at), true, Operand::Bf16(&bt16), true),
+                // with fewer than FEW_ROWS rows these two take the few_rows path
+                (Operand::F32(&a), false, Operand::Bf16(&bt16), true),
+                (Operand::Bf16(&a16), false, Operand::Bf16(&b16), false),
+            ];
+            for (ca, ta, cb, tb) in cases {
+                for threads in [1, 3] {
+                    let mut c = vec![0.5f32; m * n];
+                    gemm(m, n, k, ca, ta, cb, tb, &mut c, false, threads);
+                    let (mut err, mut norm) = (0.0f64, 0.0f64);
+                    let sum_err = k as f64 * 2f64.powi(-24); // f32 summation, relative to mag
+                    for i in 0..m * n {
+                        let got = c[i] as f64;
+                        // the same bf16 products, summed in another order in f32
+                        assert!((got - exact[i]).abs() <= sum_err * mag[i], "[{m},{n},{k}] {i}: {got} vs {}", exact[i]);
+                        assert!((got - f32ref[i]).abs() <= (2f64.powi(-7) + 2f64.powi(-16) + sum_err) * mag[i]);
+                        err += (got - f32ref[i]).powi(2);
+                        norm += f32ref[i].powi(2);
+                    }
+                    assert!((err / norm).sqrt() <= 1e-2, "[{m},{n},{k}] relative error {}", (err / norm).sqrt());
+                    let mut acc = vec![0.5f32; m * n];
+                    gemm(m, n, k, ca, ta, cb, tb, &mut acc, true, threads);
+                    for (x, y) in acc.iter().zip(&c) {
+                        assert!((x - (y + 0.5)).abs() <= 1e-5 * (1.0 + y.abs()), "accumulate: {x} vs {y} + 0.5");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn emulated_product_is_within_the_bf16_bound() {
+        check(bf16_gemm_emulated);
+    }
+
+    #[test]
+    fn hardware_product_is_within_the_bf16_bound() {
+        if !bf16_hardware() {
+            eprintln!("skipped: this CPU lacks avx512_bf16, so only the emulated bf16 product runs here");
+            return;
+        }
+        check(bf16_gemm);
+    }
+
+    #[test]
+    fn hardware_and_emulated_products_agree_bit_for_bit_on_exact_sums() {
+        // Small integers are exact in bf16 and their sums exact in f32, so
+        // any summation order gives the same bits.
+        if !bf16_hardware() {
+            eprintln!("skipped: this CPU lacks avx512_bf16");
+            return;
+        }
+        let (m, n, k) = (50, 140, 700);
+        let ints = |len: usize, s: u64| -> Vec<f32> { rand_vec(len, s).iter().map(|x| (x * 8.0).round()).collect() };
+        let (a, b) = (ints(m * k, 4), ints(k * n, 5));
+        let (mut x, mut y) = (vec![0.0; m * n], vec![0.0; m * n]);
+        bf16_gemm(m, n, k, Operand::F32(&a), false, Operand::F32(&b), false, &mut x, false, 2);
+        bf16_gemm_emulated(m, n, k, Operand::F32(&a), false, Operand::F32(&b), false, &mut y, false, 2);
+        assert_eq!(x, y);
+    }
+}
