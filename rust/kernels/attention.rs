@@ -211,8 +211,8 @@ unsafe fn forward_rows(
         }
     }
     if let Some(lse) = lse {
-        for r in 0..nr {
-            lse[r] = sc.m[r] + sc.l[r].ln();
+        for ((x, m), l) in lse[..nr].iter_mut().zip(&sc.m).zip(&sc.l) {
+            *x = m + l.ln();
         }
     }
 }
