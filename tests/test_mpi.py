@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from crystalline import checkpoint, locks
+from crystalline import _core, checkpoint, locks
 from crystalline.cluster import rows
 from commandline import LIMITED, cli
 from test_train import TINY, latest_step, losses, poll_until
@@ -234,3 +234,20 @@ def test_the_readme_s_two_node_command_runs_on_two_local_ranks(tmp_path, env):
     r = subprocess.run([*command.split(), *tiny], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "[Rank 1] pid" in r.stderr and latest_step(tmp_path / "runs" / "seed") == 2
+
+
+@pytest.mark.skipif(not _core.bf16_supported(), reason="--precision bf16 needs a CPU with avx512_bf16")
+def test_under_bf16_the_other_ranks_round_the_weights_rank_0_gives_them(tmp_path, env):
+    # Rank 1 builds its trainer from the seed, then takes rank 0's weights (here
+    # resumed from a checkpoint): its matmuls must read those, rounded, not its own.
+    args = [*ARGS, "--precision", "bf16", "--learning-rate", "3e-3", "--no-progress"]
+    first = cli([*args, "--max-steps", "20", "--checkpoint-dir", str(tmp_path / "two")], env)
+    assert first.returncode == 0, first.stderr
+    shutil.copytree(tmp_path / "two", tmp_path / "one")
+    solo = cli(["train", "--resume", str(tmp_path / "one"), "--max-steps", "25", "--no-progress"], env)
+    assert solo.returncode == 0, solo.stderr
+    pair = run_mpi(2, ["train", "--resume", str(tmp_path / "two"), "--max-steps", "25", "--no-progress"], env)
+    assert pair.returncode == 0, pair.stderr
+    one, two = losses(tmp_path / "one")[20:], losses(tmp_path / "two")[20:]
+    assert len(one) == len(two) == 5
+    assert all(abs(x - y) <= 1e-4 * abs(y) for x, y in zip(two, one)), (one, two)
