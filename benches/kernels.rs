@@ -128,29 +128,33 @@ fn bench_matmul(c: &mut Criterion) {
 }
 
 fn bench_attention(c: &mut Criterion) {
-    let (b, t, ch, nh) = (4usize, 128usize, 384usize, 12usize);
+    let (ch, nh) = (384usize, 12usize);
     let pool2 = pool(2);
-    let qkv = rand_vec(b * t * 3 * ch, 3);
-    let dout = rand_vec(b * t * ch, 4);
-    let mut out = vec![0.0f32; b * t * ch];
-    let mut att = vec![0.0f32; b * nh * t * t];
-    let mut dqkv = vec![0.0f32; b * t * 3 * ch];
-
-    let mut group = c.benchmark_group("attention_B4_T128_C384_NH12");
-    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    for threads in THREADS {
-        group.bench_with_input(BenchmarkId::new("forward+backward", format!("threads={threads}")), &threads, |bch, &threads| {
-            bch.iter(|| {
-                run_with(&pool2, threads, || {
-                    attention_forward(&mut out, &mut att, black_box(&qkv), b, t, ch, nh, threads);
-                    dqkv.fill(0.0);
-                    attention_backward(&mut dqkv, black_box(&dout), &qkv, &att, b, t, ch, nh, threads);
-                });
-                black_box(&dqkv);
-            })
-        });
+    // 4096 tokens at every length, as in training at equal tokens per step
+    for (b, t) in [(32usize, 128usize), (4, 1024), (1, 4096)] {
+        let qkv = rand_vec(b * t * 3 * ch, 3);
+        let dout = rand_vec(b * t * ch, 4);
+        let mut out = vec![0.0f32; b * t * ch];
+        let mut lse = vec![0.0f32; b * nh * t];
+        let mut dqkv = vec![0.0f32; b * t * 3 * ch];
+        let mut group = c.benchmark_group(format!("attention_B{b}_T{t}_C384_NH12"));
+        group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+        // One element = one token: elem/s = tokens/s.
+        group.throughput(Throughput::Elements((b * t) as u64));
+        for threads in THREADS {
+            group.bench_with_input(BenchmarkId::new("forward+backward", format!("threads={threads}")), &threads, |bch, &threads| {
+                bch.iter(|| {
+                    run_with(&pool2, threads, || {
+                        attention_forward(&mut out, &mut lse, black_box(&qkv), b, t, ch, nh, threads);
+                        dqkv.fill(0.0);
+                        attention_backward(&mut dqkv, black_box(&dout), &qkv, &out, &lse, b, t, ch, nh, threads);
+                    });
+                    black_box(&dqkv);
+                })
+            });
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 fn bench_crossentropy(c: &mut Criterion) {

@@ -3,7 +3,8 @@
 Trains the same GPT-2 (tied embeddings, tanh GELU, pre-LayerNorm) with both
 on the same random batches and the same AdamW settings, and prints tokens/s
 (median over timed steps), the ratio, and each run's peak RSS, for the tiny,
-small and seed configs. Each measurement runs in a child process so peak RSS
+small and seed configs, and for seq128 .. seq4096 (one model, 4,096 tokens per
+step at sequence lengths 128, 1024, 2048 and 4096). Each measurement runs in a child process so peak RSS
 is its own. PyTorch runs on `--torch-threads` threads (default 2);
 Crystalline at each of `--threads` (default 1,2,3,12), and the table shows
 --threads 12 against its best thread count.
@@ -14,6 +15,7 @@ dtype=torch.bfloat16), against both float32 runs of the first table
 (`--no-bf16` skips it).
 
     python benches/train_vs_torch.py [--configs tiny,small,seed] [--steps 6]
+    python benches/train_vs_torch.py --configs seq128,seq1024,seq2048,seq4096 --threads 12
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ CONFIGS = {
     "tiny": dict(V=4096, C=128, L=4, H=4, B=16, T=128),
     "small": dict(V=8192, C=256, L=4, H=8, B=16, T=128),
     "seed": dict(V=30000, C=384, L=6, H=12, B=32, T=128),
+    # sequence lengths at equal tokens per step (4,096): the batch shrinks as T grows
+    **{f"seq{t}": dict(V=8192, C=384, L=6, H=12, B=4096 // t, T=t) for t in (128, 1024, 2048, 4096)},
 }
 LR, WD, BETAS, EPS = 3e-4, 0.1, (0.9, 0.95), 1e-8
 

@@ -5,7 +5,7 @@
 //! cached for the earlier positions, so generating n tokens costs n steps,
 //! not n full passes over the context.
 
-use crate::kernels::attention::attention_decode_forward;
+use crate::kernels::attention::{attention_decode_forward, attention_prefill_forward};
 use crate::kernels::encoder::encoder_forward;
 use crate::kernels::layernorm::layernorm_forward;
 use crate::kernels::matmul::matmul_transposed_forward;
@@ -117,7 +117,9 @@ pub fn decode_step(
 }
 
 /// Causal attention of each new row over its sequence's cache up to its own
-/// position, rows in parallel.
+/// position. A run of rows that continues one sequence (a prompt's prefill)
+/// goes through the tiled kernel, its heads and query blocks in parallel;
+/// lone rows (decoding) run in parallel with each other.
 ///
 /// qkv:       [M, 3C] (the new rows; their k and v are already in the cache)
 /// positions: [M]     (each row's position in its sequence)
@@ -134,7 +136,24 @@ fn attend(
     threads: usize,
 ) {
     let c = cache.c;
+    let mut lone = vec![false; seqs.len()];
+    let mut start = 0;
+    while start < seqs.len() {
+        let (s, offset) = (seqs[start], positions[start]);
+        let len = (start..seqs.len()).take_while(|&i| seqs[i] == s && positions[i] == offset + (i - start)).count();
+        if len == 1 {
+            lone[start] = true;
+        } else {
+            let (lo, hi) = (cache.at(layer, s, 0), cache.at(layer, s, offset + len));
+            let out = &mut atty[start * c..(start + len) * c];
+            attention_prefill_forward(out, &qkv[start * 3 * c..], 3 * c, &cache.k[lo..hi], &cache.v[lo..hi], offset, len, c, nh, threads);
+        }
+        start += len;
+    }
     let work = |(i, out): (usize, &mut [f32])| {
+        if !lone[i] {
+            return;
+        }
         let len = positions[i] + 1; // including the row's own position
         let (lo, hi) = (cache.at(layer, seqs[i], 0), cache.at(layer, seqs[i], len));
         let mut scores = vec![0.0f32; len];
@@ -289,6 +308,29 @@ mod tests {
             assert!((x - y).abs() < 1e-4);
         }
         assert!(decode_step(&m, &mut a, &[1; 6], &[1; 6], false, 1).unwrap_err().contains("block size"));
+    }
+
+    #[test]
+    fn a_long_prompt_after_a_cached_prefix_matches_the_full_forward_pass() {
+        // 150 rows in one call: past the tiled kernel's query and key blocks
+        let cfg = Config { vocab_size: 61, n_embd: 16, n_layer: 2, n_head: 2, block_size: 200 };
+        let m = Gpt2::new(cfg, 6).unwrap();
+        let seq: Vec<u32> = (0..160).map(|i| (i * i + 3 * i + 1) % 61).collect();
+        let mut acts = Activations::new(&cfg, 1, seq.len());
+        let full = m.forward_logits(&mut acts, &seq, 1);
+        let mut cache = KvCache::new(&m, 2);
+        decode_step(&m, &mut cache, &[1; 10], &seq[..10], false, 1).unwrap();
+        // sequence 0 decodes one token alongside sequence 1's 150-token prefill
+        let mut seqs = vec![0];
+        seqs.extend([1; 150]);
+        let toks: Vec<u32> = std::iter::once(5).chain(seq[10..].iter().copied()).collect();
+        let got = decode_step(&m, &mut cache, &seqs, &toks, true, 2).unwrap();
+        assert_eq!(cache.lens, vec![1, 160]);
+        for (pos, row) in (10..160).zip(got[61..].chunks(61)) {
+            for (a, b) in row.iter().zip(&full[pos * 61..(pos + 1) * 61]) {
+                assert!((a - b).abs() < 1e-4, "position {pos}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

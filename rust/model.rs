@@ -317,10 +317,9 @@ pub struct Activations {
     pub b: usize,
     pub t: usize,
     capacity_rows: usize, // B*T the buffers were sized for
-    capacity_att: usize,  // B*T*T the attention buffers were sized for
     encoded: Vec<f32>,    // [N, C]
     blocks: Vec<BlockActs>,
-    atts: Vec<Vec<f32>>,  // per block [B, NH, T, T] attention probabilities
+    lses: Vec<Vec<f32>>,  // per block [B, NH, T] log-sum-exp of each attention row
     lnf: Vec<f32>,        // [N, C]
     lnf_mean: Vec<f32>,   // [N]
     lnf_rstd: Vec<f32>,   // [N]
@@ -342,10 +341,9 @@ impl Activations {
             b,
             t,
             capacity_rows: n,
-            capacity_att: b * t * t,
             encoded: z(n * c),
             blocks: (0..config.n_layer).map(|_| BlockActs::zeros(n, c)).collect(),
-            atts: (0..config.n_layer).map(|_| z(b * nh * t * t)).collect(),
+            lses: (0..config.n_layer).map(|_| z(n * nh)).collect(),
             lnf: z(n * c),
             lnf_mean: z(n),
             lnf_rstd: z(n),
@@ -365,9 +363,8 @@ impl Activations {
         let (c, nh, v) = (config.n_embd, config.n_head, config.vocab_size);
         let n = b.checked_mul(t)?;
         let nc = n.checked_mul(c)?;
-        let att = n.checked_mul(t)?.checked_mul(nh)?;
-        // per block: its BlockActs and attention probabilities
-        let block = BlockActs::floats(n, c).checked_add(att)?;
+        // per block: its BlockActs and the log-sum-exp of each attention row
+        let block = BlockActs::floats(n, c).checked_add(n.checked_mul(nh)?)?;
         // encoded, lnf and the backward scratch (1+1+1+1+1+3+4+4 = 16 N C), lnf's statistics
         let rest = nc.checked_mul(16)?.checked_add(2 * n)?;
         let logits = LOGIT_CHUNK.min(n).checked_mul(v)?;
@@ -378,8 +375,7 @@ impl Activations {
     /// else reallocate. Buffers are used from their start, so a smaller
     /// batch runs in the memory of a larger one.
     pub fn fit(&mut self, config: &Config, b: usize, t: usize) {
-        let fits = b * t <= self.capacity_rows && b * t * t <= self.capacity_att;
-        if fits {
+        if b * t <= self.capacity_rows {
             self.b = b;
             self.t = t;
         } else {
@@ -488,9 +484,9 @@ impl Gpt2 {
         for l in 0..cfg.n_layer {
             let (prev, rest) = acts.blocks.split_at_mut(l);
             let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].residual3 };
-            let att = &mut acts.atts[l];
+            let lse = &mut acts.lses[l];
             block_forward(&mut rest[0], x, &p.blocks[l], p16.as_ref().map(|h| &h.blocks[l]), n, c, threads, |qkv, atty| {
-                attention_forward(atty, att, qkv, b, t, c, nh, threads)
+                attention_forward(atty, lse, qkv, b, t, c, nh, threads)
             });
         }
         let last: &[f32] = match acts.blocks.last() {
@@ -579,7 +575,7 @@ impl Gpt2 {
         layernorm_backward(&mut acts.dresidual, glnfw, glnfb, &acts.dln, last, p.lnfw, &acts.lnf_mean, &acts.lnf_rstd, n, c);
         for l in (0..cfg.n_layer).rev() {
             let x: &[f32] = if l == 0 { &acts.encoded } else { &acts.blocks[l - 1].residual3 };
-            let (a, att) = (&acts.blocks[l], &acts.atts[l]);
+            let (a, lse) = (&acts.blocks[l], &acts.lses[l]);
             let (w, gw) = (&p.blocks[l], &mut gblocks[l]);
             let w16 = p16.as_ref().map(|h| &h.blocks[l]);
                     // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2))))
@@ -594,7 +590,7 @@ impl Gpt2 {
             acts.datty[..n * c].fill(0.0);
             matmul_backward(&mut acts.datty, gw.attprojw, Some(&mut *gw.attprojb), &acts.dresidual, &a.atty, matrix(w.attprojw, w16.map(|b| b.attprojw)), n, c, c, threads);
             acts.dqkv[..n * 3 * c].fill(0.0);
-            attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, att, b, t, c, nh, threads);
+            attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, &a.atty, lse, b, t, c, nh, threads);
             acts.dln[..n * c].fill(0.0);
             matmul_backward(&mut acts.dln, gw.qkvw, Some(&mut *gw.qkvb), &acts.dqkv, &a.ln1, matrix(w.qkvw, w16.map(|b| b.qkvw)), n, c, 3 * c, threads);
             layernorm_backward(&mut acts.dresidual, gw.ln1w, gw.ln1b, &acts.dln, x, w.ln1w, &a.ln1_mean, &a.ln1_rstd, n, c);
@@ -713,7 +709,7 @@ mod tests {
                     .iter().map(|v| v.len()).sum::<usize>()
             }).sum();
             let rest: usize = [&a.encoded, &a.lnf, &a.lnf_mean, &a.lnf_rstd, &a.logits, &a.dresidual, &a.dln, &a.datty, &a.dqkv, &a.dfch, &a.dfch_gelu]
-                .iter().map(|v| v.len()).sum::<usize>() + a.atts.iter().map(|v| v.len()).sum::<usize>();
+                .iter().map(|v| v.len()).sum::<usize>() + a.lses.iter().map(|v| v.len()).sum::<usize>();
             assert_eq!(Activations::floats(&cfg, b, t), Some(blocks + rest), "b={b} t={t}");
         }
         assert_eq!(Activations::floats(&cfg, usize::MAX / 2, 16), None);

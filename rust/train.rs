@@ -840,7 +840,9 @@ mod tests {
             assert!(na == nb && (na - r.grad_norm).abs() < 1e-5 * r.grad_norm, "{na} {nb} {}", r.grad_norm);
         }
         assert!(a.model.params.iter().zip(&b.model.params).all(|(x, y)| x.to_bits() == y.to_bits()));
-        assert!(a.model.params.iter().zip(&whole.model.params).all(|(x, y)| (x - y).abs() < 1e-5));
+        // to rounding: AdamW (lr 1e-2) turns gradients that differ in the last bits into
+        // steps that differ by up to about 1e-5; 5e-5 is 0.1% of what 4 steps can move a weight
+        assert!(a.model.params.iter().zip(&whole.model.params).all(|(x, y)| (x - y).abs() < 5e-5));
         assert_eq!((a.dealt, a.opt.step), (whole.dealt, whole.opt.step));
     }
 
@@ -882,10 +884,11 @@ mod tests {
 
     #[test]
     fn a_batch_too_large_for_memory_is_refused_before_it_allocates() {
-        let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2, n_head: 2, block_size: 1 << 20 };
+        // activations alone: 2048 blocks x about 16 C = 256 floats per token x 2^20 tokens = 2 TiB
+        let cfg = Config { vocab_size: 50, n_embd: 16, n_layer: 2048, n_head: 2, block_size: 1 << 20 };
         let hyper = Hyper { adamw: AdamW::default(), grad_clip: 1.0 };
         let tr = Trainer::with_cores(Gpt2::new(cfg, 1).unwrap(), hyper, 2, 1).unwrap();
-        let t = 1 << 20; // attention probabilities alone: 2 heads x T^2 floats = 8 TiB
+        let t = 1 << 20;
         let batch = vec![1u32; t + 1];
         let err = tr.eval(&batch, 1, t).unwrap_err();
         assert!(err.contains("needs") && err.contains("of memory is available"), "{err}");

@@ -82,14 +82,34 @@ def reference_attention(qkv: np.ndarray, nh: int) -> np.ndarray:
     return (att @ v).transpose(0, 2, 1, 3).reshape(b, t, c)
 
 
-def test_attention_matches_reference_and_gradients():
-    qkv = rand(2, 5, 3 * 8)
-    out, att = _core.attention_forward(qkv, 2)
-    np.testing.assert_allclose(out, reference_attention(qkv, 2), rtol=1e-4, atol=1e-5)
-    assert att.shape == (2, 2, 5, 5)
-    g = rand(2, 5, 8)
-    dqkv = _core.attention_backward(g, qkv, att, 2)
-    assert_grad("qkv", lambda a: weighted(_core.attention_forward(a, 2)[0], g), qkv, dqkv)
+def reference_lse(qkv: np.ndarray, nh: int) -> np.ndarray:
+    b, t, c3 = qkv.shape
+    c = c3 // 3
+    hs = c // nh
+    q, k = (qkv[..., i * c : (i + 1) * c].astype(np.float64).reshape(b, t, nh, hs).transpose(0, 2, 1, 3) for i in range(2))
+    scores = np.where(np.tril(np.ones((t, t), bool)), q @ k.transpose(0, 1, 3, 2) / np.sqrt(hs), -np.inf)
+    top = scores.max(-1, keepdims=True)
+    return (top + np.log(np.exp(scores - top).sum(-1, keepdims=True)))[..., 0]
+
+
+@pytest.mark.parametrize("b, t, c, nh", [(2, 5, 8, 2), (1, 1, 4, 1), (1, 70, 6, 1), (2, 259, 12, 3)])
+def test_attention_matches_reference_and_gradients(b, t, c, nh):
+    # T=1, NH=1, and lengths below and past the kernel's 128-row blocks
+    qkv = rand(b, t, 3 * c, scale=2.0)
+    out, lse = _core.attention_forward(qkv, nh)
+    np.testing.assert_allclose(out, reference_attention(qkv, nh), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lse, reference_lse(qkv, nh), rtol=1e-5, atol=1e-5)
+    g = rand(b, t, c)
+    dqkv = _core.attention_backward(g, qkv, out, lse, nh)
+    if t * c <= 64:
+        assert_grad("qkv", lambda a: weighted(_core.attention_forward(a, nh)[0], g), qkv, dqkv)
+    else:  # past the size central differences check quickly: PyTorch's autograd
+        torch = pytest.importorskip("torch")
+        x = torch.tensor(qkv, dtype=torch.float64, requires_grad=True)
+        q, k, v = (z.view(b, t, nh, c // nh).transpose(1, 2) for z in x.split(c, dim=2))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+        (y * torch.tensor(g, dtype=torch.float64)).sum().backward()
+        np.testing.assert_allclose(dqkv, x.grad.numpy(), rtol=1e-3, atol=1e-5)
 
 
 def test_crossentropy_forward_backward_and_fused():

@@ -91,36 +91,41 @@ def test_size_reports_parameters_memory_tokens_and_recommendation(dataset):
     assert "recommended" in result.stdout and "stated ~10M parameters, true 5,785,088" in result.stdout
 
 
-# A trainer of this shape, after one step, holds what `size` counts.
-MEASURED = dict(vocab_size=300, n_embd=384, n_layer=4, n_head=6, block_size=64, batch_size=24, threads=3)
-RESIDENT_GROWTH = f"""
+# Trainers of these shapes, after one step, hold what `size` counts; the second
+# trains at T=2048, where attention that kept [T, T] probabilities would need
+# more than twice the estimate.
+MEASURED = [dict(vocab_size=300, n_embd=384, n_layer=4, n_head=6, block_size=64, batch_size=24, threads=3),
+            dict(vocab_size=300, n_embd=128, n_layer=2, n_head=4, block_size=2048, batch_size=2, threads=3)]
+RESIDENT_GROWTH = """
+import sys
 import numpy as np
 from crystalline import _core
 
-def resident():
-    status = open("/proc/self/status").read()
-    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+def status(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0]) * 1024
 
-s = {MEASURED!r}
-before = resident()
+s = eval(sys.argv[1])
+before = status("VmRSS")
 trainer = _core.Trainer(s["vocab_size"], s["n_embd"], s["n_layer"], s["n_head"], s["block_size"], threads=s["threads"])
-trainer.step(np.random.default_rng(0).integers(0, 300, (s["batch_size"], s["block_size"] + 1)), 1e-3)
-print(resident() - before)
+for _ in range(2):
+    trainer.step(np.random.default_rng(0).integers(0, 300, (s["batch_size"], s["block_size"] + 1)), 1e-3)
+print(status("VmRSS") - before, status("VmHWM") - before)
 """
 
 
-def test_size_memory_is_what_a_trainer_of_that_shape_holds(dataset):
-    s = MEASURED
+@pytest.mark.parametrize("s", MEASURED, ids=["T64", "T2048"])
+def test_size_memory_is_what_a_trainer_of_that_shape_holds(dataset, s):
     result = run_cli("size", "ds", "--embed-dim", str(s["n_embd"]), "--num-layers", str(s["n_layer"]),
                      "--num-heads", str(s["n_head"]), "--seq-len", str(s["block_size"]),
                      "--batch-size", str(s["batch_size"]), "--threads", str(s["threads"]), cwd=dataset)
     assert result.returncode == 0, result.stderr
     gib = float(re.search(r"memory +([\d.]+) GiB to train", result.stdout)[1])
     env = dict(os.environ, PYTHONPATH=PYTHON_DIR)
-    measured = subprocess.run([sys.executable, "-c", RESIDENT_GROWTH], env=env, capture_output=True, text=True)
+    measured = subprocess.run([sys.executable, "-c", RESIDENT_GROWTH, repr(s)], env=env, capture_output=True, text=True)
     assert measured.returncode == 0, measured.stderr
-    held = int(measured.stdout) / 2**30
+    held, peak = (int(x) / 2**30 for x in measured.stdout.split())
     assert gib > 0.1 and held == pytest.approx(gib, rel=0.15), (gib, held)
+    assert peak < gib * 1.15, (gib, peak)
 
 
 def test_size_exits_2_when_the_data_cannot_fill_one_step(dataset):

@@ -66,9 +66,9 @@ def encoder_forward(tokens: Ids, wte: F32, wpe: F32) -> F32:
 def encoder_backward(dout: F32, tokens: Ids, vocab_size: int, block_size: int) -> tuple[F32, F32]:
     """-> (dwte [V, C], dwpe [block_size, C])"""
 def attention_forward(qkv: F32, n_head: int) -> tuple[F32, F32]:
-    """qkv [B, T, 3C] -> (out [B, T, C], att [B, NH, T, T])"""
-def attention_backward(dout: F32, qkv: F32, att: F32, n_head: int) -> F32:
-    """-> dqkv [B, T, 3C]"""
+    """Causal, tiled: qkv [B, T, 3C] -> (out [B, T, C], lse [B, NH, T], each row's log-sum-exp of scores)"""
+def attention_backward(dout: F32, qkv: F32, output: F32, lse: F32, n_head: int) -> F32:
+    """dout [B, T, C], and the forward's qkv, output [B, T, C] and lse [B, NH, T] -> dqkv [B, T, 3C]"""
 def crossentropy_forward(logits: F32, targets: Ids) -> F32:
     """logits [N, V], targets [N] -> per-row losses [N]"""
 def crossentropy_backward(logits: F32, targets: Ids, dlosses: F32) -> F32:

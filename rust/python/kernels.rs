@@ -234,35 +234,38 @@ fn head_dims(qkv_shape: &[usize], n_head: usize) -> PyResult<(usize, usize, usiz
     Ok((b, t, c3 / 3))
 }
 
-/// qkv [B, T, 3C] -> (out [B, T, C], att [B, NH, T, T])
+/// qkv [B, T, 3C] -> (out [B, T, C], lse [B, NH, T])
 #[pyfunction]
 pub fn attention_forward<'py>(py: Python<'py>, qkv: &Bound<'py, PyAny>, n_head: Int<usize>) -> PyResult<(Arr<'py>, Arr<'py>)> {
     let n_head = n_head.0;
     let qkv = f32_in(qkv, "qkv", 3)?;
     let (b, t, c) = head_dims(qkv.shape(), n_head)?;
     let q = qkv.as_slice();
-    let (mut o, mut a) = (zeros(&[b, t, c], "out")?, zeros(&[b, n_head, t, t], "att")?);
-    py.detach(|| attention::attention_forward(&mut o, &mut a, q, b, t, c, n_head, threads()));
-    Ok((out(py, &[b, t, c], o), out(py, &[b, n_head, t, t], a)))
+    let (mut o, mut l) = (zeros(&[b, t, c], "out")?, zeros(&[b, n_head, t], "lse")?);
+    py.detach(|| attention::attention_forward(&mut o, &mut l, q, b, t, c, n_head, threads()));
+    Ok((out(py, &[b, t, c], o), out(py, &[b, n_head, t], l)))
 }
 
-/// dout [B, T, C], qkv [B, T, 3C], att [B, NH, T, T] -> dqkv [B, T, 3C]
+/// dout [B, T, C], qkv [B, T, 3C], output [B, T, C] (from the forward), lse [B, NH, T] -> dqkv [B, T, 3C]
 #[pyfunction]
 pub fn attention_backward<'py>(
     py: Python<'py>,
     dout: &Bound<'py, PyAny>,
     qkv: &Bound<'py, PyAny>,
-    att: &Bound<'py, PyAny>,
+    output: &Bound<'py, PyAny>,
+    lse: &Bound<'py, PyAny>,
     n_head: Int<usize>,
 ) -> PyResult<Arr<'py>> {
     let n_head = n_head.0;
-    let (dout, qkv, att) = (f32_in(dout, "dout", 3)?, f32_in(qkv, "qkv", 3)?, f32_in(att, "att", 4)?);
+    let (dout, qkv) = (f32_in(dout, "dout", 3)?, f32_in(qkv, "qkv", 3)?);
+    let (o, lse) = (f32_in(output, "output", 3)?, f32_in(lse, "lse", 3)?);
     let (b, t, c) = head_dims(qkv.shape(), n_head)?;
     expect_shape("dout", dout.shape(), &[b, t, c])?;
-    expect_shape("att", att.shape(), &[b, n_head, t, t])?;
-    let (d, q, a) = (dout.as_slice(), qkv.as_slice(), att.as_slice());
+    expect_shape("output", o.shape(), &[b, t, c])?;
+    expect_shape("lse", lse.shape(), &[b, n_head, t])?;
+    let (d, q, o, l) = (dout.as_slice(), qkv.as_slice(), o.as_slice(), lse.as_slice());
     let mut dq = zeros(&[b, t, 3, c], "dqkv")?;
-    py.detach(|| attention::attention_backward(&mut dq, d, q, a, b, t, c, n_head, threads()));
+    py.detach(|| attention::attention_backward(&mut dq, d, q, o, l, b, t, c, n_head, threads()));
     Ok(out(py, &[b, t, 3 * c], dq))
 }
 
