@@ -29,6 +29,7 @@ import numpy as np
 
 from crystalline import _core
 from crystalline.config import ModelConfig, TrainConfig
+from crystalline.precision import resolve as resolve_precision
 
 # Timed steps the probe always takes, and the seconds it may spend on more.
 PROBE_MIN_STEPS = 2
@@ -55,12 +56,13 @@ class Probe:
 
 
 def probe(model: ModelConfig, batch_size: int, seq_len: int, threads: int, cores: int | None = None,
-          seed: int = 0) -> Probe:
+          seed: int = 0, precision: str = "fp32") -> Probe:
     """Time steps and a validation batch of `model` at this batch size,
-    sequence length, thread and core count (None: every core), on random
-    tokens (the weights are thrown away)."""
+    sequence length, thread and core count (None: every core) and matmul
+    precision ("fp32" or "bf16"), on random tokens (the weights are thrown away)."""
     start = time.perf_counter()
     trainer = _core.Trainer(**asdict(model), threads=threads, cores=cores, seed=seed)
+    trainer.set_precision(precision)
     batch = np.random.default_rng(seed).integers(0, model.vocab_size, (batch_size, seq_len + 1), dtype=np.int64)
     lr = 1e-6  # the probe's weights are never used: any finite step will do
     trainer.step(batch, lr)
@@ -95,7 +97,9 @@ def for_run(cfg: TrainConfig, train_tokens: int, val_tokens: int, done: int = 0)
     steps of it already taken."""
     total = planned_steps(cfg, train_tokens)
     windows = min(max(0, (val_tokens - 1) // cfg.seq_len), cfg.eval_batches * cfg.batch_size)
-    return Estimate(probe(cfg.model_config(), cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores, cfg.seed),
+    timed = probe(cfg.model_config(), cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores, cfg.seed,
+                  resolve_precision(cfg.precision))
+    return Estimate(timed,
                     steps_per_epoch(cfg, train_tokens), None if total is None else total - done, done,
                     cfg.eval_interval, math.ceil(windows / cfg.batch_size))
 

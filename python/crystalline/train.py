@@ -258,7 +258,7 @@ class Trainer:
         teams = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers) on "
                 f"{cores} cores: {len(teams['cores'])} lanes, teams of {', '.join(map(str, teams['cores']))} cores; "
-                f"training buffers need about {mem / 2**20:,.0f} MiB; matmuls in {self.trainer.precision}")
+                f"training buffers need about {mem / 2**20:,.0f} MiB; matmuls in {resolve_precision(cfg.precision)}")
 
     def _load_data(self, progress: bool) -> bool:
         """(Re)prepare the data, incrementally; True when the training split changed."""
