@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+STARTUP_S = 60  # deadline for a server to print its address
 
 
 def cli(args: list[str], env: dict, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """`python -m crystalline ARGS` with `env`, capturing text output."""
     return subprocess.run([sys.executable, "-m", "crystalline", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
+
+
+@contextmanager
+def started(args: list[str], env: dict, log: Path, address: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m crystalline ARGS` (a server), its output in `log`, until the
+    block ends, yielding what the regex `address` (one group) finds in the
+    first line that matches, and the process; then Ctrl-C must stop it with
+    exit code 0 and no traceback."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "crystalline", *args], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not (m := re.search(address, log.read_text(), re.M)):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"no address after {STARTUP_S} s:\n{log.read_text()}"
+            time.sleep(0.05)
+        yield m[1], proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 # Runs the command line with a file size limit: a write past it fails with

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,12 +28,11 @@ from crystalline import checkpoint, load  # noqa: E402
 from crystalline.dashboard import runs  # noqa: E402
 from crystalline.dashboard.app import STATIC  # noqa: E402
 from crystalline.serve import listen  # noqa: E402
-from commandline import cli, train  # noqa: E402
+from commandline import cli, started  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TINY = ["--vocab-size", "300", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--batch-size", "8",
         "--seq-len", "64", "--no-progress", "--sample-tokens", "0", "--ext", ".py"]
-STARTUP_S = 60  # deadline for a server to print its address
 PAGE_S = 60  # deadline for the page to show what a test waits for
 
 
@@ -56,24 +54,8 @@ def finished(tmp_path_factory, env) -> Path:
 def dashboard(runs_dir: Path, env: dict, log: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """`crystalline dashboard RUNS_DIR --port 0 FLAGS` until the block ends
     (yielding its address); then Ctrl-C must stop it with exit code 0."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "crystalline", "dashboard", str(runs_dir), "--port", "0",
-                                 *flags], env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while not (m := re.search(r" at (http://\S+)/$", log.read_text(), re.M)):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"no address after {STARTUP_S} s:\n{log.read_text()}"
-            time.sleep(0.05)
-        yield m[1], proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            proc.kill()
-    assert proc.returncode == 0, log.read_text()
-    assert "Traceback" not in log.read_text(), log.read_text()
+    with started(["dashboard", str(runs_dir), "--port", "0", *flags], env, log, r" at (http://\S+)/$") as running:
+        yield running
 
 
 # -- reading the run's files ---------------------------------------------------------

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import signal
 import socket
 import subprocess
-import sys
 import sysconfig
 import threading
 import time
@@ -37,7 +35,7 @@ from crystalline.serve import Overloaded, Scheduler, create_app, exposure_warnin
 from crystalline.serve.app import ChoiceText, choice_texts  # noqa: E402
 from crystalline.serve.scheduler import Event, Generation  # noqa: E402
 from crystalline.serve.schemas import Message, render_chat  # noqa: E402
-from commandline import cli, train  # noqa: E402
+from commandline import cli, started, train  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TINY = ["--vocab-size", "300", "--embed-dim", "32", "--num-layers", "2", "--num-heads", "2", "--batch-size", "8",
@@ -45,7 +43,6 @@ TINY = ["--vocab-size", "300", "--embed-dim", "32", "--num-layers", "2", "--num-
 PROMPTS = ["def load(path):\n", "import json\n", "class Encoder:\n    def", "x = ", "    return ", "# ",
            "for key in", "if not ", "try:\n", "raise ValueError(", "def dumps(obj", "    if isinstance(",
            "import re\n", "\"\"\"", "s = '", "while True:\n"]
-STARTUP_S = 60  # deadline for a server to print its address
 
 
 @pytest.fixture(scope="module")
@@ -71,24 +68,8 @@ class Running:
 def serving(run: Path, env: dict, log: Path, *flags: str) -> Iterator[Running]:
     """`crystalline serve RUN --port 0 FLAGS` until the block ends; then
     Ctrl-C must stop it with exit code 0."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "crystalline", "serve", str(run), "--port", "0", *flags],
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while not (m := re.search(r" at (http://\S+)/v1$", log.read_text(), re.M)):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, f"no address after {STARTUP_S} s:\n{log.read_text()}"
-            time.sleep(0.05)
-        yield Running(m[1], proc)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        finally:
-            proc.kill()
-    assert proc.returncode == 0, log.read_text()
-    assert "Traceback" not in log.read_text(), log.read_text()
+    with started(["serve", str(run), "--port", "0", *flags], env, log, r" at (http://\S+)/v1$") as (url, proc):
+        yield Running(url, proc)
 
 
 @pytest.fixture(scope="module")
