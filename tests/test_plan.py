@@ -233,3 +233,11 @@ def test_the_cache_is_under_crystalline_cache_or_xdg_cache_home(tmp_path, monkey
     assert entry.path == ds.root and entry.ours and entry.inputs == str(src)
     cache.remove(entry)
     assert cache.scan() == []
+
+
+def test_the_progress_bar_s_epoch_time_left_ends_with_the_run():
+    bar = Trainer.__new__(Trainer)  # only the counters _etas reads
+    bar.steps_per_epoch, bar.pos, bar.step, bar.total_steps = 4373, 3990, 3990, 4000
+    assert bar._etas(1.0) == {"epoch_eta": duration(10), "run_eta": duration(10)}
+    bar.total_steps = None  # a --watch run: the epoch's own end
+    assert bar._etas(1.0) == {"epoch_eta": duration(383), "run_eta": "open-ended"}

@@ -576,9 +576,13 @@ class Trainer:
                 bar.update(task, **self._etas(step_s))
 
     def _etas(self, step_s: float) -> dict:
-        """The progress bar's times left in the epoch and the run at `step_s` seconds a step."""
-        run = "open-ended" if self.total_steps is None else estimate.duration((self.total_steps - self.step) * step_s)
-        return dict(epoch_eta=estimate.duration((self.steps_per_epoch - self.pos) * step_s), run_eta=run)
+        """The progress bar's times left in the epoch and the run at `step_s`
+        seconds a step; a run that ends within the epoch ends the epoch's too."""
+        epoch = self.steps_per_epoch - self.pos
+        if self.total_steps is None:
+            return dict(epoch_eta=estimate.duration(epoch * step_s), run_eta="open-ended")
+        run = self.total_steps - self.step
+        return dict(epoch_eta=estimate.duration(min(epoch, run) * step_s), run_eta=estimate.duration(run * step_s))
 
     def _record(self, record: dict, last: bool, metrics: TextIO,
                 board: tensorboard_log.TensorBoardLog | None) -> None:
