@@ -17,7 +17,7 @@ use crystalline::kernels::adamw::AdamW;
 use crystalline::kernels::attention::{attention_backward, attention_forward};
 use crystalline::kernels::crossentropy::crossentropy_fused;
 use crystalline::kernels::bf16::{bf16_gemm, bf16_hardware, to_bf16, Operand};
-use crystalline::kernels::matmul::sgemm;
+use crystalline::kernels::matmul::{product, sgemm};
 use crystalline::model::{Activations, Config, Gpt2};
 use crystalline::optim::Optimizer;
 use std::hint::black_box;
@@ -127,6 +127,35 @@ fn bench_matmul(c: &mut Criterion) {
     group.finish();
 }
 
+/// The seed config's output layer while decoding: rows of x times wte^T,
+/// [m, 384] @ [30000, 384]^T, through `product` (the few-rows path where
+/// the CPU has AVX-512) against the general `sgemm`. One element is one
+/// byte of weight read, so Gelem/s reads as GB/s of w.
+fn bench_decode_head(c: &mut Criterion) {
+    let (n, k) = (30000, 384);
+    let w = rand_vec(n * k, 3);
+    let w16: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
+    let pool2 = pool(2);
+    let mut group = c.benchmark_group("decode_head_30000x384");
+    group.sample_size(20).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    for m in [1, 4, 16] {
+        let x = rand_vec(m * k, 4);
+        let mut out = vec![0.0f32; m * n];
+        group.throughput(Throughput::Elements((4 * n * k) as u64));
+        group.bench_function(BenchmarkId::new("sgemm_f32", format!("rows={m}")), |bch| {
+            bch.iter(|| run_with(&pool2, 2, || sgemm(m, n, k, black_box(&x), false, black_box(&w), true, &mut out, false, 2)))
+        });
+        group.bench_function(BenchmarkId::new("product_f32", format!("rows={m}")), |bch| {
+            bch.iter(|| run_with(&pool2, 2, || product(m, n, k, black_box(&x), false, Operand::F32(black_box(&w)), true, &mut out, false, 2)))
+        });
+        group.throughput(Throughput::Elements((2 * n * k) as u64));
+        group.bench_function(BenchmarkId::new("product_bf16", format!("rows={m}")), |bch| {
+            bch.iter(|| run_with(&pool2, 2, || product(m, n, k, black_box(&x), false, Operand::Bf16(black_box(&w16)), true, &mut out, false, 2)))
+        });
+    }
+    group.finish();
+}
+
 fn bench_attention(c: &mut Criterion) {
     let (ch, nh) = (384usize, 12usize);
     let pool2 = pool(2);
@@ -210,5 +239,5 @@ fn bench_train_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_matmul, bench_attention, bench_crossentropy, bench_train_step);
+criterion_group!(benches, bench_matmul, bench_decode_head, bench_attention, bench_crossentropy, bench_train_step);
 criterion_main!(benches);

@@ -154,98 +154,11 @@ pub fn bf16_gemm(
     if m == 0 || n == 0 {
         return;
     }
-    if let (true, false, Operand::Bf16(w)) = (m < FEW_ROWS, a_trans, b) {
-        few_rows(m, n, k, a, w, b_trans, c, accumulate, threads);
-    } else if bf16_hardware() {
+    if bf16_hardware() {
         #[cfg(target_arch = "x86_64")]
         packed::gemm(m, n, k, a, a_trans, b, b_trans, c, accumulate, threads);
     } else {
         bf16_gemm_emulated(m, n, k, a, a_trans, b, b_trans, c, accumulate, threads);
-    }
-}
-
-/// Fewer rows than this, times a bf16 matrix, take the `few_rows` path.
-const FEW_ROWS: usize = 16;
-
-/// acc[j] += x * w[j]
-#[inline(always)]
-fn axpy_widen(acc: &mut [f32], x: f32, w: &[u16]) {
-    for (o, &h) in acc.iter_mut().zip(w) {
-        *o += x * from_bf16(h);
-    }
-}
-
-/// sum_j x[j] * w[j], with 16 independent accumulators.
-#[inline(always)]
-fn dot_widen(x: &[f32], w: &[u16]) -> f32 {
-    const LANES: usize = 16;
-    let n = x.len().min(w.len());
-    let (cx, cw) = (x[..n].chunks_exact(LANES), w[..n].chunks_exact(LANES));
-    let tail: f32 = cx.remainder().iter().zip(cw.remainder()).map(|(a, &h)| a * from_bf16(h)).sum();
-    let mut acc = [0.0f32; LANES];
-    for (a, h) in cx.zip(cw) {
-        for i in 0..LANES {
-            acc[i] += a[i] * from_bf16(h[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-simd_dispatch! {
-    fn axpy(acc: &mut [f32], x: f32, w: &[u16]) => axpy_widen
-}
-
-simd_dispatch! {
-    fn dot(x: &[f32], w: &[u16]) -> f32 => dot_widen
-}
-
-/// `c[m,n] (+)= bf16(a)[m,k] @ op(w)` for few rows, a row-major `[m, k]`
-/// and w bf16: a matrix-vector product bound by reading w, so w is read
-/// once, its columns (rows when transposed) split across threads, and its
-/// elements widened to f32 in registers (exact) rather than packed.
-///
-/// w: `[k, n]`, or `[n, k]` when `w_trans`
-#[allow(clippy::too_many_arguments)]
-fn few_rows(m: usize, n: usize, k: usize, a: Operand, w: &[u16], w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
-    /// Columns of c per parallel task.
-    const COLS: usize = 256;
-    let x: Vec<f32> = match a {
-        Operand::F32(v) => v[..m * k].iter().map(|&s| from_bf16(to_bf16(s))).collect(),
-        Operand::Bf16(v) => v[..m * k].iter().map(|&h| from_bf16(h)).collect(),
-    };
-    // by_col[chunk][m][cols]: each task's block of c
-    let mut by_col = vec![0.0f32; m * n];
-    let work = |(ci, block): (usize, &mut [f32])| {
-        let (j0, cols) = (ci * COLS, block.len() / m.max(1));
-        for (i, out) in block.chunks_exact_mut(cols).enumerate() {
-            let xi = &x[i * k..(i + 1) * k];
-            if w_trans {
-                for (jj, o) in out.iter_mut().enumerate() {
-                    *o = dot(xi, &w[(j0 + jj) * k..(j0 + jj + 1) * k]);
-                }
-            } else {
-                for (p, &xp) in xi.iter().enumerate() {
-                    axpy(out, xp, &w[p * n + j0..p * n + j0 + cols]);
-                }
-            }
-        }
-    };
-    let chunk = COLS * m;
-    if threads > 1 {
-        by_col.par_chunks_mut(chunk).enumerate().for_each(work);
-    } else {
-        by_col.chunks_mut(chunk).enumerate().for_each(work);
-    }
-    for (ci, block) in by_col.chunks(chunk).enumerate() {
-        let (j0, cols) = (ci * COLS, block.len() / m.max(1));
-        for i in 0..m {
-            let (dst, src) = (&mut c[i * n + j0..i * n + j0 + cols], &block[i * cols..(i + 1) * cols]);
-            if accumulate {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-            } else {
-                dst.copy_from_slice(src);
-            }
-        }
     }
 }
 
@@ -578,7 +491,6 @@ mod tests {
                 (Operand::F32(&at), true, Operand::F32(&b), false),
                 (Operand::Bf16(&a16), false, Operand::F32(&bt), true),
                 (Operand::F32(&at), true, Operand::Bf16(&bt16), true),
-                // with fewer than FEW_ROWS rows these two take the few_rows path
                 (Operand::F32(&a), false, Operand::Bf16(&bt16), true),
                 (Operand::Bf16(&a16), false, Operand::Bf16(&b16), false),
             ];

@@ -7,9 +7,8 @@
 //! forward and backward.
 
 use super::bf16::{bf16_gemm, Operand};
-use super::vecmath::{self, simd_dispatch};
+use super::few_rows::{self, MAX_ROWS};
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 fn parallelism(threads: usize) -> Parallelism {
     if threads <= 1 {
@@ -110,8 +109,14 @@ pub(crate) unsafe fn gemm_strided(
 }
 
 /// c[m,n] (+)= op(a)[m,k] @ op(w)[k,n] in the precision `w` is stored in.
+/// Up to MAX_ROWS rows (decoding) read `w` in place (`few_rows`) where the
+/// CPU has AVX-512.
 #[allow(clippy::too_many_arguments)]
 pub fn product(m: usize, n: usize, k: usize, a: &[f32], a_trans: bool, w: Operand, w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if m <= MAX_ROWS && !a_trans && few_rows::supported() {
+        return few_rows::few_rows(m, n, k, a, w, w_trans, c, accumulate, threads);
+    }
     match w {
         Operand::F32(w) => sgemm(m, n, k, a, a_trans, w, w_trans, c, accumulate, threads),
         Operand::Bf16(_) => bf16_gemm(m, n, k, Operand::F32(a), a_trans, w, w_trans, c, accumulate, threads),
@@ -214,9 +219,7 @@ pub fn matmul_backward<'w>(
 }
 
 /// out = inp @ weight^T for a weight stored `[OC, C]`: the tied output head
-/// (logits = x @ wte^T). With few rows (decoding) this is a matrix-vector
-/// product bound by reading the weight, so the weight's rows are split
-/// across threads instead of handing gemm a skinny problem.
+/// (logits = x @ wte^T).
 ///
 /// out:    [N, OC]  (written)
 /// inp:    [N, C]
@@ -231,29 +234,7 @@ pub fn matmul_transposed_forward<'w>(
     oc: usize,
     threads: usize,
 ) {
-    /// Fewer rows than this take the matrix-vector path.
-    const FEW_ROWS: usize = 16;
-    /// Weight rows per parallel task on that path.
-    const ROWS: usize = 512;
-    let weight = match weight.into() {
-        Operand::F32(w) if n > 0 && n < FEW_ROWS && threads > 1 => w,
-        // bf16_gemm has its own few-rows path
-        w => return product(n, oc, c, inp, false, w, true, out, false, threads),
-    };
-    let mut by_row = vec![0.0f32; oc * n]; // [OC, N]
-    by_row.par_chunks_mut(ROWS * n).enumerate().for_each(|(ci, chunk)| {
-        for (r, col) in chunk.chunks_mut(n).enumerate() {
-            let w = &weight[(ci * ROWS + r) * c..(ci * ROWS + r + 1) * c];
-            for (i, o) in col.iter_mut().enumerate() {
-                *o = dot(w, &inp[i * c..(i + 1) * c]);
-            }
-        }
-    });
-    for j in 0..oc {
-        for i in 0..n {
-            out[i * oc + j] = by_row[j * n + i];
-        }
-    }
+    product(n, oc, c, inp, false, weight.into(), true, out, false, threads)
 }
 
 impl<'a> From<&'a [f32]> for Operand<'a> {
@@ -272,10 +253,6 @@ impl<'a> From<&'a [u16]> for Operand<'a> {
     fn from(x: &'a [u16]) -> Self {
         Operand::Bf16(x)
     }
-}
-
-simd_dispatch! {
-    fn dot(a: &[f32], b: &[f32]) -> f32 => vecmath::dot
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod bf16;
 pub mod crossentropy;
 pub mod encoder;
+pub mod few_rows;
 pub mod gelu;
 pub mod layernorm;
 pub mod matmul;

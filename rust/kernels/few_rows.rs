@@ -1,0 +1,370 @@
+//! Products of a few rows with a weight, `c[m,n] (+)= a[m,k] @ op(w)` for
+//! m <= MAX_ROWS: decoding, where each step multiplies one row per sequence
+//! by every weight of the model.
+//!
+//! Such a product is bound by reading `w` once, not by arithmetic, so
+//! nothing is packed: `w` is read in place, its output columns split into
+//! contiguous ranges across threads, and its elements widened to f32 in
+//! registers (exact for bf16). A register tile of up to 4 rows of `a`
+//! reuses each vector of `w` it loads, so even 16 rows stay bound by
+//! memory rather than by loads (and beat packing `w` for a GEMM). Each element of `c` is summed in the same
+//! order whatever the number of threads.
+//!
+//! The tiles are AVX-512 (`supported()`); elsewhere `matmul::product` keeps
+//! its general path.
+
+use super::bf16::{from_bf16, to_bf16, Operand};
+use rayon::prelude::*;
+
+/// Products of at most this many rows take this path (`matmul::product`):
+/// on the seed config's decode step it beat the GEMM from 1 to 16 rows.
+pub const MAX_ROWS: usize = 16;
+
+/// The most columns of c one task computes. Small tasks balance better and
+/// (for a transposed w) each reads w in one contiguous run: on the output
+/// layer (30000 columns) a cap of 256 ran 1.5x as fast as 8 tasks.
+const SPAN: usize = 256;
+
+/// Whether this CPU runs the few-rows tiles (AVX-512 F, BW and VL).
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `c[m,n] (+)= a[m,k] @ op(w)`, m <= MAX_ROWS, on a CPU where `supported()`.
+/// A bf16 `w` multiplies `a` rounded to bf16 (as `bf16_gemm` does); an f32
+/// one multiplies in f32.
+///
+/// a: `[m, k]`
+/// w: `[k, n]`, or `[n, k]` when `w_trans`
+/// c: `[m, n]`, overwritten unless `accumulate`
+/// threads: 1 runs on the calling thread; more use the current rayon pool.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub fn few_rows(m: usize, n: usize, k: usize, a: &[f32], w: Operand, w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
+    assert!(m <= MAX_ROWS && supported(), "few_rows: {m} rows, or a CPU without AVX-512");
+    assert!(a.len() >= m * k && c.len() >= m * n, "few_rows: operands too short");
+    let w_len = match w {
+        Operand::F32(w) => w.len(),
+        Operand::Bf16(w) => w.len(),
+    };
+    assert!(w_len >= k * n, "few_rows: w has {w_len} elements, need {}", k * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let rounded: Vec<f32>;
+    let a = match w {
+        Operand::F32(_) => &a[..m * k],
+        Operand::Bf16(_) => {
+            rounded = a[..m * k].iter().map(|&x| from_bf16(to_bf16(x))).collect();
+            &rounded
+        }
+    };
+    // Contiguous column ranges, at least 4 per thread so that uneven ones
+    // balance, and at most SPAN columns each.
+    let tasks = if threads > 1 { 4 * threads } else { 1 };
+    let span = (n.div_ceil(tasks).div_ceil(tiles::COLS) * tiles::COLS).min(SPAN);
+    let out = Out(c.as_mut_ptr());
+    let run = |j0: usize| {
+        let cols = span.min(n - j0);
+        let mut block = vec![0.0f32; m * cols]; // [m, cols]
+        // SAFETY: supported() holds (asserted), and the lengths of a, w and
+        // block cover every element the tiles read and write.
+        unsafe {
+            match w {
+                Operand::F32(w) => tiles::block(&mut block, a, m, k, n, w, w_trans, j0),
+                Operand::Bf16(w) => tiles::block(&mut block, a, m, k, n, w, w_trans, j0),
+            }
+        }
+        for (i, row) in block.chunks_exact(cols).enumerate() {
+            // SAFETY: c holds m * n elements (asserted), and this task alone
+            // writes columns j0..j0 + cols of each row.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.at(i * n + j0), cols) };
+            if accumulate {
+                dst.iter_mut().zip(row).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(row);
+            }
+        }
+    };
+    if threads > 1 {
+        (0..n).step_by(span).collect::<Vec<_>>().into_par_iter().for_each(run);
+    } else {
+        (0..n).step_by(span).for_each(run);
+    }
+}
+
+/// c's base pointer, shared by tasks that write disjoint columns.
+#[cfg(target_arch = "x86_64")]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint elements through it (see `few_rows`).
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Out {}
+
+#[cfg(target_arch = "x86_64")]
+impl Out {
+    fn at(&self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay within c (see `few_rows`).
+        unsafe { self.0.add(offset) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod tiles {
+    //! The AVX-512 register tiles. Every load past the end of a row is
+    //! masked off, so rows and k of any length need no scalar tail.
+
+    use std::arch::x86_64::*;
+
+    /// f32 lanes of a vector.
+    const LANES: usize = 16;
+    /// Rows of `a` per tile.
+    const ROWS: usize = 4;
+    /// Rows of a transposed `w` per tile.
+    const W_ROWS: usize = 4;
+    /// Accumulator registers of a tile when `w` is `[k, n]`.
+    const ACCUMULATORS: usize = 16;
+    /// The granularity of a thread's column range.
+    pub const COLS: usize = 4 * LANES;
+
+    /// A stored weight element loaded as 16 f32 lanes.
+    pub trait Load: Copy {
+        /// # Safety
+        /// The lanes in `mask` must be readable; AVX-512 F and BW present.
+        unsafe fn load(p: *const Self, mask: __mmask16) -> __m512;
+    }
+
+    impl Load for f32 {
+        #[inline(always)]
+        unsafe fn load(p: *const f32, mask: __mmask16) -> __m512 {
+            if mask == 0xffff {
+                _mm512_loadu_ps(p)
+            } else {
+                _mm512_maskz_loadu_ps(mask, p)
+            }
+        }
+    }
+
+    impl Load for u16 {
+        /// bf16 bits widened: the 16 bits become the f32's top half.
+        #[inline(always)]
+        unsafe fn load(p: *const u16, mask: __mmask16) -> __m512 {
+            let h = if mask == 0xffff {
+                _mm256_loadu_si256(p as *const __m256i)
+            } else {
+                _mm256_maskz_loadu_epi16(mask, p as *const i16)
+            };
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+
+    /// The first `len` lanes (all of them from 16 up).
+    #[inline(always)]
+    fn mask(len: usize) -> __mmask16 {
+        if len >= LANES {
+            0xffff
+        } else {
+            ((1u32 << len) - 1) as __mmask16
+        }
+    }
+
+    /// Call `$tile::<E, $extra, R>` with R = `$rows` (1 to ROWS) a constant,
+    /// so each tile size compiles to its own fully unrolled loop.
+    macro_rules! by_rows {
+        ($tile:ident, $rows:expr, $extra:tt, $($arg:expr),*) => {
+            match $rows {
+                4 => $tile::<E, $extra, 4>($($arg),*),
+                3 => $tile::<E, $extra, 3>($($arg),*),
+                2 => $tile::<E, $extra, 2>($($arg),*),
+                _ => $tile::<E, $extra, 1>($($arg),*),
+            }
+        };
+    }
+
+    /// block[m, cols] = a[m,k] @ op(w)[:, j0..j0 + cols], tile by tile.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW and VL present; w holds `k * n` elements, a `m * k`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn block<E: Load>(block: &mut [f32], a: &[f32], m: usize, k: usize, n: usize, w: &[E], w_trans: bool, j0: usize) {
+        let cols = block.len() / m;
+        let (a, w, out) = (a.as_ptr(), w.as_ptr(), block.as_mut_ptr());
+        for i0 in (0..m).step_by(ROWS) {
+            let rows = ROWS.min(m - i0);
+            let (a, out) = (a.add(i0 * k), out.add(i0 * cols));
+            if w_trans {
+                for j in (0..cols).step_by(W_ROWS) {
+                    let (w, out) = (w.add((j0 + j) * k), out.add(j));
+                    match (cols - j).min(W_ROWS) {
+                        4 => by_rows!(dots, rows, 4, a, w, k, out, cols),
+                        3 => by_rows!(dots, rows, 3, a, w, k, out, cols),
+                        2 => by_rows!(dots, rows, 2, a, w, k, out, cols),
+                        _ => by_rows!(dots, rows, 1, a, w, k, out, cols),
+                    }
+                }
+            } else {
+                // As many columns per tile as 16 accumulators hold: long
+                // contiguous runs of each row of w stream best.
+                let width = LANES * ACCUMULATORS / rows.next_power_of_two();
+                for j in (0..cols).step_by(width) {
+                    let (w, out, left) = (w.add(j0 + j), out.add(j), cols - j);
+                    match rows {
+                        4 => axpys::<E, 4, 4>(a, w, k, n, left, out, cols),
+                        3 => axpys::<E, 4, 3>(a, w, k, n, left, out, cols),
+                        2 => axpys::<E, 8, 2>(a, w, k, n, left, out, cols),
+                        _ => axpys::<E, 16, 1>(a, w, k, n, left, out, cols),
+                    }
+                }
+            }
+        }
+    }
+
+    /// out[i * ld + j] = a_i . w_j for I rows of `a` and J rows of `w`.
+    ///
+    /// a: [I, k], w: [J, k] (rows k apart)
+    #[inline(always)]
+    unsafe fn dots<E: Load, const J: usize, const I: usize>(a: *const f32, w: *const E, k: usize, out: *mut f32, ld: usize) {
+        let mut acc = [[_mm512_setzero_ps(); I]; J];
+        let mut wv = [_mm512_setzero_ps(); J];
+        for p in (0..k).step_by(LANES) {
+            let m = mask(k - p);
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = E::load(w.add(j * k + p), m);
+            }
+            for i in 0..I {
+                let x = f32::load(a.add(i * k + p), m);
+                for j in 0..J {
+                    acc[j][i] = _mm512_fmadd_ps(wv[j], x, acc[j][i]);
+                }
+            }
+        }
+        for (j, acc) in acc.iter().enumerate() {
+            for (i, v) in acc.iter().enumerate() {
+                *out.add(i * ld + j) = _mm512_reduce_add_ps(*v);
+            }
+        }
+    }
+
+    /// out[i * ld + j] = sum_p a[i][p] * w[p * n + j] for I rows of `a`
+    /// and the first `cols` (up to 16 * V) columns of `w`.
+    ///
+    /// a: [I, k], w: [k, n] from the tile's first column
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn axpys<E: Load, const V: usize, const I: usize>(a: *const f32, w: *const E, k: usize, n: usize, cols: usize, out: *mut f32, ld: usize) {
+        let masks: [__mmask16; V] = std::array::from_fn(|v| mask(cols.saturating_sub(v * LANES)));
+        let live = cols.div_ceil(LANES).min(V);
+        let mut acc = [[_mm512_setzero_ps(); V]; I];
+        let mut wv = [_mm512_setzero_ps(); V];
+        for p in 0..k {
+            let row = w.wrapping_add(p * n);
+            for v in 0..V {
+                if v < live {
+                    wv[v] = E::load(row.wrapping_add(v * LANES), masks[v]);
+                }
+            }
+            for i in 0..I {
+                let x = _mm512_set1_ps(*a.add(i * k + p));
+                for v in 0..V {
+                    if v < live {
+                        acc[i][v] = _mm512_fmadd_ps(x, wv[v], acc[i][v]);
+                    }
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for v in 0..V {
+                if v < live {
+                    _mm512_mask_storeu_ps(out.wrapping_add(i * ld + v * LANES), masks[v], acc[v]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gradcheck::rand_vec;
+
+    /// c = a @ op(w) in f64 from the operands as multiplied (a rounded to
+    /// bf16 when w is), and sum |a||w| per element.
+    fn reference(m: usize, n: usize, k: usize, a: &[f32], w: &[f32], w_trans: bool, round: bool) -> (Vec<f64>, Vec<f64>) {
+        let r = |x: f32| if round { from_bf16(to_bf16(x)) as f64 } else { x as f64 };
+        let (mut c, mut mag) = (vec![0.0; m * n], vec![0.0; m * n]);
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    let wv = if w_trans { w[j * k + p] } else { w[p * n + j] };
+                    c[i * n + j] += r(a[i * k + p]) * r(wv);
+                    mag[i * n + j] += (r(a[i * k + p]) * r(wv)).abs();
+                }
+            }
+        }
+        (c, mag)
+    }
+
+    #[test]
+    fn matches_exact_products_for_every_tile_shape() {
+        if !supported() {
+            eprintln!("skipped: this CPU lacks AVX-512, so matmul::product never takes this path here");
+            return;
+        }
+        // k and n around the 16-lane vectors and the 64-column tiles;
+        // m from 1 to MAX_ROWS covers every tile height and remainder
+        for &(m, n, k) in &[(1, 1, 1), (1, 300, 17), (2, 65, 16), (3, 17, 33), (4, 64, 15), (5, 129, 100), (7, 1000, 40), (16, 70, 31)] {
+            let a = rand_vec(m * k, 1);
+            let w = rand_vec(k * n, 2);
+            let w16: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
+            let w_rounded: Vec<f32> = w16.iter().map(|&h| from_bf16(h)).collect();
+            for w_trans in [false, true] {
+                for bf16 in [false, true] {
+                    let operand = if bf16 { Operand::Bf16(&w16) } else { Operand::F32(&w) };
+                    let (want, mag) = reference(m, n, k, &a, if bf16 { &w_rounded } else { &w }, w_trans, bf16);
+                    for threads in [1, 3] {
+                        let mut c = vec![0.5f32; m * n];
+                        few_rows(m, n, k, &a, operand, w_trans, &mut c, false, threads);
+                        let mut acc = vec![0.5f32; m * n];
+                        few_rows(m, n, k, &a, operand, w_trans, &mut acc, true, threads);
+                        for i in 0..m * n {
+                            // f32 summation of exact products: k roundings
+                            let tol = (k as f64 + 1.0) * 2f64.powi(-24) * mag[i] + 1e-30;
+                            assert!((c[i] as f64 - want[i]).abs() <= tol, "[{m},{n},{k}] trans={w_trans} bf16={bf16} {i}: {} vs {}", c[i], want[i]);
+                            assert!((acc[i] as f64 - (want[i] + 0.5)).abs() <= tol + 1e-6, "accumulate [{m},{n},{k}] {i}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn threads_do_not_change_the_bits() {
+        if !supported() {
+            eprintln!("skipped: this CPU lacks AVX-512");
+            return;
+        }
+        let (m, n, k) = (6, 3000, 384);
+        let (a, w) = (rand_vec(m * k, 3), rand_vec(k * n, 4));
+        for w_trans in [false, true] {
+            let run = |threads: usize| {
+                let mut c = vec![0.0f32; m * n];
+                few_rows(m, n, k, &a, Operand::F32(&w), w_trans, &mut c, false, threads);
+                c
+            };
+            let one = run(1);
+            for threads in [2, 5, 12] {
+                assert!(one.iter().zip(run(threads)).all(|(x, y)| x.to_bits() == y.to_bits()), "threads={threads} trans={w_trans}");
+            }
+        }
+    }
+}
