@@ -100,6 +100,21 @@ def test_train_prints_the_estimate_before_step_1_and_it_is_near_the_measured_tim
     assert measured / 3 < predicted < measured * 3, (predicted, measured)  # a loose sanity bound: benches/estimate.py
 
 
+def test_train_no_estimate_skips_the_probe_and_a_resume_may_turn_it_back_on(tmp_path, corpus, own_env):
+    run = tmp_path / "run"
+    args = ["train", str(corpus), "--vocab-size", "300", *SHAPE, "--no-progress", "--sample-tokens", "0",
+            "--checkpoint-dir", str(run)]
+    quiet = cli([*args, "--max-steps", "3", "--no-estimate"], own_env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "[Node Zero] estimate" not in quiet.stderr and "done: 3 steps" in quiet.stderr
+    kept = cli(["train", "--resume", str(run), "--max-steps", "6", "--no-progress"], own_env)
+    assert kept.returncode == 0 and "[Node Zero] estimate" not in kept.stderr  # as the run was started
+    resumed = cli(["train", "--resume", str(run), "--max-steps", "9", "--no-progress", "--estimate"], own_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[Node Zero] estimate: " in resumed.stderr and "estimate source: timed:" in resumed.stderr
+    assert "done: 9 steps" in resumed.stderr
+
+
 def test_a_runs_time_is_its_steps_and_its_validations():
     probe = Probe(step_s=2.0, eval_s=0.5, steps=3, threads=12, wall_s=7.0)
     est = Estimate(probe, steps_per_epoch=100, total_steps=450, done=0, eval_interval=200, val_batches=4)

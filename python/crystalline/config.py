@@ -179,6 +179,7 @@ class TrainConfig:
     sample_tokens: int = 120  # tokens sampled after training (0: none)
     verbose: bool = False  # a line per sphere per step
     progress: bool = True  # the rich progress bar
+    estimate: bool = True  # time a few steps of the config before step 1 and say how long the run will take
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars into RUN/tb/
 
     def model_config(self) -> ModelConfig:
@@ -271,7 +272,7 @@ PRESETS: dict[str, dict] = {
 # far it goes. Its shape, data and schedule stay as saved.
 RESUME_ADJUSTABLE = {"epochs", "max_steps", "eval_interval", "eval_batches", "save_interval", "keep", "verbose",
                      "progress", "sample_tokens", "checkpoint_dir", "threads", "cores", "watch_interval",
-                     "tensorboard", "precision"}
+                     "tensorboard", "precision", "estimate"}
 
 
 def load_toml(path: Path) -> dict:

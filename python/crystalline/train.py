@@ -160,7 +160,8 @@ class Trainer:
             self._check_memory()
         self._check_data()
         self._report_plan()
-        self._estimate()
+        if self.cfg.estimate:
+            self._estimate()
         self._build_trainer()
 
     def _check_memory(self) -> None:
@@ -556,7 +557,8 @@ class Trainer:
         cluster = self.cluster
         task = bar.add_task("train", total=self.total_steps, completed=self.step, epoch=self.epoch + 1,
                             loss="-", tps="-", epoch_eta="-", run_eta="-")
-        # seconds per step (validations and checkpoints in), a moving average; ranks other than 0 show no bar
+        # seconds per step (validations and checkpoints in), a moving average from the probe's step time
+        # (or, without a probe, from the first step's); ranks other than 0 show no bar
         step_s = self.estimate.probe.step_s if self.estimate is not None else None
         while not self._finished() and not self._stop:
             t0 = time.perf_counter()
@@ -571,9 +573,9 @@ class Trainer:
                 bar.update(task, total=self.total_steps)
             if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
                 cluster.lead(self._save_checkpoint)
-            if step_s is not None:
-                step_s = 0.9 * step_s + 0.1 * (time.perf_counter() - t0)
-                bar.update(task, **self._etas(step_s))
+            took = time.perf_counter() - t0
+            step_s = took if step_s is None else 0.9 * step_s + 0.1 * took
+            bar.update(task, **self._etas(step_s))
 
     def _etas(self, step_s: float) -> dict:
         """The progress bar's times left in the epoch and the run at `step_s`

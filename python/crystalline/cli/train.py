@@ -62,6 +62,10 @@ def train(
                                                help="Also write the metrics as TensorBoard scalars into RUN/tb/ "
                                                     "(pip install 'crystalline-cllm[tensorboard]').")] = None,
     no_progress: Annotated[bool, Opt("--no-progress", help="No progress bar.")] = False,
+    estimate: Annotated[Optional[bool], Opt("--estimate/--no-estimate",
+                                            help="Time a few steps before step 1 and say how long the run will "
+                                                 "take (default); --no-estimate skips that probe, and the progress "
+                                                 "bar's times start from the first steps.")] = None,
 ) -> None:
     """Train a GPT-2 model on text or code, on every core, with checkpoints."""
     data = list(data or [])
@@ -77,7 +81,7 @@ def train(
         weight_decay=weight_decay, grad_clip=grad_clip, eval_interval=eval_interval, val_fraction=val_fraction,
         max_steps=max_steps, save_interval=save_interval, keep=keep, extensions=ext, tokenizer=tokenizer,
         sample_tokens=sample_tokens, preset=preset, verbose=verbose or None, progress=False if no_progress else None,
-        watch=str(watch) if watch else None, watch_interval=watch_interval, tensorboard=tensorboard,
+        estimate=estimate, watch=str(watch) if watch else None, watch_interval=watch_interval, tensorboard=tensorboard,
     ))
     console = Console(stderr=True, soft_wrap=True)
     if resume:
