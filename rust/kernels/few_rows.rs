@@ -60,12 +60,18 @@ pub fn few_rows(m: usize, n: usize, k: usize, a: &[f32], w: Operand, w_trans: bo
     if m == 0 || n == 0 {
         return;
     }
-    let rounded: Vec<f32>;
-    let a = match w {
-        Operand::F32(_) => &a[..m * k],
+    // a as the tiles read it: for a bf16 w rounded to bf16, and for a
+    // transposed one also split like w's loads (`tiles::split`); lda its row stride.
+    let copy: Vec<f32>;
+    let (a, lda) = match w {
+        Operand::F32(_) => (&a[..m * k], k),
+        Operand::Bf16(_) if w_trans => {
+            copy = tiles::split(&a[..m * k], m, k);
+            (&copy[..], copy.len() / m)
+        }
         Operand::Bf16(_) => {
-            rounded = a[..m * k].iter().map(|&x| from_bf16(to_bf16(x))).collect();
-            &rounded
+            copy = a[..m * k].iter().map(|&x| from_bf16(to_bf16(x))).collect();
+            (&copy[..], k)
         }
     };
     // Contiguous column ranges, at least 4 per thread so that uneven ones
@@ -80,8 +86,8 @@ pub fn few_rows(m: usize, n: usize, k: usize, a: &[f32], w: Operand, w_trans: bo
         // block cover every element the tiles read and write.
         unsafe {
             match w {
-                Operand::F32(w) => tiles::block(&mut block, a, m, k, n, w, w_trans, j0),
-                Operand::Bf16(w) => tiles::block(&mut block, a, m, k, n, w, w_trans, j0),
+                Operand::F32(w) => tiles::block(&mut block, a, lda, m, k, n, w, w_trans, j0),
+                Operand::Bf16(w) => tiles::block(&mut block, a, lda, m, k, n, w, w_trans, j0),
             }
         }
         for (i, row) in block.chunks_exact(cols).enumerate() {
@@ -135,35 +141,68 @@ mod tiles {
     /// The granularity of a thread's column range.
     pub const COLS: usize = 4 * LANES;
 
-    /// A stored weight element loaded as 16 f32 lanes.
+    /// A stored weight element, loaded 32 at a time as two vectors.
     pub trait Load: Copy {
+        /// Whether `load32` splits even and odd elements (bf16), rather than
+        /// giving the first and second 16 (f32).
+        const SPLIT: bool;
+
+        /// Elements p[0..32] as two vectors of 16 f32: the first `len` of
+        /// them (1 to 32) loaded, the rest zero.
+        ///
         /// # Safety
-        /// The lanes in `mask` must be readable; AVX-512 F and BW present.
-        unsafe fn load(p: *const Self, mask: __mmask16) -> __m512;
+        /// p[0..len] readable; AVX-512 F and BW present.
+        unsafe fn load32(p: *const Self, len: usize) -> (__m512, __m512);
     }
 
     impl Load for f32 {
+        const SPLIT: bool = false;
+
         #[inline(always)]
-        unsafe fn load(p: *const f32, mask: __mmask16) -> __m512 {
-            if mask == 0xffff {
-                _mm512_loadu_ps(p)
+        unsafe fn load32(p: *const f32, len: usize) -> (__m512, __m512) {
+            // unmasked where possible: masked loads ran at half speed on Zen 4
+            if len >= 2 * LANES {
+                (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(LANES)))
             } else {
-                _mm512_maskz_loadu_ps(mask, p)
+                let hi = _mm512_maskz_loadu_ps(mask(len.saturating_sub(LANES)), p.wrapping_add(LANES));
+                (_mm512_maskz_loadu_ps(mask(len), p), hi)
             }
         }
     }
 
     impl Load for u16 {
-        /// bf16 bits widened: the 16 bits become the f32's top half.
+        const SPLIT: bool = true;
+
+        /// Each 32-bit lane holds two bf16 (the even element in its low
+        /// half): shifting the lane up 16 bits widens the even one, masking
+        /// its low half the odd one. Two cheap operations per 32 elements,
+        /// where widening 16 at a time took a shuffle each.
         #[inline(always)]
-        unsafe fn load(p: *const u16, mask: __mmask16) -> __m512 {
-            let h = if mask == 0xffff {
-                _mm256_loadu_si256(p as *const __m256i)
+        unsafe fn load32(p: *const u16, len: usize) -> (__m512, __m512) {
+            let v = if len >= 2 * LANES {
+                _mm512_loadu_si512(p as *const __m512i)
             } else {
-                _mm256_maskz_loadu_epi16(mask, p as *const i16)
+                _mm512_maskz_loadu_epi16(((1u64 << len) - 1) as __mmask32, p as *const i16)
             };
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            let even = _mm512_slli_epi32::<16>(v);
+            let odd = _mm512_and_si512(v, _mm512_set1_epi32(0xffff_0000u32 as i32));
+            (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
         }
+    }
+
+    /// a [m, k] rounded to bf16 and laid out as `u16::load32` splits a
+    /// transposed w: each row padded with zeros to a multiple of 32, each 32
+    /// as its 16 even elements then its 16 odd ones.
+    pub fn split(a: &[f32], m: usize, k: usize) -> Vec<f32> {
+        let ld = k.div_ceil(2 * LANES) * 2 * LANES;
+        let mut out = vec![0.0f32; m * ld];
+        for (row, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(ld)) {
+            for (p, &x) in row.iter().enumerate() {
+                let (group, at) = (p / (2 * LANES), p % (2 * LANES));
+                dst[group * 2 * LANES + (at % 2) * LANES + at / 2] = super::from_bf16(super::to_bf16(x));
+            }
+        }
+        out
     }
 
     /// The first `len` lanes (all of them from 16 up).
@@ -189,26 +228,27 @@ mod tiles {
         };
     }
 
-    /// block[m, cols] = a[m,k] @ op(w)[:, j0..j0 + cols], tile by tile.
+    /// block[m, cols] = a[m,k] @ op(w)[:, j0..j0 + cols], tile by tile; a's
+    /// rows lda apart (laid out by `split` for a transposed bf16 w).
     ///
     /// # Safety
-    /// AVX-512 F, BW and VL present; w holds `k * n` elements, a `m * k`.
+    /// AVX-512 F, BW and VL present; w holds `k * n` elements, a `m * lda`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn block<E: Load>(block: &mut [f32], a: &[f32], m: usize, k: usize, n: usize, w: &[E], w_trans: bool, j0: usize) {
+    pub unsafe fn block<E: Load>(block: &mut [f32], a: &[f32], lda: usize, m: usize, k: usize, n: usize, w: &[E], w_trans: bool, j0: usize) {
         let cols = block.len() / m;
         let (a, w, out) = (a.as_ptr(), w.as_ptr(), block.as_mut_ptr());
         for i0 in (0..m).step_by(ROWS) {
             let rows = ROWS.min(m - i0);
-            let (a, out) = (a.add(i0 * k), out.add(i0 * cols));
+            let (a, out) = (a.add(i0 * lda), out.add(i0 * cols));
             if w_trans {
                 for j in (0..cols).step_by(W_ROWS) {
                     let (w, out) = (w.add((j0 + j) * k), out.add(j));
                     match (cols - j).min(W_ROWS) {
-                        4 => by_rows!(dots, rows, 4, a, w, k, out, cols),
-                        3 => by_rows!(dots, rows, 3, a, w, k, out, cols),
-                        2 => by_rows!(dots, rows, 2, a, w, k, out, cols),
-                        _ => by_rows!(dots, rows, 1, a, w, k, out, cols),
+                        4 => by_rows!(dots, rows, 4, a, lda, w, k, out, cols),
+                        3 => by_rows!(dots, rows, 3, a, lda, w, k, out, cols),
+                        2 => by_rows!(dots, rows, 2, a, lda, w, k, out, cols),
+                        _ => by_rows!(dots, rows, 1, a, lda, w, k, out, cols),
                     }
                 }
             } else {
@@ -218,10 +258,10 @@ mod tiles {
                 for j in (0..cols).step_by(width) {
                     let (w, out, left) = (w.add(j0 + j), out.add(j), cols - j);
                     match rows {
-                        4 => axpys::<E, 4, 4>(a, w, k, n, left, out, cols),
-                        3 => axpys::<E, 4, 3>(a, w, k, n, left, out, cols),
-                        2 => axpys::<E, 8, 2>(a, w, k, n, left, out, cols),
-                        _ => axpys::<E, 16, 1>(a, w, k, n, left, out, cols),
+                        4 => axpys::<E, 2, 4>(a, w, k, n, left, out, cols),
+                        3 => axpys::<E, 2, 3>(a, w, k, n, left, out, cols),
+                        2 => axpys::<E, 4, 2>(a, w, k, n, left, out, cols),
+                        _ => axpys::<E, 8, 1>(a, w, k, n, left, out, cols),
                     }
                 }
             }
@@ -230,20 +270,22 @@ mod tiles {
 
     /// out[i * ld + j] = a_i . w_j for I rows of `a` and J rows of `w`.
     ///
-    /// a: [I, k], w: [J, k] (rows k apart)
+    /// a: [I, lda] (split when E::SPLIT), w: [J, k] (rows k apart)
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn dots<E: Load, const J: usize, const I: usize>(a: *const f32, w: *const E, k: usize, out: *mut f32, ld: usize) {
+    unsafe fn dots<E: Load, const J: usize, const I: usize>(a: *const f32, lda: usize, w: *const E, k: usize, out: *mut f32, ld: usize) {
         let mut acc = [[_mm512_setzero_ps(); I]; J];
-        let mut wv = [_mm512_setzero_ps(); J];
-        for p in (0..k).step_by(LANES) {
-            let m = mask(k - p);
+        let mut wv = [(_mm512_setzero_ps(), _mm512_setzero_ps()); J];
+        for p in (0..k).step_by(2 * LANES) {
+            let len = k - p;
             for (j, v) in wv.iter_mut().enumerate() {
-                *v = E::load(w.add(j * k + p), m);
+                *v = E::load32(w.add(j * k + p), len);
             }
             for i in 0..I {
-                let x = f32::load(a.add(i * k + p), m);
+                // a split row is padded: its loads are whole
+                let (x0, x1) = f32::load32(a.add(i * lda + p), if E::SPLIT { 2 * LANES } else { len });
                 for j in 0..J {
-                    acc[j][i] = _mm512_fmadd_ps(wv[j], x, acc[j][i]);
+                    acc[j][i] = _mm512_fmadd_ps(wv[j].1, x1, _mm512_fmadd_ps(wv[j].0, x0, acc[j][i]));
                 }
             }
         }
@@ -255,37 +297,46 @@ mod tiles {
     }
 
     /// out[i * ld + j] = sum_p a[i][p] * w[p * n + j] for I rows of `a`
-    /// and the first `cols` (up to 16 * V) columns of `w`.
+    /// and the first `cols` (up to 32 * G) columns of `w`.
     ///
     /// a: [I, k], w: [k, n] from the tile's first column
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn axpys<E: Load, const V: usize, const I: usize>(a: *const f32, w: *const E, k: usize, n: usize, cols: usize, out: *mut f32, ld: usize) {
-        let masks: [__mmask16; V] = std::array::from_fn(|v| mask(cols.saturating_sub(v * LANES)));
-        let live = cols.div_ceil(LANES).min(V);
-        let mut acc = [[_mm512_setzero_ps(); V]; I];
-        let mut wv = [_mm512_setzero_ps(); V];
+    unsafe fn axpys<E: Load, const G: usize, const I: usize>(a: *const f32, w: *const E, k: usize, n: usize, cols: usize, out: *mut f32, ld: usize) {
+        let live = cols.div_ceil(2 * LANES).min(G);
+        let zero = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut acc = [[zero; G]; I];
+        let mut wv = [zero; G];
         for p in 0..k {
             let row = w.wrapping_add(p * n);
-            for v in 0..V {
-                if v < live {
-                    wv[v] = E::load(row.wrapping_add(v * LANES), masks[v]);
+            for g in 0..G {
+                if g < live {
+                    wv[g] = E::load32(row.wrapping_add(2 * LANES * g), cols - 2 * LANES * g);
                 }
             }
             for i in 0..I {
                 let x = _mm512_set1_ps(*a.add(i * k + p));
-                for v in 0..V {
-                    if v < live {
-                        acc[i][v] = _mm512_fmadd_ps(x, wv[v], acc[i][v]);
+                for g in 0..G {
+                    if g < live {
+                        acc[i][g] = (_mm512_fmadd_ps(x, wv[g].0, acc[i][g].0), _mm512_fmadd_ps(x, wv[g].1, acc[i][g].1));
                     }
                 }
             }
         }
+        // split sums back to column order: lanes 0..16 take the first 8 even
+        // and odd columns in turn, lanes 16..32 the last 8
+        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
         for (i, acc) in acc.iter().enumerate() {
-            for v in 0..V {
-                if v < live {
-                    _mm512_mask_storeu_ps(out.wrapping_add(i * ld + v * LANES), masks[v], acc[v]);
-                }
+            for (g, &(lo, hi)) in acc.iter().enumerate().take(live) {
+                let (lo, hi) = if E::SPLIT {
+                    (_mm512_permutex2var_ps(lo, first, hi), _mm512_permutex2var_ps(lo, second, hi))
+                } else {
+                    (lo, hi)
+                };
+                let (at, left) = (out.wrapping_add(i * ld + 2 * LANES * g), cols - 2 * LANES * g);
+                _mm512_mask_storeu_ps(at, mask(left), lo);
+                _mm512_mask_storeu_ps(at.wrapping_add(LANES), mask(left.saturating_sub(LANES)), hi);
             }
         }
     }
