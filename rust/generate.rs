@@ -150,7 +150,12 @@ fn attend(
         }
         start += len;
     }
-    let work = |(i, out): (usize, &mut [f32])| {
+    // Fewer lone rows than threads (one sequence decoding): each head is a
+    // task of its own, so the threads share a row's heads.
+    let hs = c / nh;
+    let heads = if seqs.len() < threads { 1 } else { nh };
+    let work = |(task, out): (usize, &mut [f32])| {
+        let (i, first_head) = (task * heads / nh, task * heads % nh);
         if !lone[i] {
             return;
         }
@@ -158,10 +163,10 @@ fn attend(
         let (lo, hi) = (cache.at(layer, seqs[i], 0), cache.at(layer, seqs[i], len));
         let mut scores = vec![0.0f32; len];
         let q = &qkv[i * 3 * c..i * 3 * c + c];
-        attention_decode_forward(out, q, &cache.k[lo..hi], &cache.v[lo..hi], &mut scores, len, c, nh);
+        attention_decode_forward(out, q, &cache.k[lo..hi], &cache.v[lo..hi], &mut scores, len, c, nh, first_head);
     };
-    if threads > 1 && seqs.len() > 1 {
-        atty.par_chunks_mut(c).enumerate().for_each(work);
+    if threads > 1 {
+        atty.par_chunks_mut(heads * hs).enumerate().for_each(work);
     } else {
         atty.chunks_mut(c).enumerate().for_each(work);
     }
@@ -259,7 +264,8 @@ mod tests {
             let mut acts = Activations::new(&cfg, 1, seq.len());
             let full = m.forward_logits(&mut acts, seq, 1);
             for (pos, &tok) in seq.iter().enumerate() {
-                let got = decode_step(&m, &mut cache, &[s], &[tok], true, 1).unwrap();
+                // the second sequence on 3 threads: its heads split among them
+                let got = decode_step(&m, &mut cache, &[s], &[tok], true, 1 + 2 * s).unwrap();
                 let want = &full[pos * 61..(pos + 1) * 61];
                 for (a, b) in got.iter().zip(want) {
                     assert!((a - b).abs() < 1e-4, "seq {s} pos {pos}: {a} vs {b}");

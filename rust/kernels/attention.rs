@@ -362,9 +362,11 @@ pub fn attention_prefill_forward(
 simd_dispatch! {
     /// One new row attending to the cached keys and values of its sequence
     /// (KV-cache decoding; the causal mask is implicit: the cache holds only
-    /// positions up to the row's own, which comes last).
+    /// positions up to the row's own, which comes last), in heads
+    /// first_head.. as many as `out` holds (so that one row's heads can be
+    /// split across threads).
     ///
-    /// out:    [C]       (written; head h fills channels h*hs..(h+1)*hs)
+    /// out:    [H * hs]  (written; head first_head + i fills i*hs..(i+1)*hs)
     /// q:      [C]       (the row's query)
     /// k, v:   [len, C]  (cached keys and values of positions 0..len)
     /// scores: [len]     (scratch)
@@ -372,6 +374,7 @@ simd_dispatch! {
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode_forward(
         out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], len: usize, c: usize, nh: usize,
+        first_head: usize,
     ) => attention_decode_forward_body
 }
 
@@ -379,19 +382,18 @@ simd_dispatch! {
 #[allow(clippy::too_many_arguments)]
 fn attention_decode_forward_body(
     out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], len: usize, c: usize, nh: usize,
+    first_head: usize,
 ) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
     let scores = &mut scores[..len];
-    for h in 0..nh {
-        let head = h * hs..(h + 1) * hs;
-        let qh = &q[head.clone()];
+    for (h, o) in (first_head..nh).zip(out.chunks_exact_mut(hs)) {
+        let qh = &q[h * hs..(h + 1) * hs];
         for (j, sc) in scores.iter_mut().enumerate() {
             *sc = vecmath::dot(qh, &k[j * c + h * hs..j * c + (h + 1) * hs]) * scale;
         }
         let max = vecmath::max(scores);
         let inv = 1.0 / vecmath::exp_shifted_sum(scores, max);
-        let o = &mut out[head];
         o.fill(0.0);
         for (j, &a) in scores.iter().enumerate() {
             for (oo, vv) in o.iter_mut().zip(&v[j * c + h * hs..j * c + (h + 1) * hs]) {
@@ -539,10 +541,14 @@ mod tests {
         for pos in 0..t {
             let (k, v) = (rows(1, pos + 1), rows(2, pos + 1));
             let (mut o, mut scores) = (vec![0.0; c], vec![0.0; t]);
-            attention_decode_forward(&mut o, &qkv[pos * 3 * c..pos * 3 * c + c], &k, &v, &mut scores, pos + 1, c, nh);
+            attention_decode_forward(&mut o, &qkv[pos * 3 * c..pos * 3 * c + c], &k, &v, &mut scores, pos + 1, c, nh, 0);
             for (a, b) in o.iter().zip(&out[pos * c..(pos + 1) * c]) {
                 assert!((a - b).abs() < 1e-5, "position {pos}: {a} vs {b}");
             }
+            // the second head alone, as a thread given only it computes it
+            let mut second = vec![0.0; c / nh];
+            attention_decode_forward(&mut second, &qkv[pos * 3 * c..pos * 3 * c + c], &k, &v, &mut scores, pos + 1, c, nh, 1);
+            assert_eq!(second, o[c / nh..]);
         }
     }
 }
