@@ -10,9 +10,15 @@ use crate::kernels::encoder::encoder_forward;
 use crate::kernels::layernorm::layernorm_forward;
 use crate::kernels::matmul::matmul_transposed_forward;
 use crate::model::{block_forward, matrix, named, BlockActs, Config, Gpt2};
+use crate::kernels::vecmath::{self, simd_dispatch};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
+
+simd_dispatch! {
+    /// The largest element of a row (-inf when empty or all NaN), 16 lanes at a time.
+    fn row_max(xs: &[f32]) -> f32 => vecmath::max
+}
 
 /// Keys and values of every layer for B sequences of up to T_max positions.
 ///
@@ -199,9 +205,11 @@ impl Sampling {
 /// The candidate tokens and their probabilities under `sampling`, most
 /// probable first (one token with probability 1 when greedy).
 pub fn candidates(logits: &[f32], sampling: &Sampling) -> Vec<(u32, f32)> {
-    let argmax = |xs: &[f32]| xs.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
     if sampling.temperature == 0.0 {
-        return vec![(argmax(logits) as u32, 1.0)];
+        // the first largest logit (0 when none is above -inf, NaN included)
+        let max = row_max(logits);
+        let argmax = if max > f32::NEG_INFINITY { logits.iter().position(|&x| x == max).unwrap_or(0) } else { 0 };
+        return vec![(argmax as u32, 1.0)];
     }
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
     // most probable first; ties by token id so the order is deterministic
@@ -379,5 +387,22 @@ mod tests {
         assert_eq!(sample(&logits, &Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 }, &mut rng), 1);
         assert!(Sampling { temperature: -1.0, top_k: 0, top_p: 1.0 }.validate().is_err());
         assert!(Sampling { temperature: 1.0, top_k: 0, top_p: 0.0 }.validate().is_err());
+    }
+
+    #[test]
+    fn greedy_takes_the_first_largest_logit() {
+        let greedy = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 };
+        let pick = |logits: &[f32]| candidates(logits, &greedy)[0].0;
+        let mut logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.01).collect();
+        logits[517] = 5.0;
+        logits[900] = 5.0; // a tie: the first wins
+        assert_eq!(pick(&logits), 517);
+        logits[3] = f32::NAN; // NaN is never the largest
+        assert_eq!(pick(&logits), 517);
+        logits[999] = f32::INFINITY;
+        assert_eq!(pick(&logits), 999);
+        assert_eq!(pick(&[f32::NEG_INFINITY; 40]), 0);
+        assert_eq!(pick(&[f32::NAN, f32::NEG_INFINITY, f32::NAN]), 0);
+        assert_eq!(pick(&[f32::NEG_INFINITY, -1e30, 2.0, 2.0]), 2);
     }
 }

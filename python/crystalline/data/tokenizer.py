@@ -90,10 +90,10 @@ class Tokenizer:
             yield encoding.ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        ids, size = list(ids), self.vocab_size  # the size once, not once per id
+        bad = [i for i in ids if not 0 <= i < size]
         if bad:
-            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{size - 1})")
         return self.inner.decode(ids, skip_special_tokens=False)
 
     def id_to_token(self, token_id: int) -> str:
