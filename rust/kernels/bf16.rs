@@ -63,7 +63,7 @@ pub enum Operand<'a> {
 }
 
 impl Operand<'_> {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Operand::F32(x) => x.len(),
             Operand::Bf16(x) => x.len(),
@@ -199,6 +199,7 @@ mod packed {
     //! Rows and columns past the matrix and an odd k's last pair are zero.
 
     use super::{to_bf16, Operand};
+    use crate::kernels::SharedOut;
     use rayon::prelude::*;
     use std::arch::x86_64::*;
     use std::cell::Cell;
@@ -357,17 +358,6 @@ mod packed {
         r
     }
 
-    /// A raw pointer that may cross threads: tasks write disjoint tiles.
-    #[derive(Clone, Copy)]
-    struct Out(*mut f32);
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-    impl Out {
-        fn at(self, i: usize) -> *mut f32 {
-            self.0.wrapping_add(i)
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(m: usize, n: usize, k: usize, a: Operand, a_trans: bool, b: Operand, b_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
         if m == 0 || n == 0 {
@@ -385,7 +375,7 @@ mod packed {
         let b_panels = n.div_ceil(NR);
         let tiles: Vec<(usize, usize)> =
             (0..m.div_ceil(MC)).flat_map(|i| (0..n.div_ceil(NC)).map(move |j| (i * MC, j * NC))).collect();
-        let out = Out(c.as_mut_ptr());
+        let out = SharedOut(c.as_mut_ptr()); // tasks write disjoint tiles
         with_buffer(&PACK_B, b_panels * KC.min(k).div_ceil(2) * NR, |bpack| {
             for k0 in (0..k).step_by(KC) {
                 let kc = KC.min(k - k0);

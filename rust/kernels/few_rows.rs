@@ -7,13 +7,18 @@
 //! contiguous ranges across threads, and its elements widened to f32 in
 //! registers (exact for bf16). A register tile of up to 4 rows of `a`
 //! reuses each vector of `w` it loads, so even 16 rows stay bound by
-//! memory rather than by loads (and beat packing `w` for a GEMM). Each element of `c` is summed in the same
-//! order whatever the number of threads.
+//! memory rather than by loads (and beat packing `w` for a GEMM). Each
+//! element of `c` is summed in the same order whatever the number of threads.
 //!
 //! The tiles are AVX-512 (`supported()`); elsewhere `matmul::product` keeps
 //! its general path.
 
-use super::bf16::{from_bf16, to_bf16, Operand};
+#[cfg(target_arch = "x86_64")]
+use super::{
+    bf16::{from_bf16, to_bf16, Operand},
+    SharedOut,
+};
+#[cfg(target_arch = "x86_64")]
 use rayon::prelude::*;
 
 /// Products of at most this many rows take this path (`matmul::product`):
@@ -52,11 +57,7 @@ pub fn supported() -> bool {
 pub fn few_rows(m: usize, n: usize, k: usize, a: &[f32], w: Operand, w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
     assert!(m <= MAX_ROWS && supported(), "few_rows: {m} rows, or a CPU without AVX-512");
     assert!(a.len() >= m * k && c.len() >= m * n, "few_rows: operands too short");
-    let w_len = match w {
-        Operand::F32(w) => w.len(),
-        Operand::Bf16(w) => w.len(),
-    };
-    assert!(w_len >= k * n, "few_rows: w has {w_len} elements, need {}", k * n);
+    assert!(w.len() >= k * n, "few_rows: w has {} elements, need {}", w.len(), k * n);
     if m == 0 || n == 0 {
         return;
     }
@@ -78,8 +79,9 @@ pub fn few_rows(m: usize, n: usize, k: usize, a: &[f32], w: Operand, w_trans: bo
     // balance, and at most SPAN columns each.
     let tasks = if threads > 1 { 4 * threads } else { 1 };
     let span = (n.div_ceil(tasks).div_ceil(tiles::COLS) * tiles::COLS).min(SPAN);
-    let out = Out(c.as_mut_ptr());
-    let run = |j0: usize| {
+    let out = SharedOut(c.as_mut_ptr());
+    let run = |task: usize| {
+        let j0 = task * span;
         let cols = span.min(n - j0);
         let mut block = vec![0.0f32; m * cols]; // [m, cols]
         // SAFETY: supported() holds (asserted), and the lengths of a, w and
@@ -102,24 +104,9 @@ pub fn few_rows(m: usize, n: usize, k: usize, a: &[f32], w: Operand, w_trans: bo
         }
     };
     if threads > 1 {
-        (0..n).step_by(span).collect::<Vec<_>>().into_par_iter().for_each(run);
+        (0..n.div_ceil(span)).into_par_iter().for_each(run);
     } else {
-        (0..n).step_by(span).for_each(run);
-    }
-}
-
-/// c's base pointer, shared by tasks that write disjoint columns.
-#[cfg(target_arch = "x86_64")]
-struct Out(*mut f32);
-// SAFETY: tasks write disjoint elements through it (see `few_rows`).
-#[cfg(target_arch = "x86_64")]
-unsafe impl Sync for Out {}
-
-#[cfg(target_arch = "x86_64")]
-impl Out {
-    fn at(&self, offset: usize) -> *mut f32 {
-        // SAFETY: callers stay within c (see `few_rows`).
-        unsafe { self.0.add(offset) }
+        (0..n.div_ceil(span)).for_each(run);
     }
 }
 
@@ -342,7 +329,7 @@ mod tiles {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
     use crate::kernels::gradcheck::rand_vec;

@@ -7,6 +7,7 @@
 //! forward and backward.
 
 use super::bf16::{bf16_gemm, Operand};
+#[cfg(target_arch = "x86_64")]
 use super::few_rows::{self, MAX_ROWS};
 use gemm::Parallelism;
 
