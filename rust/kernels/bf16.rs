@@ -193,10 +193,14 @@ mod packed {
     //! (the two bf16 of each `vdpbf16ps` lane) held as one u32, low half
     //! first:
     //!
-    //!   A block: [ceil(rows / MR)][KC / 2][MR]    pairs of one row
+    //!   A block: [ceil(rows / MR)][KC / 2][MR]    pairs of one row, when
+    //!            A's rows are contiguous (its transpose is stored);
+    //!            [ceil(rows / MR) * MR][KC / 2]    when its k is: each row's
+    //!            pairs in order, so packing is a conversion without a scatter
     //!   B block: [ceil(n / NR)][KC / 2][NR]       pairs of one column
     //!
     //! Rows and columns past the matrix and an odd k's last pair are zero.
+    //! On one thread the product runs NC columns at a time (see `gemm`).
 
     use super::{to_bf16, Operand};
     use crate::kernels::SharedOut;
@@ -228,13 +232,78 @@ mod packed {
         rows_contiguous: bool,
     }
 
+    /// f32 -> bf16 bits in the low half of each lane: `to_bf16` on 16 lanes.
+    #[inline(always)]
+    unsafe fn round16(v: __m512) -> __m512i {
+        let bits = _mm512_castps_si512(v);
+        let high = _mm512_srli_epi32(bits, 16);
+        let bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+        let nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(high, _mm512_set1_epi32(0x40)))
+    }
+
+    /// The first `n` (at most 16) elements at `x[at..]` as bf16 bits, one per
+    /// lane (low half); lanes past `n` are zero.
+    #[inline(always)]
+    unsafe fn load16(x: Operand, at: usize, n: usize) -> __m512i {
+        match x {
+            Operand::F32(x) => {
+                let p = x[at..at + n].as_ptr();
+                round16(if n == 16 { _mm512_loadu_ps(p) } else { _mm512_maskz_loadu_ps((1u32 << n) as u16 - 1, p) })
+            }
+            Operand::Bf16(x) => {
+                let p = x[at..at + n].as_ptr() as *const __m256i;
+                _mm512_cvtepu16_epi32(if n == 16 { _mm256_loadu_si256(p) } else { _mm256_maskz_loadu_epi16((1u32 << n) as u16 - 1, p as *const i16) })
+            }
+        }
+    }
+
+    /// Store the first `n` lanes of `v` at `dst[..n]`.
+    #[inline(always)]
+    unsafe fn store(dst: &mut [u32], v: __m512i, n: usize) {
+        let p = dst[..n].as_mut_ptr();
+        if n == 16 {
+            _mm512_storeu_si512(p as *mut __m512i, v)
+        } else {
+            _mm512_mask_storeu_epi32(p as *mut i32, (1u32 << n) as u16 - 1, v)
+        }
+    }
+
     /// Pack rows [r0, r0 + rows) and k [k0, k0 + kc) of `src` into `dst` as
     /// panels of `w` rows: [ceil(rows/w)][kc/2][w], rounding to bf16.
-    #[inline(always)]
-    fn pack(dst: &mut [u32], src: Strided, r0: usize, rows: usize, k0: usize, kc: usize, w: usize) {
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BW.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    unsafe fn pack(dst: &mut [u32], src: Strided, r0: usize, rows: usize, k0: usize, kc: usize, w: usize) {
         match src.x {
+            _ if src.rows_contiguous && w < 16 => pack_narrow(dst, src, r0, rows, k0, kc, w),
             Operand::F32(x) => pack_as(dst, x, to_bf16, src, r0, rows, k0, kc, w),
             Operand::Bf16(x) => pack_as(dst, x, |h| h, src, r0, rows, k0, kc, w),
+        }
+    }
+
+    /// `pack` of an operand whose rows are contiguous into panels narrower
+    /// than a vector (the A side's MR): each pair of k rows is combined 16
+    /// columns at a time, then cut into the panels. Panel by panel, as
+    /// `pack_as` does, it ran at half the speed. (The same vector code, or 16
+    /// rows transposed in registers, made `pack_as`'s other cases slower.)
+    #[inline(always)]
+    unsafe fn pack_narrow(dst: &mut [u32], src: Strided, r0: usize, rows: usize, k0: usize, kc: usize, w: usize) {
+        let pairs = kc.div_ceil(2);
+        // lanes past `rows` stay zero: the last panel's padding
+        let mut line = vec![0u32; rows.div_ceil(w) * w];
+        for p in 0..pairs {
+            let (lo, hi) = ((k0 + 2 * p) * src.ld + r0, (k0 + 2 * p + 1) * src.ld + r0);
+            for g in (0..rows).step_by(16) {
+                let n = 16.min(rows - g);
+                let high = if 2 * p + 1 < kc { load16(src.x, hi + g, n) } else { _mm512_setzero_si512() };
+                store(&mut line[g..], _mm512_or_si512(load16(src.x, lo + g, n), _mm512_slli_epi32(high, 16)), n);
+            }
+            for (panel, part) in line.chunks_exact(w).enumerate() {
+                dst[(panel * pairs + p) * w..][..w].copy_from_slice(part);
+            }
         }
     }
 
@@ -297,29 +366,63 @@ mod packed {
         }
     }
 
+    /// Rows [r0, r0 + rows) and k [k0, k0 + kc) of a k-contiguous `x` with
+    /// `ld` elements per row, as rows of bf16 pairs: [ceil(rows/MR) * MR][kc/2],
+    /// the rows past `rows` zero.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BW.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    unsafe fn pack_v4(dst: &mut [u32], src: Strided, r0: usize, rows: usize, k0: usize, kc: usize, w: usize) {
-        pack(dst, src, r0, rows, k0, kc, w)
+    unsafe fn pack_rows(dst: &mut [u32], x: Operand, ld: usize, r0: usize, rows: usize, k0: usize, kc: usize) {
+        match x {
+            Operand::F32(x) => pack_rows_as(dst, x, to_bf16, ld, r0, rows, k0, kc),
+            Operand::Bf16(x) => pack_rows_as(dst, x, |h| h, ld, r0, rows, k0, kc),
+        }
     }
 
-    /// c[rows, cols] (+)= the product of an A micro-panel [pairs][MR] and a
-    /// B micro-panel [pairs][NR]; `rows <= MR`, `cols <= NR`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn pack_rows_as<T: Copy + Default>(dst: &mut [u32], x: &[T], round: impl Fn(T) -> u16, ld: usize, r0: usize, rows: usize, k0: usize, kc: usize) {
+        let pairs = kc.div_ceil(2);
+        let pair = |lo: T, hi: T| round(lo) as u32 | (round(hi) as u32) << 16;
+        for (i, out) in dst.chunks_exact_mut(pairs).take(rows.div_ceil(MR) * MR).enumerate() {
+            if i >= rows {
+                out.fill(0);
+                continue;
+            }
+            let row = &x[(r0 + i) * ld + k0..][..kc];
+            let (whole, last) = row.split_at(kc & !1);
+            for (d, ab) in out.iter_mut().zip(whole.chunks_exact(2)) {
+                *d = pair(ab[0], ab[1]);
+            }
+            if let Some(&a) = last.first() {
+                out[pairs - 1] = pair(a, T::default());
+            }
+        }
+    }
+
+    /// c[rows, cols] (+)= the product of an A micro-panel, [pairs][MR] when
+    /// `a_rows` is 1 or MR rows of `a_rows` pairs each, and a B micro-panel
+    /// [pairs][NR]; `rows <= MR`, `cols <= NR`.
     ///
     /// # Safety
     /// The CPU has avx512_bf16; `a` and `b` hold `pairs` full rows of their
     /// panels; `c` reaches `rows` rows of stride `ldc` and `cols` columns.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
-    unsafe fn microkernel(pairs: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool) {
+    unsafe fn microkernel(pairs: usize, a: *const u32, a_rows: usize, b: *const u32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        // pair p of row r is at a[r * a_rows + p * a_pairs]
+        let a_pairs = if a_rows == 1 { MR } else { 1 };
         for p in 0..pairs {
             let bp = b.add(p * NR);
             let mut bv = [_mm512_setzero_si512(); NV];
             for (v, x) in bv.iter_mut().enumerate() {
                 *x = _mm512_loadu_si512(bp.add(16 * v) as *const __m512i);
             }
-            let ap = a.add(p * MR);
+            let ap = a.add(p * a_pairs);
             for (r, row) in acc.iter_mut().enumerate() {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r * a_rows) as i32));
                 for (x, bx) in row.iter_mut().zip(&bv) {
                     *x = _mm512_dpbf16_ps(*x, av, std::mem::transmute::<__m512i, __m512bh>(*bx));
                 }
@@ -372,45 +475,61 @@ mod packed {
         // op(a) indexed (row i, k p); op(b)^T indexed (column j, k p).
         let sa = if a_trans { Strided { x: a, ld: m, rows_contiguous: true } } else { Strided { x: a, ld: k, rows_contiguous: false } };
         let sb = if b_trans { Strided { x: b, ld: k, rows_contiguous: false } } else { Strided { x: b, ld: n, rows_contiguous: true } };
-        let b_panels = n.div_ceil(NR);
-        let tiles: Vec<(usize, usize)> =
-            (0..m.div_ceil(MC)).flat_map(|i| (0..n.div_ceil(NC)).map(move |j| (i * MC, j * NC))).collect();
         let out = SharedOut(c.as_mut_ptr()); // tasks write disjoint tiles
+        // On one thread, NC columns at a time: each block's packed B is used
+        // by every row tile while it is still in cache, where packing all of
+        // B first would send it to memory and back (the output layer's is
+        // 23 MB). In parallel the tasks are the tiles of the whole product.
+        let block = if threads > 1 { n } else { NC };
+        let b_panels = block.min(n).div_ceil(NR);
         with_buffer(&PACK_B, b_panels * KC.min(k).div_ceil(2) * NR, |bpack| {
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
-                let pairs = kc.div_ceil(2);
-                let panel = pairs * NR;
-                // SAFETY (both calls): bf16_gemm only comes here on a CPU with avx512_bf16.
-                let pack_b = |(j, dst): (usize, &mut [u32])| unsafe { pack_v4(dst, sb, j * NR, NR.min(n - j * NR), k0, kc, NR) };
-                if threads > 1 {
-                    bpack[..b_panels * panel].par_chunks_mut(panel).enumerate().for_each(pack_b);
-                } else {
-                    bpack[..b_panels * panel].chunks_mut(panel).enumerate().for_each(pack_b);
-                }
-                let load_c = accumulate || k0 > 0;
-                let bpack = &*bpack;
-                let tile = |&(i0, j0): &(usize, usize)| {
-                    let rows = MC.min(m - i0);
-                    with_buffer(&PACK_A, rows.div_ceil(MR) * pairs * MR, |apack| {
-                        unsafe { pack_v4(apack, sa, i0, rows, k0, kc, MR) };
-                        for j in (j0..n.min(j0 + NC)).step_by(NR) {
-                            let bp = &bpack[(j / NR) * panel..];
-                            for (ip, ap) in apack.chunks_exact(pairs * MR).enumerate() {
-                                let i = i0 + ip * MR;
-                                // SAFETY: the tile [i, i+MR) x [j, j+NR) clipped to
-                                // m x n lies in c and belongs to this task alone.
-                                unsafe {
-                                    microkernel(pairs, ap.as_ptr(), bp.as_ptr(), out.at(i * n + j), n, MR.min(m - i), NR.min(n - j), load_c)
-                                };
+            for j0 in (0..n).step_by(block) {
+                let nb = block.min(n - j0);
+                let tiles: Vec<(usize, usize)> =
+                    (0..m.div_ceil(MC)).flat_map(|i| (0..nb.div_ceil(NC)).map(move |j| (i * MC, j0 + j * NC))).collect();
+                for k0 in (0..k).step_by(KC) {
+                    let kc = KC.min(k - k0);
+                    let pairs = kc.div_ceil(2);
+                    let panel = pairs * NR;
+                    let bpack = &mut bpack[..nb.div_ceil(NR) * panel];
+                    // SAFETY (both calls): bf16_gemm only comes here on a CPU with avx512_bf16.
+                    let pack_b = |(j, dst): (usize, &mut [u32])| unsafe { pack(dst, sb, j0 + j * NR, NR.min(n - j0 - j * NR), k0, kc, NR) };
+                    if threads > 1 {
+                        bpack.par_chunks_mut(panel).enumerate().for_each(pack_b);
+                    } else {
+                        bpack.chunks_mut(panel).enumerate().for_each(pack_b);
+                    }
+                    let load_c = accumulate || k0 > 0;
+                    let bpack = &*bpack;
+                    let tile = |&(i0, jt): &(usize, usize)| {
+                        let rows = MC.min(m - i0);
+                        with_buffer(&PACK_A, rows.div_ceil(MR) * pairs * MR, |apack| {
+                            // a k-contiguous A keeps its rows (no scatter into panels)
+                            let a_rows = if a_trans {
+                                unsafe { pack(apack, sa, i0, rows, k0, kc, MR) };
+                                1
+                            } else {
+                                unsafe { pack_rows(apack, sa.x, k, i0, rows, k0, kc) };
+                                pairs
+                            };
+                            for j in (jt..(j0 + nb).min(jt + NC)).step_by(NR) {
+                                let bp = &bpack[((j - j0) / NR) * panel..];
+                                for (ip, ap) in apack.chunks_exact(pairs * MR).enumerate() {
+                                    let i = i0 + ip * MR;
+                                    // SAFETY: the tile [i, i+MR) x [j, j+NR) clipped to
+                                    // m x n lies in c and belongs to this task alone.
+                                    unsafe {
+                                        microkernel(pairs, ap.as_ptr(), a_rows, bp.as_ptr(), out.at(i * n + j), n, MR.min(m - i), NR.min(n - j), load_c)
+                                    };
+                                }
                             }
-                        }
-                    })
-                };
-                if threads > 1 {
-                    tiles.par_iter().for_each(tile);
-                } else {
-                    tiles.iter().for_each(tile);
+                        })
+                    };
+                    if threads > 1 {
+                        tiles.par_iter().for_each(tile);
+                    } else {
+                        tiles.iter().for_each(tile);
+                    }
                 }
             }
         })
@@ -468,7 +587,8 @@ mod tests {
     /// overwrite and accumulate, against the bound in the header.
     fn check(gemm: fn(usize, usize, usize, Operand, bool, Operand, bool, &mut [f32], bool, usize)) {
         // k = 2100 spans three of the packed path's k blocks
-        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (37, 70, 53), (100, 130, 600), (13, 1, 300), (3, 700, 40), (20, 70, 2100)] {
+        // n = 1300 spans two of its column blocks on one thread
+        for &(m, n, k) in &[(1, 1, 1), (7, 5, 3), (37, 70, 53), (100, 130, 600), (13, 1, 300), (3, 700, 40), (20, 70, 2100), (9, 1300, 71)] {
             let a = rand_vec(m * k, 2);
             let b = rand_vec(k * n, 3);
             let (exact, f32ref, mag) = reference(m, n, k, &a, &b);
@@ -538,5 +658,48 @@ mod tests {
         bf16_gemm(m, n, k, Operand::F32(&a), false, Operand::F32(&b), false, &mut x, false, 2);
         bf16_gemm_emulated(m, n, k, Operand::F32(&a), false, Operand::F32(&b), false, &mut y, false, 2);
         assert_eq!(x, y);
+    }
+
+    #[test]
+    fn packed_operands_are_rounded_like_to_bf16() {
+        if !bf16_hardware() {
+            eprintln!("skipped: this CPU lacks avx512_bf16");
+            return;
+        }
+        // ties both ways, values just off a tie, zeros, across more than one
+        // 16-lane block with a remainder (multiplied by an identity: finite)
+        let tie = 2f32.powi(-8);
+        let mut x = vec![1.0 + tie, 1.0 + 3.0 * tie, -(1.0 + tie + 2f32.powi(-20)), 2.5, -0.0, 0.0, 3.0e38];
+        x.extend(rand_vec(30, 9));
+        let k = x.len();
+        let eye: Vec<f32> = (0..k * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 }).collect();
+        let want: Vec<u16> = x.iter().map(|&v| to_bf16(v)).collect();
+        let same = |c: &[f32], what: &str| {
+            for (i, (&got, &h)) in c.iter().zip(&want).enumerate() {
+                let expect = from_bf16(h);
+                assert_eq!(got, expect, "{what} {i}");
+            }
+        };
+        for (trans, name) in [(false, "k-contiguous"), (true, "rows-contiguous")] {
+            // x as the left operand [1, k] (its transpose is the same vector)
+            let mut c = vec![0.0; k];
+            bf16_gemm(1, k, k, Operand::F32(&x), trans, Operand::F32(&eye), false, &mut c, false, 1);
+            same(&c, &format!("left {name}"));
+            // x as the right operand, one column [k, 1] or one row [1, k] transposed
+            let mut c = vec![0.0; k];
+            bf16_gemm(k, 1, k, Operand::F32(&eye), false, Operand::F32(&x), trans, &mut c, false, 1);
+            same(&c, &format!("right {name}"));
+        }
+        // what overflows or is not a number, one element at a time
+        for v in [f32::MAX, f32::NEG_INFINITY, f32::NAN, f32::from_bits(0x7f80_0001), f32::from_bits(0xff80_0001)] {
+            let want = from_bf16(to_bf16(v));
+            for trans in [false, true] {
+                for (a, b) in [(v, 1.0), (1.0, v)] {
+                    let mut c = [0.0];
+                    bf16_gemm(1, 1, 1, Operand::F32(&[a]), trans, Operand::F32(&[b]), trans, &mut c, false, 1);
+                    assert!(c[0] == want || (c[0].is_nan() && want.is_nan()), "{v}: {} vs {want}", c[0]);
+                }
+            }
+        }
     }
 }
