@@ -6,7 +6,7 @@
 //! wte -> + wpe -> L x [ln_1 -> attn -> + -> ln_2 -> mlp -> +] -> ln_f -> @ wte^T.
 
 use crate::kernels::attention::{attention_backward, attention_forward};
-use crate::kernels::crossentropy::crossentropy_fused;
+use crate::kernels::crossentropy::{crossentropy_fused, crossentropy_fused_bf16};
 use crate::kernels::encoder::{encoder_backward, encoder_forward};
 use crate::kernels::gelu::{gelu_backward, gelu_forward};
 use crate::kernels::layernorm::{layernorm_backward, layernorm_forward};
@@ -542,13 +542,21 @@ impl Gpt2 {
             let x = &acts.lnf[start * c..(start + r) * c];
             let logits = &mut acts.logits[..r * v];
             product(r, v, c, x, false, wte, true, logits, false, threads);
-            total += crossentropy_fused(logits, &targets[start..start + r], dloss, r, v);
-            if let Some(g) = grads.as_deref_mut() {
-                // dlnf[r, C] = dlogits @ wte;  dwte[V, C] += dlogits^T @ lnf
-                product(r, c, v, logits, false, wte, false, &mut acts.dln[start * c..(start + r) * c], false, threads);
-                match wte {
-                    Operand::F32(_) => sgemm(v, c, r, logits, true, x, false, &mut g[..v * c], true, threads),
-                    Operand::Bf16(_) => bf16_gemm(v, c, r, Operand::F32(logits), true, Operand::F32(x), false, &mut g[..v * c], true, threads),
+            let targets = &targets[start..start + r];
+            let dln = &mut acts.dln[start * c..(start + r) * c];
+            // dlnf[r, C] = dlogits @ wte;  dwte[V, C] += dlogits^T @ lnf
+            match (grads.as_deref_mut(), wte) {
+                (None, _) => total += crossentropy_fused(logits, targets, dloss, r, v),
+                (Some(g), Operand::F32(_)) => {
+                    total += crossentropy_fused(logits, targets, dloss, r, v);
+                    product(r, c, v, logits, false, wte, false, dln, false, threads);
+                    sgemm(v, c, r, logits, true, x, false, &mut g[..v * c], true, threads);
+                }
+                (Some(g), Operand::Bf16(_)) => {
+                    let (loss, dlogits) = crossentropy_fused_bf16(logits, targets, dloss, r, v);
+                    total += loss;
+                    bf16_gemm(r, c, v, Operand::Bf16(dlogits), false, wte, false, dln, false, threads);
+                    bf16_gemm(v, c, r, Operand::Bf16(dlogits), true, Operand::F32(x), false, &mut g[..v * c], true, threads);
                 }
             }
         }

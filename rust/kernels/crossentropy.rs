@@ -1,6 +1,7 @@
 //! Softmax + cross-entropy, fused: one sweep over each row of logits gives
 //! the row's loss and overwrites the logits with their gradient.
 
+use super::bf16::round_to_bf16;
 use super::vecmath::{self, simd_dispatch};
 
 /// Per-row loss, logits untouched.
@@ -40,6 +41,36 @@ pub fn crossentropy_fused(logits: &mut [f32], targets: &[u32], dloss: f32, n: us
         total += softmax_xent_row(&mut logits[i * v..(i + 1) * v], targets[i] as usize, dloss) as f64;
     }
     total
+}
+
+/// `crossentropy_fused` for the bf16 products of the output layer's
+/// backward: each row's gradient is rounded to bf16 while the row is in
+/// cache, and stored over the first half of `logits`' memory (row i's
+/// bf16 lie below its floats, over rows already done). Returns the summed
+/// loss and the rounded gradient, so the two products read half the bytes
+/// and round nothing.
+///
+/// logits:  [N, V]  (in: logits; out: overwritten)
+/// targets: [N]
+/// ->       [N, V]  bf16(dloss * (softmax - onehot(target)))
+pub fn crossentropy_fused_bf16<'a>(logits: &'a mut [f32], targets: &[u32], dloss: f32, n: usize, v: usize) -> (f64, &'a [u16]) {
+    assert!(logits.len() >= n * v, "crossentropy_fused_bf16: {} logits for {n} x {v}", logits.len());
+    let mut total = 0.0f64;
+    let mut rounded = vec![0u16; v];
+    let base = logits.as_mut_ptr();
+    for i in 0..n {
+        // SAFETY: row i's floats are in bounds, and no bf16 row written so
+        // far reaches them (bf16 row i - 1 ends at byte 2iv <= 4iv).
+        let row = unsafe { std::slice::from_raw_parts_mut(base.add(i * v), v) };
+        total += softmax_xent_row(row, targets[i] as usize, dloss) as f64;
+        round_to_bf16(&mut rounded, row);
+        // SAFETY: bytes [2iv, 2iv + 2v) are in bounds and hold no float still
+        // needed (rows before i, or row i itself, now copied into `rounded`).
+        unsafe { std::ptr::copy_nonoverlapping(rounded.as_ptr(), (base as *mut u16).add(i * v), v) };
+    }
+    // SAFETY: the first n * v u16 were all written above; `logits` stays
+    // borrowed for as long as they are.
+    (total, unsafe { std::slice::from_raw_parts(base as *const u16, n * v) })
 }
 
 /// `crossentropy_fused` of the mean over the N rows: returns the mean loss
@@ -114,6 +145,21 @@ mod tests {
         for (a, b) in fused.iter().zip(&dlogits) {
             assert!((a - b).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn bf16_gradient_is_the_rounded_fused_gradient() {
+        // several rows, so each bf16 row lands over floats of earlier rows
+        let (n, v) = (5, 37);
+        let logits: Vec<f32> = rand_vec(n * v, 3).iter().map(|x| 6.0 * x).collect();
+        let targets = [4u32, 0, 36, 4, 20];
+        let mut fused = logits.clone();
+        let want = crossentropy_fused(&mut fused, &targets, 0.2, n, v);
+        let mut buf = logits.clone();
+        let (total, d16) = crossentropy_fused_bf16(&mut buf, &targets, 0.2, n, v);
+        assert_eq!(total, want);
+        let rounded: Vec<u16> = fused.iter().map(|&x| crate::kernels::bf16::to_bf16(x)).collect();
+        assert_eq!(d16, &rounded[..]);
     }
 
     #[test]
