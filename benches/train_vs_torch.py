@@ -12,10 +12,13 @@ Crystalline at each of `--threads` (default 1,2,3,12), and the table shows
 Where the CPU has avx512_bf16 a second table adds Crystalline at 12 threads
 with `--precision bf16` and PyTorch under torch.autocast("cpu",
 dtype=torch.bfloat16), against both float32 runs of the first table
-(`--no-bf16` skips it).
+(`--no-bf16` skips it). `--rounds N` times Crystalline fp32 and bf16
+alternately N times for it and reports the medians, with the median of the
+rounds' ratios in the bf16 / fp32 column.
 
     python benches/train_vs_torch.py [--configs tiny,small,seed] [--steps 6]
     python benches/train_vs_torch.py --configs seq128,seq1024,seq2048,seq4096 --threads 12
+    python benches/train_vs_torch.py --configs seed --threads 12 --steps 4 --rounds 5
 """
 
 from __future__ import annotations
@@ -149,6 +152,9 @@ def main() -> None:
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="timed steps per run (after 2 warm-up steps)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 table")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="bf16 table: measure Crystalline fp32 and bf16 alternately this many times and "
+                        "report medians (1: bf16 once, against the first table's fp32)")
     p.add_argument("--worker", choices=["crystalline", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -200,13 +206,25 @@ def bf16_table(args, fp32: dict, have_torch: bool) -> None:
     print(f"\n| config | crystalline fp32@12 | crystalline bf16@12 | bf16 / fp32 | torch fp32 | bf16 / torch fp32 "
           f"| torch bf16 autocast ({args.torch_threads} thr) | bf16 / torch bf16 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    def tokens_per_s(name: str, precision: str) -> float:
+        r = measure("crystalline", name, 12, args.steps, precision)
+        return r["tokens_per_s"] if r else float("nan")
+
     for name, (ours32, torch32) in fp32.items():
-        ours16 = measure("crystalline", name, 12, args.steps, "bf16")
+        # with rounds > 1 each round times fp32 and bf16 back to back, so that
+        # a machine whose speed drifts (shared memory bandwidth) slows both alike
+        rounds = [(ours32 if args.rounds == 1 else tokens_per_s(name, "fp32"), tokens_per_s(name, "bf16"))
+                  for _ in range(args.rounds)]
+        o32 = statistics.median(a for a, _ in rounds)
+        o16 = statistics.median(b for _, b in rounds)
+        ratio = statistics.median(b / a for a, b in rounds)
         torch16 = measure("torch", name, args.torch_threads, args.steps, "bf16") if have_torch else None
-        o16 = ours16["tokens_per_s"] if ours16 else float("nan")
         t16 = torch16["tokens_per_s"] if torch16 else float("nan")
-        print(f"| {name} | {ours32:,.0f} | {o16:,.0f} | {o16 / ours32:.2f}x | {torch32:,.0f} | {o16 / torch32:.2f}x "
+        print(f"| {name} | {o32:,.0f} | {o16:,.0f} | {ratio:.2f}x | {torch32:,.0f} | {o16 / torch32:.2f}x "
               f"| {t16:,.0f} | {o16 / t16:.2f}x |", flush=True)
+        if args.rounds > 1:
+            print(f"<!-- {name}, {args.rounds} rounds (fp32, bf16 tokens/s): "
+                  + ", ".join(f"({a:,.0f}, {b:,.0f})" for a, b in rounds) + " -->", flush=True)
 
 
 if __name__ == "__main__":
