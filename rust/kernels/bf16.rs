@@ -358,14 +358,7 @@ mod packed {
                         (0..pairs).for_each(|p| out[p * w + i] = 0);
                         continue;
                     }
-                    let row = &x[(first + i) * src.ld + k0..][..kc];
-                    let (whole, last) = row.split_at(kc & !1);
-                    for (d, ab) in line.iter_mut().zip(whole.chunks_exact(2)) {
-                        *d = pair(ab[0], ab[1]);
-                    }
-                    if let Some(&a) = last.first() {
-                        line[pairs - 1] = pair(a, T::default());
-                    }
+                    row_pairs(&mut line, &x[(first + i) * src.ld + k0..][..kc], &pair);
                     for (p, &v) in line.iter().enumerate() {
                         out[p * w + i] = v;
                     }
@@ -398,14 +391,20 @@ mod packed {
                 out.fill(0);
                 continue;
             }
-            let row = &x[(r0 + i) * ld + k0..][..kc];
-            let (whole, last) = row.split_at(kc & !1);
-            for (d, ab) in out.iter_mut().zip(whole.chunks_exact(2)) {
-                *d = pair(ab[0], ab[1]);
-            }
-            if let Some(&a) = last.first() {
-                out[pairs - 1] = pair(a, T::default());
-            }
+            row_pairs(out, &x[(r0 + i) * ld + k0..][..kc], &pair);
+        }
+    }
+
+    /// dst[p] = pair(row[2p], row[2p + 1]), the last pair's high half zero
+    /// for a row of odd length; dst: [ceil(row.len() / 2)].
+    #[inline(always)]
+    fn row_pairs<T: Copy + Default>(dst: &mut [u32], row: &[T], pair: &impl Fn(T, T) -> u32) {
+        let (whole, last) = row.split_at(row.len() & !1);
+        for (d, ab) in dst.iter_mut().zip(whole.chunks_exact(2)) {
+            *d = pair(ab[0], ab[1]);
+        }
+        if let Some(&a) = last.first() {
+            dst[whole.len() / 2] = pair(a, T::default());
         }
     }
 
@@ -491,9 +490,9 @@ mod packed {
         let block = if threads > 1 { n } else { NC };
         let b_panels = block.min(n).div_ceil(NR);
         with_buffer(&PACK_B, b_panels * KC.min(k).div_ceil(2) * NR, |bpack| {
+            let mc = if a_trans && threads == 1 { MC_TRANSPOSED } else { MC };
             for j0 in (0..n).step_by(block) {
                 let nb = block.min(n - j0);
-                let mc = if a_trans && threads == 1 { MC_TRANSPOSED } else { MC };
                 let tiles: Vec<(usize, usize)> =
                     (0..m.div_ceil(mc)).flat_map(|i| (0..nb.div_ceil(NC)).map(move |j| (i * mc, j0 + j * NC))).collect();
                 for k0 in (0..k).step_by(KC) {

@@ -58,11 +58,11 @@ pub fn crossentropy_fused_bf16<'a>(logits: &'a mut [f32], targets: &[u32], dloss
     let mut total = 0.0f64;
     let mut rounded = vec![0u16; v];
     let base = logits.as_mut_ptr();
-    for i in 0..n {
+    for (i, &target) in targets[..n].iter().enumerate() {
         // SAFETY: row i's floats are in bounds, and no bf16 row written so
         // far reaches them (bf16 row i - 1 ends at byte 2iv <= 4iv).
         let row = unsafe { std::slice::from_raw_parts_mut(base.add(i * v), v) };
-        total += softmax_xent_row(row, targets[i] as usize, dloss) as f64;
+        total += softmax_xent_row(row, target as usize, dloss) as f64;
         round_to_bf16(&mut rounded, row);
         // SAFETY: bytes [2iv, 2iv + 2v) are in bounds and hold no float still
         // needed (rows before i, or row i itself, now copied into `rounded`).
