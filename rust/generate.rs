@@ -101,7 +101,7 @@ pub fn decode_step(
     let mut a = BlockActs::zeros(m, c);
     for (l, w) in p.blocks.iter().enumerate() {
         let cache = &mut *cache;
-        block_forward(&mut a, &x, w, p16.as_ref().map(|h| &h.blocks[l]), m, c, threads, |qkv, atty| {
+        block_forward(&mut a, &x, w, p16.as_ref().map(|h| (&h.blocks[l], model.weight_use())), m, c, threads, |qkv, atty| {
             for (i, (&s, &pos)) in seqs.iter().zip(&positions).enumerate() {
                 let at = cache.at(l, s, pos);
                 cache.k[at..at + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);
@@ -291,7 +291,7 @@ mod tests {
         let seq: Vec<u32> = (0..20).map(|i| (i * 7 + 1) % 61).collect();
         let mut acts = Activations::new(&cfg, 1, 20);
         let full32 = m.forward_logits(&mut acts, &seq, 1);
-        m.set_precision(crate::kernels::bf16::Precision::Bf16);
+        m.set_precision(crate::kernels::bf16::Precision::Bf16, crate::model::WeightUse::Inference);
         let full = m.forward_logits(&mut acts, &seq, 2);
         assert_ne!(full, full32, "bf16 must change the rounding");
         let mut cache = KvCache::new(&m, 1);

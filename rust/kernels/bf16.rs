@@ -117,6 +117,28 @@ pub fn cast_to_bf16(dst: &mut [u16], src: &[f32]) {
     }
 }
 
+/// dst[j, i] = bf16(src[i, j]): a matrix rounded and transposed, in
+/// parallel over column blocks of src.
+///
+/// src: [rows, cols]
+/// dst: [cols, rows]
+pub fn cast_to_bf16_transposed(dst: &mut [u16], src: &[f32], rows: usize, cols: usize) {
+    /// Columns of src per task: one cache line of each of its rows.
+    const COLS: usize = 16;
+    assert!(dst.len() == rows * cols && src.len() == rows * cols, "cast_to_bf16_transposed: {} outputs, {} inputs for {rows} x {cols}", dst.len(), src.len());
+    if rows == 0 {
+        return;
+    }
+    dst.par_chunks_mut(COLS * rows).enumerate().for_each(|(block, d)| {
+        let j0 = block * COLS;
+        for (i, row) in src.chunks_exact(cols).enumerate() {
+            for (jj, &x) in row[j0..j0 + d.len() / rows].iter().enumerate() {
+                d[jj * rows + i] = to_bf16(x);
+            }
+        }
+    });
+}
+
 /// Whether this CPU runs the bf16 instructions (`vdpbf16ps`).
 pub fn bf16_hardware() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -588,6 +610,18 @@ mod tests {
         for (x, h) in xs.iter().zip(&bulk) {
             assert_eq!(*h, to_bf16(*x));
             assert!((from_bf16(*h) - x).abs() <= x.abs() * 2f32.powi(-8));
+        }
+    }
+
+    #[test]
+    fn the_transposed_cast_rounds_each_element_into_its_transposed_place() {
+        // one column, fewer and more columns than a task's 16, a ragged last task
+        for (rows, cols) in [(1, 1), (3, 17), (40, 33), (7, 16), (0, 5)] {
+            let xs = rand_vec(rows * cols, (rows * 100 + cols) as u64);
+            let mut t = vec![0u16; rows * cols];
+            cast_to_bf16_transposed(&mut t, &xs, rows, cols);
+            let want: Vec<u16> = transpose(rows, cols, &xs).iter().map(|&x| to_bf16(x)).collect();
+            assert_eq!(t, want, "{rows} x {cols}");
         }
     }
 

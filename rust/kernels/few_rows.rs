@@ -10,6 +10,12 @@
 //! memory rather than by loads (and beat packing `w` for a GEMM). Each
 //! element of `c` is summed in the same order whatever the number of threads.
 //!
+//! A transposed `w`, `[n, k]`, streams best: each thread reads one
+//! contiguous run of it. A `[k, n]` one is read in column stripes, a short
+//! run from each row; in bf16 that left half the memory bandwidth unused,
+//! so a model cast to bf16 for inference stores its blocks' matrices
+//! transposed (`model::WeightUse`).
+//!
 //! The tiles are AVX-512 (`supported()`); elsewhere `matmul::product` keeps
 //! its general path.
 

@@ -124,6 +124,22 @@ pub fn product(m: usize, n: usize, k: usize, a: &[f32], a_trans: bool, w: Operan
     }
 }
 
+/// A layer's weight, [C, OC], as the layer functions below read it: stored
+/// so, or as its transpose [OC, C] (the bf16 copies of the model's block
+/// matrices, which decoding then reads one output's weights at a time).
+#[derive(Clone, Copy)]
+pub struct Weight<'a> {
+    pub values: Operand<'a>,
+    /// Stored [OC, C].
+    pub transposed: bool,
+}
+
+impl<'a, T: Into<Operand<'a>>> From<T> for Weight<'a> {
+    fn from(values: T) -> Self {
+        Weight { values: values.into(), transposed: false }
+    }
+}
+
 /// out = inp @ weight + bias
 ///
 /// out:    [N, OC]  (written)
@@ -133,7 +149,7 @@ pub fn product(m: usize, n: usize, k: usize, a: &[f32], a_trans: bool, w: Operan
 pub fn matmul_forward<'w>(
     out: &mut [f32],
     inp: &[f32],
-    weight: impl Into<Operand<'w>>,
+    weight: impl Into<Weight<'w>>,
     bias: Option<&[f32]>,
     n: usize,
     c: usize,
@@ -145,7 +161,10 @@ pub fn matmul_forward<'w>(
             out[..n * oc].fill(0.0);
             matmul_accumulate(out, inp, weight, bias, n, c, oc, threads);
         }
-        None => product(n, oc, c, inp, false, weight.into(), false, out, false, threads),
+        None => {
+            let w = weight.into();
+            product(n, oc, c, inp, false, w.values, w.transposed, out, false, threads)
+        }
     }
 }
 
@@ -161,7 +180,7 @@ pub fn matmul_forward<'w>(
 pub fn matmul_accumulate<'w>(
     out: &mut [f32],
     inp: &[f32],
-    weight: impl Into<Operand<'w>>,
+    weight: impl Into<Weight<'w>>,
     bias: &[f32],
     n: usize,
     c: usize,
@@ -176,7 +195,8 @@ pub fn matmul_accumulate<'w>(
             *o += b;
         }
     }
-    product(n, oc, c, inp, false, weight.into(), false, out, true, threads);
+    let w = weight.into();
+    product(n, oc, c, inp, false, w.values, w.transposed, out, true, threads);
 }
 
 /// Backward of `matmul_forward`, accumulating into every gradient. With a
@@ -196,17 +216,17 @@ pub fn matmul_backward<'w>(
     dbias: Option<&mut [f32]>,
     dout: &[f32],
     inp: &[f32],
-    weight: impl Into<Operand<'w>>,
+    weight: impl Into<Weight<'w>>,
     n: usize,
     c: usize,
     oc: usize,
     threads: usize,
 ) {
-    let weight = weight.into();
+    let w = weight.into();
     // dinp[N,C] += dout[N,OC] @ weight^T
-    product(n, c, oc, dout, false, weight, true, dinp, true, threads);
+    product(n, c, oc, dout, false, w.values, !w.transposed, dinp, true, threads);
     // dweight[C,OC] += inp^T @ dout
-    match weight {
+    match w.values {
         Operand::F32(_) => sgemm(c, oc, n, inp, true, dout, false, dweight, true, threads),
         Operand::Bf16(_) => bf16_gemm(c, oc, n, Operand::F32(inp), true, Operand::F32(dout), false, dweight, true, threads),
     }

@@ -1,7 +1,6 @@
 //! Residual connections: a plain sum, and a projection added onto the stream.
 
-use crate::kernels::bf16::Operand;
-use crate::kernels::matmul::matmul_accumulate;
+use crate::kernels::matmul::{matmul_accumulate, Weight};
 
 /// out = a + b
 ///
@@ -37,7 +36,7 @@ pub fn residual_matmul_forward<'w>(
     out: &mut [f32],
     residual: &[f32],
     inp: &[f32],
-    weight: impl Into<Operand<'w>>,
+    weight: impl Into<Weight<'w>>,
     bias: &[f32],
     n: usize,
     ic: usize,

@@ -7,7 +7,7 @@ use super::convert::{Int, expect_shape, f32_in, ids_in, out, refusal_error, tens
 use crate::memory;
 use crate::train::check_threads;
 use crate::generate::{decode_step, sample, KvCache, Sampling};
-use crate::model::{Activations, Config, Gpt2};
+use crate::model::{Activations, Config, Gpt2, WeightUse};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use rand::SeedableRng;
@@ -160,7 +160,7 @@ impl PyModel {
     fn set_precision(&mut self, py: Python<'_>, precision: &str) -> PyResult<()> {
         let p = Precision::parse(precision).map_err(value_error)?;
         let model = &mut self.model;
-        py.detach(|| model.set_precision(p));
+        py.detach(|| model.set_precision(p, WeightUse::Inference));
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use crate::kernels::bf16::Precision;
 use super::convert::{Int, ids_in, refusal_error, tensor_views, value_error};
 use crate::memory;
 use crate::kernels::adamw::AdamW;
-use crate::model::{Config, Gpt2};
+use crate::model::{Config, Gpt2, WeightUse};
 use crate::plan;
 use crate::train::{self, Hyper, Share, SphereReport, StepError, Trainer};
 use pyo3::exceptions::{PyFloatingPointError, PyRuntimeError};
@@ -142,7 +142,7 @@ impl PyTrainer {
     /// weights are rounded now and after every step: call again after
     /// writing them through `parameters()`.
     fn set_precision(&mut self, precision: &str) -> PyResult<()> {
-        self.inner.model.set_precision(Precision::parse(precision).map_err(value_error)?);
+        self.inner.model.set_precision(Precision::parse(precision).map_err(value_error)?, WeightUse::Training);
         Ok(())
     }
 
