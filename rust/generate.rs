@@ -156,10 +156,10 @@ fn attend(
         }
         start += len;
     }
-    // Fewer lone rows than threads (one sequence decoding): each head is a
-    // task of its own, so the threads share a row's heads.
+    // Fewer lone rows than threads (one sequence decoding): the threads
+    // share a row's heads, each taking an equal group of them.
     let hs = c / nh;
-    let heads = if seqs.len() < threads { 1 } else { nh };
+    let heads = if seqs.len() < threads { (1..=nh.div_ceil(threads)).rev().find(|&g| nh.is_multiple_of(g)).unwrap_or(1) } else { nh };
     let work = |(task, out): (usize, &mut [f32])| {
         let (i, first_head) = (task * heads / nh, task * heads % nh);
         if !lone[i] {
@@ -167,7 +167,7 @@ fn attend(
         }
         let len = positions[i] + 1; // including the row's own position
         let (lo, hi) = (cache.at(layer, seqs[i], 0), cache.at(layer, seqs[i], len));
-        let mut scores = vec![0.0f32; len];
+        let mut scores = vec![0.0f32; heads * len];
         let q = &qkv[i * 3 * c..i * 3 * c + c];
         attention_decode_forward(out, q, &cache.k[lo..hi], &cache.v[lo..hi], &mut scores, len, c, nh, first_head);
     };
@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn cached_decoding_matches_the_full_forward_pass_at_every_position() {
-        let cfg = Config { vocab_size: 61, n_embd: 16, n_layer: 2, n_head: 2, block_size: 12 };
+        let cfg = Config { vocab_size: 61, n_embd: 16, n_layer: 2, n_head: 4, block_size: 12 };
         let m = Gpt2::new(cfg, 3).unwrap();
         let seqs: Vec<Vec<u32>> = vec![(0..12).map(|i| (i * 7 + 1) % 61).collect(), (0..9).map(|i| (i * 5 + 3) % 61).collect()];
         let mut cache = KvCache::new(&m, 2);
@@ -272,7 +272,7 @@ mod tests {
             let mut acts = Activations::new(&cfg, 1, seq.len());
             let full = m.forward_logits(&mut acts, seq, 1);
             for (pos, &tok) in seq.iter().enumerate() {
-                // the second sequence on 3 threads: its heads split among them
+                // the second sequence on 3 threads: its 4 heads split among them, 2 a task
                 let got = decode_step(&m, &mut cache, &[s], &[tok], true, 1 + 2 * s).unwrap();
                 let want = &full[pos * 61..(pos + 1) * 61];
                 for (a, b) in got.iter().zip(want) {
