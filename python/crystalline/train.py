@@ -560,7 +560,10 @@ class Trainer:
         # seconds per step (validations and checkpoints in), a moving average from the probe's step time
         # (or, without a probe, from the first step's); ranks other than 0 show no bar
         step_s = self.estimate.probe.step_s if self.estimate is not None else None
-        while not self._finished() and not self._stop:
+        # Ctrl-C's handler may run anywhere in the loop: read its flag once a
+        # step, so that the step that sees it is the one that saves and ends
+        stop = False
+        while not self._finished() and not stop:
             t0 = time.perf_counter()
             record = self._step()
             last = self.total_steps is not None and self.step >= self.total_steps
@@ -571,7 +574,8 @@ class Trainer:
                        tps=f"{record['tokens_per_s']:,.0f}")
             if self._end_epoch_if_due(last):
                 bar.update(task, total=self.total_steps)
-            if self.step % self.cfg.save_interval == 0 or self._finished() or self._stop:
+            stop = self._stop
+            if self.step % self.cfg.save_interval == 0 or self._finished() or stop:
                 cluster.lead(self._save_checkpoint)
             took = time.perf_counter() - t0
             step_s = took if step_s is None else 0.9 * step_s + 0.1 * took
