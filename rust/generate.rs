@@ -9,7 +9,7 @@ use crate::kernels::attention::{attention_decode_forward, attention_prefill_forw
 use crate::kernels::encoder::encoder_forward;
 use crate::kernels::layernorm::layernorm_forward;
 use crate::kernels::matmul::matmul_transposed_forward;
-use crate::model::{block_forward, matrix, named, BlockActs, Config, Gpt2};
+use crate::model::{block_forward, matrix, named, BlockActs, Config, Gpt2, Matrices};
 use crate::kernels::vecmath::{self, simd_dispatch};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -101,7 +101,8 @@ pub fn decode_step(
     let mut a = BlockActs::zeros(m, c);
     for (l, w) in p.blocks.iter().enumerate() {
         let cache = &mut *cache;
-        block_forward(&mut a, &x, w, p16.as_ref().map(|h| (&h.blocks[l], model.weight_use())), m, c, threads, |qkv, atty| {
+        let mats = Matrices::of(w, p16.as_ref().map(|h| &h.blocks[l]), model.weight_use());
+        block_forward(&mut a, &x, w, &mats, m, c, threads, |qkv, atty| {
             for (i, (&s, &pos)) in seqs.iter().zip(&positions).enumerate() {
                 let at = cache.at(l, s, pos);
                 cache.k[at..at + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);

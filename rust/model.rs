@@ -282,8 +282,7 @@ impl BlockActs {
 /// x:      [N, C]
 /// a:      the block's buffers for at least N rows (written)
 /// w:      the block's parameters
-/// w16:    their bf16 copies and what those are laid out for, when the
-///         matmuls run in bf16
+/// mats:   its four matrices as the matmuls read them
 /// attend: fills atty [N, C] from qkv [N, 3C]: over each sequence's causal
 ///         window in training, over the key/value cache when decoding
 #[allow(clippy::too_many_arguments)]
@@ -291,22 +290,21 @@ pub(crate) fn block_forward(
     a: &mut BlockActs,
     x: &[f32],
     w: &Block<&[f32]>,
-    w16: Option<(&Block<&[u16]>, WeightUse)>,
+    mats: &Matrices,
     n: usize,
     c: usize,
     threads: usize,
     attend: impl FnOnce(&[f32], &mut [f32]),
 ) {
-    let (w16, use16) = (w16.map(|(b, _)| b), w16.map_or(WeightUse::Training, |(_, u)| u));
     let (nc, n3c, n4c) = (n * c, n * 3 * c, n * 4 * c);
     layernorm_forward(&mut a.ln1[..nc], &mut a.ln1_mean[..n], &mut a.ln1_rstd[..n], &x[..nc], w.ln1w, w.ln1b, n, c);
-    matmul_forward(&mut a.qkv[..n3c], &a.ln1[..nc], block_matrix(w.qkvw, w16.map(|b| b.qkvw), use16), Some(w.qkvb), n, c, 3 * c, threads);
+    matmul_forward(&mut a.qkv[..n3c], &a.ln1[..nc], mats.qkv, Some(w.qkvb), n, c, 3 * c, threads);
     attend(&a.qkv[..n3c], &mut a.atty[..nc]);
-    residual_matmul_forward(&mut a.residual2[..nc], &x[..nc], &a.atty[..nc], block_matrix(w.attprojw, w16.map(|b| b.attprojw), use16), w.attprojb, n, c, c, threads);
+    residual_matmul_forward(&mut a.residual2[..nc], &x[..nc], &a.atty[..nc], mats.attproj, w.attprojb, n, c, c, threads);
     layernorm_forward(&mut a.ln2[..nc], &mut a.ln2_mean[..n], &mut a.ln2_rstd[..n], &a.residual2[..nc], w.ln2w, w.ln2b, n, c);
-    matmul_forward(&mut a.fch[..n4c], &a.ln2[..nc], block_matrix(w.fcw, w16.map(|b| b.fcw), use16), Some(w.fcb), n, c, 4 * c, threads);
+    matmul_forward(&mut a.fch[..n4c], &a.ln2[..nc], mats.fc, Some(w.fcb), n, c, 4 * c, threads);
     gelu_forward(&mut a.fch_gelu[..n4c], &a.fch[..n4c]);
-    residual_matmul_forward(&mut a.residual3[..nc], &a.residual2[..nc], &a.fch_gelu[..n4c], block_matrix(w.fcprojw, w16.map(|b| b.fcprojw), use16), w.fcprojb, n, 4 * c, c, threads);
+    residual_matmul_forward(&mut a.residual3[..nc], &a.residual2[..nc], &a.fch_gelu[..n4c], mats.fcproj, w.fcprojb, n, 4 * c, c, threads);
 }
 
 /// A weight matrix as the matmuls read it: its bf16 copy when there is one.
@@ -314,11 +312,28 @@ pub(crate) fn matrix<'a>(f32s: &'a [f32], bf16s: Option<&'a [u16]>) -> Operand<'
     bf16s.map_or(Operand::F32(f32s), Operand::Bf16)
 }
 
-/// A block's weight matrix [C, OC] as its matmuls read it: its bf16 copy
-/// when there is one, laid out for `weight_use` (`Gpt2::cast_weights`).
-pub(crate) fn block_matrix<'a>(f32s: &'a [f32], bf16s: Option<&'a [u16]>, weight_use: WeightUse) -> Weight<'a> {
-    let transposed = weight_use == WeightUse::Inference;
-    bf16s.map_or(Weight::from(f32s), |h| Weight { values: Operand::Bf16(h), transposed })
+/// A block's four weight matrices as its matmuls read them: the bf16
+/// copies when there are some, laid out for their use (`Gpt2::cast_weights`).
+pub(crate) struct Matrices<'a> {
+    qkv: Weight<'a>,
+    attproj: Weight<'a>,
+    fc: Weight<'a>,
+    fcproj: Weight<'a>,
+}
+
+impl<'a> Matrices<'a> {
+    pub(crate) fn of(w: &Block<&'a [f32]>, w16: Option<&Block<&'a [u16]>>, weight_use: WeightUse) -> Self {
+        let transposed = weight_use == WeightUse::Inference;
+        let pick = |f32s: &'a [f32], bf16s: Option<&'a [u16]>| {
+            bf16s.map_or(Weight::from(f32s), |h| Weight { values: Operand::Bf16(h), transposed })
+        };
+        Matrices {
+            qkv: pick(w.qkvw, w16.map(|b| b.qkvw)),
+            attproj: pick(w.attprojw, w16.map(|b| b.attprojw)),
+            fc: pick(w.fcw, w16.map(|b| b.fcw)),
+            fcproj: pick(w.fcprojw, w16.map(|b| b.fcprojw)),
+        }
+    }
 }
 
 /// Every buffer one forward and backward pass of a (B, T) batch needs.
@@ -527,7 +542,8 @@ impl Gpt2 {
             let (prev, rest) = acts.blocks.split_at_mut(l);
             let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].residual3 };
             let lse = &mut acts.lses[l];
-            block_forward(&mut rest[0], x, &p.blocks[l], p16.as_ref().map(|h| (&h.blocks[l], self.weight_use)), n, c, threads, |qkv, atty| {
+            let mats = Matrices::of(&p.blocks[l], p16.as_ref().map(|h| &h.blocks[l]), self.weight_use);
+            block_forward(&mut rest[0], x, &p.blocks[l], &mats, n, c, threads, |qkv, atty| {
                 attention_forward(atty, lse, qkv, b, t, c, nh, threads)
             });
         }
@@ -627,22 +643,22 @@ impl Gpt2 {
             let x: &[f32] = if l == 0 { &acts.encoded } else { &acts.blocks[l - 1].residual3 };
             let (a, lse) = (&acts.blocks[l], &acts.lses[l]);
             let (w, gw) = (&p.blocks[l], &mut gblocks[l]);
-            let (w16, use16) = (p16.as_ref().map(|h| &h.blocks[l]), self.weight_use);
+            let mats = Matrices::of(w, p16.as_ref().map(|h| &h.blocks[l]), self.weight_use);
                     // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2))))
             acts.dfch_gelu[..n * 4 * c].fill(0.0);
-            matmul_backward(&mut acts.dfch_gelu, gw.fcprojw, Some(&mut *gw.fcprojb), &acts.dresidual, &a.fch_gelu, block_matrix(w.fcprojw, w16.map(|b| b.fcprojw), use16), n, 4 * c, c, threads);
+            matmul_backward(&mut acts.dfch_gelu, gw.fcprojw, Some(&mut *gw.fcprojb), &acts.dresidual, &a.fch_gelu, mats.fcproj, n, 4 * c, c, threads);
             acts.dfch[..n * 4 * c].fill(0.0);
             gelu_backward(&mut acts.dfch[..n * 4 * c], &a.fch[..n * 4 * c], &acts.dfch_gelu[..n * 4 * c]);
             acts.dln[..n * c].fill(0.0);
-            matmul_backward(&mut acts.dln, gw.fcw, Some(&mut *gw.fcb), &acts.dfch, &a.ln2, block_matrix(w.fcw, w16.map(|b| b.fcw), use16), n, c, 4 * c, threads);
+            matmul_backward(&mut acts.dln, gw.fcw, Some(&mut *gw.fcb), &acts.dfch, &a.ln2, mats.fc, n, c, 4 * c, threads);
             layernorm_backward(&mut acts.dresidual, gw.ln2w, gw.ln2b, &acts.dln, &a.residual2, w.ln2w, &a.ln2_mean, &a.ln2_rstd, n, c);
             // attention: residual2 = x + c_proj(attn(c_attn(ln1(x))))
             acts.datty[..n * c].fill(0.0);
-            matmul_backward(&mut acts.datty, gw.attprojw, Some(&mut *gw.attprojb), &acts.dresidual, &a.atty, block_matrix(w.attprojw, w16.map(|b| b.attprojw), use16), n, c, c, threads);
+            matmul_backward(&mut acts.datty, gw.attprojw, Some(&mut *gw.attprojb), &acts.dresidual, &a.atty, mats.attproj, n, c, c, threads);
             acts.dqkv[..n * 3 * c].fill(0.0);
             attention_backward(&mut acts.dqkv, &acts.datty, &a.qkv, &a.atty, lse, b, t, c, nh, threads);
             acts.dln[..n * c].fill(0.0);
-            matmul_backward(&mut acts.dln, gw.qkvw, Some(&mut *gw.qkvb), &acts.dqkv, &a.ln1, block_matrix(w.qkvw, w16.map(|b| b.qkvw), use16), n, c, 3 * c, threads);
+            matmul_backward(&mut acts.dln, gw.qkvw, Some(&mut *gw.qkvb), &acts.dqkv, &a.ln1, mats.qkv, n, c, 3 * c, threads);
             layernorm_backward(&mut acts.dresidual, gw.ln1w, gw.ln1b, &acts.dln, x, w.ln1w, &a.ln1_mean, &a.ln1_rstd, n, c);
         }
         encoder_backward(gwte, gwpe, &acts.dresidual, tokens, b, t, c);
