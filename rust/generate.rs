@@ -101,7 +101,7 @@ pub fn decode_step(
     let mut a = BlockActs::zeros(m, c);
     for (l, w) in p.blocks.iter().enumerate() {
         let cache = &mut *cache;
-        let mats = Matrices::of(w, p16.as_ref().map(|h| &h.blocks[l]), model.weight_use());
+        let mats = Matrices::of(w, p16.as_ref().map(|h| &h.blocks[l]), model.weight_use(), model.block_panels(l));
         block_forward(&mut a, &x, w, &mats, m, c, threads, |qkv, atty| {
             for (i, (&s, &pos)) in seqs.iter().zip(&positions).enumerate() {
                 let at = cache.at(l, s, pos);

@@ -10,8 +10,8 @@ use crate::kernels::crossentropy::{crossentropy_fused, crossentropy_fused_bf16};
 use crate::kernels::encoder::{encoder_backward, encoder_forward};
 use crate::kernels::gelu::{gelu_backward, gelu_forward};
 use crate::kernels::layernorm::{layernorm_backward, layernorm_forward};
-use crate::kernels::bf16::{bf16_gemm, cast_to_bf16, cast_to_bf16_transposed, Operand, Precision};
-use crate::kernels::matmul::{matmul_backward, matmul_forward, matmul_transposed_forward, product, sgemm, Weight};
+use crate::kernels::bf16::{bf16_gemm, bf16_gemm_packed, cast_to_bf16, cast_to_bf16_transposed, Operand, Precision};
+use crate::kernels::matmul::{matmul_backward, matmul_forward, matmul_transposed_forward, product, sgemm, Weight, WeightPanels};
 use crate::kernels::residual::residual_matmul_forward;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -322,16 +322,65 @@ pub(crate) struct Matrices<'a> {
 }
 
 impl<'a> Matrices<'a> {
-    pub(crate) fn of(w: &Block<&'a [f32]>, w16: Option<&Block<&'a [u16]>>, weight_use: WeightUse) -> Self {
+    /// `panels`: the block's packed matrices in training (`Gpt2::panels`).
+    pub(crate) fn of(w: &Block<&'a [f32]>, w16: Option<&Block<&'a [u16]>>, weight_use: WeightUse, panels: Option<&'a [WeightPanels; 4]>) -> Self {
         let transposed = weight_use == WeightUse::Inference;
-        let pick = |f32s: &'a [f32], bf16s: Option<&'a [u16]>| {
-            bf16s.map_or(Weight::from(f32s), |h| Weight { values: Operand::Bf16(h), transposed })
+        let pick = |f32s: &'a [f32], bf16s: Option<&'a [u16]>, i: usize| {
+            bf16s.map_or(Weight::from(f32s), |h| Weight { values: Operand::Bf16(h), transposed, panels: panels.map(|p| &p[i]) })
         };
         Matrices {
-            qkv: pick(w.qkvw, w16.map(|b| b.qkvw)),
-            attproj: pick(w.attprojw, w16.map(|b| b.attprojw)),
-            fc: pick(w.fcw, w16.map(|b| b.fcw)),
-            fcproj: pick(w.fcprojw, w16.map(|b| b.fcprojw)),
+            qkv: pick(w.qkvw, w16.map(|b| b.qkvw), 0),
+            attproj: pick(w.attprojw, w16.map(|b| b.attprojw), 1),
+            fc: pick(w.fcw, w16.map(|b| b.fcw), 2),
+            fcproj: pick(w.fcprojw, w16.map(|b| b.fcprojw), 3),
+        }
+    }
+}
+
+/// The matrices' bf16 values packed for training's products, where the CPU
+/// has avx512_bf16: refreshed with the bf16 copy once per step, then read
+/// by every micro-batch's forward and backward.
+pub(crate) struct Panels {
+    /// The tied embedding as the output layer reads it, [V, C].
+    wte: WeightPanels,
+    /// Each block's c_attn, attn c_proj, c_fc and mlp c_proj (`Matrices::of`).
+    blocks: Vec<[WeightPanels; 4]>,
+}
+
+impl Panels {
+    /// Bytes the bf16 weights of a model in bf16 training take: the plain
+    /// copy, and the panels where the CPU has avx512_bf16. None when the
+    /// count overflows.
+    pub fn training_bytes(config: &Config) -> Option<u64> {
+        let (c, l) = (config.n_embd, config.n_layer as u64);
+        let copy = (config.checked_num_parameters()? as u64).checked_mul(std::mem::size_of::<u16>() as u64)?;
+        let mut block = 0u64;
+        for (k, n) in [(c, c.checked_mul(3)?), (c, c), (c, c.checked_mul(4)?), (c.checked_mul(4)?, c)] {
+            block = block.checked_add(WeightPanels::bytes_for(k, n)?)?;
+        }
+        copy.checked_add(WeightPanels::bytes_for(c, config.vocab_size)?)?.checked_add(block.checked_mul(l)?)
+    }
+
+    fn new(p: &Tensors<&[f32]>, c: usize, v: usize) -> Option<Self> {
+        let wte = WeightPanels::new(p.wte, true, c, v)?;
+        let mut blocks = Vec::with_capacity(p.blocks.len());
+        for b in &p.blocks {
+            blocks.push([
+                WeightPanels::new(b.qkvw, false, c, 3 * c)?,
+                WeightPanels::new(b.attprojw, false, c, c)?,
+                WeightPanels::new(b.fcw, false, c, 4 * c)?,
+                WeightPanels::new(b.fcprojw, false, 4 * c, c)?,
+            ]);
+        }
+        Some(Panels { wte, blocks })
+    }
+
+    fn repack(&mut self, p: &Tensors<&[f32]>) {
+        self.wte.repack(p.wte);
+        for (panels, b) in self.blocks.iter_mut().zip(&p.blocks) {
+            for (panel, w) in panels.iter_mut().zip([b.qkvw, b.attprojw, b.fcw, b.fcprojw]) {
+                panel.repack(w);
+            }
         }
     }
 }
@@ -419,6 +468,8 @@ pub struct Gpt2 {
     pub bf16: Option<Vec<u16>>,
     /// How `bf16` lays out the blocks' matrices.
     weight_use: WeightUse,
+    /// In bf16 training on avx512_bf16, the matrices packed for the products.
+    panels: Option<Panels>,
 }
 
 /// What a model's bf16 weights are laid out for.
@@ -457,7 +508,7 @@ impl Gpt2 {
                 view.fill(1.0);
             }
         }
-        Ok(Gpt2 { config, layout, params, bf16: None, weight_use: WeightUse::Training })
+        Ok(Gpt2 { config, layout, params, bf16: None, weight_use: WeightUse::Training, panels: None })
     }
 
     /// What the bf16 copy is laid out for.
@@ -481,7 +532,17 @@ impl Gpt2 {
             Precision::Fp32 => None,
             Precision::Bf16 => Some(vec![0; self.layout.total]),
         };
+        let (c, v) = (self.config.n_embd, self.config.vocab_size);
+        self.panels = match (precision, weight_use) {
+            (Precision::Bf16, WeightUse::Training) => Panels::new(&named(self.layout.views(&self.params)), c, v),
+            _ => None,
+        };
         self.cast_weights();
+    }
+
+    /// Block l's matrices packed for training's products, if packed.
+    pub(crate) fn block_panels(&self, l: usize) -> Option<&[WeightPanels; 4]> {
+        self.panels.as_ref().map(|p| &p.blocks[l])
     }
 
     /// Round the parameters into their bf16 copy (after they change; a
@@ -489,6 +550,9 @@ impl Gpt2 {
     pub fn cast_weights(&mut self) {
         let Some(h) = &mut self.bf16 else { return };
         if self.weight_use == WeightUse::Training {
+            if let Some(panels) = &mut self.panels {
+                panels.repack(&named(self.layout.views(&self.params)));
+            }
             return cast_to_bf16(h, &self.params);
         }
         let layout = &self.layout;
@@ -542,7 +606,7 @@ impl Gpt2 {
             let (prev, rest) = acts.blocks.split_at_mut(l);
             let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].residual3 };
             let lse = &mut acts.lses[l];
-            let mats = Matrices::of(&p.blocks[l], p16.as_ref().map(|h| &h.blocks[l]), self.weight_use);
+            let mats = Matrices::of(&p.blocks[l], p16.as_ref().map(|h| &h.blocks[l]), self.weight_use, self.block_panels(l));
             block_forward(&mut rest[0], x, &p.blocks[l], &mats, n, c, threads, |qkv, atty| {
                 attention_forward(atty, lse, qkv, b, t, c, nh, threads)
             });
@@ -593,13 +657,14 @@ impl Gpt2 {
         self.forward_body(acts, tokens, threads);
         let (n, c, v) = (acts.b * acts.t, self.config.n_embd, self.config.vocab_size);
         let wte = matrix(&self.params[..v * c], self.bf16.as_ref().map(|h| &h[..v * c]));
+        let wte_panels = self.panels.as_ref().map(|p| &p.wte);
         let mut grads = grads;
         let mut total = 0.0f64;
         for start in (0..n).step_by(LOGIT_CHUNK) {
             let r = LOGIT_CHUNK.min(n - start);
             let x = &acts.lnf[start * c..(start + r) * c];
             let logits = &mut acts.logits[..r * v];
-            product(r, v, c, x, false, wte, true, logits, false, threads);
+            matmul_forward(logits, x, Weight { values: wte, transposed: true, panels: wte_panels }, None, r, c, v, threads);
             let targets = &targets[start..start + r];
             let dln = &mut acts.dln[start * c..(start + r) * c];
             // dlnf[r, C] = dlogits @ wte;  dwte[V, C] += dlogits^T @ lnf
@@ -613,7 +678,10 @@ impl Gpt2 {
                 (Some(g), Operand::Bf16(_)) => {
                     let (loss, dlogits) = crossentropy_fused_bf16(logits, targets, dloss, r, v);
                     total += loss;
-                    bf16_gemm(r, c, v, Operand::Bf16(dlogits), false, wte, false, dln, false, threads);
+                    match wte_panels {
+                        Some(p) => bf16_gemm_packed(r, c, v, Operand::Bf16(dlogits), false, &p.backward, dln, false, threads),
+                        None => bf16_gemm(r, c, v, Operand::Bf16(dlogits), false, wte, false, dln, false, threads),
+                    }
                     bf16_gemm(v, c, r, Operand::Bf16(dlogits), true, Operand::F32(x), false, &mut g[..v * c], true, threads);
                 }
             }
@@ -643,7 +711,7 @@ impl Gpt2 {
             let x: &[f32] = if l == 0 { &acts.encoded } else { &acts.blocks[l - 1].residual3 };
             let (a, lse) = (&acts.blocks[l], &acts.lses[l]);
             let (w, gw) = (&p.blocks[l], &mut gblocks[l]);
-            let mats = Matrices::of(w, p16.as_ref().map(|h| &h.blocks[l]), self.weight_use);
+            let mats = Matrices::of(w, p16.as_ref().map(|h| &h.blocks[l]), self.weight_use, self.block_panels(l));
                     // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2))))
             acts.dfch_gelu[..n * 4 * c].fill(0.0);
             matmul_backward(&mut acts.dfch_gelu, gw.fcprojw, Some(&mut *gw.fcprojb), &acts.dresidual, &a.fch_gelu, mats.fcproj, n, 4 * c, c, threads);
@@ -766,6 +834,42 @@ mod tests {
         }
         m.set_precision(Precision::Fp32, WeightUse::Training);
         assert_eq!(run(&m).0, l32, "fp32 again is the plain float32 pass");
+    }
+
+    #[test]
+    fn bf16_training_reads_the_weights_as_last_cast() {
+        // a step changes the parameters, then casts them (and repacks the
+        // panels the products read where the CPU has avx512_bf16)
+        let cfg = Config { vocab_size: 300, n_embd: 32, n_layer: 2, n_head: 4, block_size: 16 };
+        let (x, y) = batch(&cfg, 4, 16, 3);
+        let run = |m: &Gpt2| {
+            let (mut acts, mut g) = (Activations::new(&cfg, 4, 16), vec![0.0f32; m.layout.total]);
+            (m.mean_loss(&mut acts, &x, &y, Some(&mut g), 2), g)
+        };
+        let mut stepped = Gpt2::new(cfg, 9).unwrap();
+        stepped.set_precision(Precision::Bf16, WeightUse::Training);
+        stepped.params.iter_mut().for_each(|p| *p *= 1.5);
+        stepped.cast_weights();
+        let mut fresh = Gpt2::new(cfg, 9).unwrap();
+        fresh.params.clone_from(&stepped.params);
+        fresh.set_precision(Precision::Bf16, WeightUse::Training);
+        let ((l1, g1), (l2, g2)) = (run(&stepped), run(&fresh));
+        assert_eq!(l1.to_bits(), l2.to_bits(), "loss {l1} vs {l2}");
+        assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()), "the gradients differ");
+    }
+
+    #[test]
+    fn bf16_weight_estimate_is_what_is_allocated() {
+        // n_embd 40: the packed matrices' widths are not multiples of a panel
+        let cfg = Config { vocab_size: 301, n_embd: 40, n_layer: 3, n_head: 4, block_size: 16 };
+        let mut m = Gpt2::new(cfg, 1).unwrap();
+        m.set_precision(Precision::Bf16, WeightUse::Training);
+        let copy = m.bf16.as_ref().map_or(0, |h| h.len() * 2);
+        let panels = m.panels.as_ref().map_or(0, |p| p.wte.bytes() + p.blocks.iter().flatten().map(WeightPanels::bytes).sum::<usize>());
+        assert_eq!(m.panels.is_some(), crate::kernels::bf16::bf16_hardware());
+        assert_eq!(Panels::training_bytes(&cfg), Some((copy + panels) as u64));
+        let huge = Config { vocab_size: usize::MAX / 4, ..cfg };
+        assert_eq!(Panels::training_bytes(&huge), None);
     }
 
     #[test]

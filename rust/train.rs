@@ -19,7 +19,8 @@
 //! only by float rounding.
 
 use crate::kernels::adamw::AdamW;
-use crate::model::{Activations, Config, Gpt2};
+use crate::kernels::bf16::Precision;
+use crate::model::{Activations, Config, Gpt2, Panels};
 use crate::optim::{global_norm, Optimizer};
 use crate::plan::{self, workers, Teams};
 use rayon::prelude::*;
@@ -231,15 +232,20 @@ pub fn lanes_for(threads: usize, cores: usize) -> usize {
 /// sequences of `seq_len` tokens: the weights and two AdamW moments once,
 /// then for each lane of the plan (`plan::teams`: at most the cores, the
 /// worker spheres and the sequences) a gradient buffer and the activations
-/// of the largest symmetry group's micro-batch, whatever the team's size.
+/// of the largest symmetry group's micro-batch, whatever the team's size;
+/// in bf16 also the weights' bf16 copies (`Panels::training_bytes`).
 /// None when it overflows.
-pub fn training_bytes(config: &Config, batch: usize, seq_len: usize, threads: usize, cores: usize) -> Option<u64> {
+pub fn training_bytes(config: &Config, batch: usize, seq_len: usize, threads: usize, cores: usize, precision: Precision) -> Option<u64> {
     let params = config.checked_num_parameters()?;
     let lanes = plan::teams(cores, threads, batch, seq_len).lanes();
     let micro = batch.div_ceil(SYMMETRY_GROUPS);
     let per_lane = params.checked_add(Activations::floats(config, micro, seq_len)?)?;
     let floats = params.checked_mul(3)?.checked_add(lanes.checked_mul(per_lane)?)?;
-    (floats as u64).checked_mul(std::mem::size_of::<f32>() as u64)
+    let bf16 = match precision {
+        Precision::Fp32 => 0,
+        Precision::Bf16 => Panels::training_bytes(config)?,
+    };
+    (floats as u64).checked_mul(std::mem::size_of::<f32>() as u64)?.checked_add(bf16)
 }
 
 /// Why a step was refused.

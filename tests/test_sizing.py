@@ -16,6 +16,7 @@ from crystalline.config import ModelConfig
 from crystalline.data import sizing
 from crystalline.data.stats import size_run
 from crystalline.errors import UserError
+from crystalline.precision import resolve as resolve_precision
 
 PYTHON_DIR = str(Path(sizing.__file__).resolve().parents[2])
 
@@ -154,6 +155,9 @@ def test_size_run_sizes_the_recommended_model_or_the_settings_given(dataset):
     given = size_run([ds], dict(n_embd=32, n_layer=1, n_head=2, seq_len=64, batch_size=8, threads=3))
     assert given.model == ModelConfig(vocab_size=300, n_embd=32, n_layer=1, n_head=2, block_size=64)
     assert given.parameters == given.model.num_parameters()
-    assert given.memory_bytes == given.model.training_memory_bytes(8, 64, 3)
+    precision = resolve_precision(given.config.precision)
+    assert given.memory_bytes == given.model.training_memory_bytes(8, 64, 3, precision=precision)
+    assert (given.bf16_bytes > 0) == (precision == "bf16")
+    assert given.memory_bytes - given.bf16_bytes == given.model.training_memory_bytes(8, 64, 3, precision="fp32")
     with pytest.raises(UserError, match="vocab size 200 is smaller than the tokenizer's 300"):
         size_run([ds], dict(vocab_size=200, n_embd=32, n_layer=1, n_head=2))

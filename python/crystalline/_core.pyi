@@ -37,10 +37,11 @@ def plan_teams(*, threads: int, cores: int, batch_size: int, seq_len: int) -> di
     """The plan of one step: {"cores": cores of each lane's team, "quota": sequences each lane runs}."""
 def training_memory_bytes(
     vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int, *, batch_size: int, seq_len: int,
-    threads: int, cores: int | None = None
+    threads: int, cores: int | None = None, precision: str = "fp32"
 ) -> int:
     """Bytes a Trainer allocates to train this shape on [batch_size, seq_len] batches on `cores` cores
-    (None: every core this process may use)."""
+    (None: every core this process may use), its matmuls in `precision` ("fp32" or "bf16": the weights'
+    bf16 copies too)."""
 def parameter_shapes(
     vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int
 ) -> list[tuple[str, list[int]]]: ...

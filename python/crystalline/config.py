@@ -115,15 +115,17 @@ class ModelConfig:
         cache = 2 * self.n_layer * self.block_size * self.n_embd
         return F32_BYTES * (sequences * cache + rows * self.vocab_size)
 
-    def training_memory_bytes(self, batch_size: int, seq_len: int, threads: int = 12, cores: int | None = None) -> int:
+    def training_memory_bytes(self, batch_size: int, seq_len: int, threads: int = 12, cores: int | None = None,
+                              precision: str = "fp32") -> int:
         """Bytes the Rust trainer allocates to train this shape on `cores`
         cores (None: every core this process may use): weights and AdamW
         moments once, then per lane of working memory a gradient buffer, a
         micro-batch's activations and a chunk of logits (computed from the
         formulas the allocation uses). A step's plan has at most
-        min(cores, threads - 1, batch_size) lanes, whatever its teams' sizes."""
+        min(cores, threads - 1, batch_size) lanes, whatever its teams' sizes.
+        With `precision` "bf16", also the weights' bf16 copies."""
         return _core.training_memory_bytes(**asdict(self), batch_size=batch_size, seq_len=seq_len, threads=threads,
-                                           cores=cores)
+                                           cores=cores, precision=precision)
 
 
 # The older names of TrainConfig fields, still the names of the command-line

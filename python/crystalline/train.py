@@ -169,7 +169,8 @@ class Trainer:
         need more memory than is available, before allocating them."""
         cfg = self.cfg
         with core_refusals():
-            needed = cfg.model_config().training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
+            needed = cfg.model_config().training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores,
+                                                              resolve_precision(cfg.precision))
         ensure_memory(needed, f"training a model of {cfg.model_config().num_parameters():,} parameters",
                       "choose a smaller --embed-dim, --num-layers, --vocab-size, --batch-size or --seq-len")
 
@@ -254,7 +255,7 @@ class Trainer:
             f"[Node Zero] data: {len(self.train_tokens):,} training tokens, {len(self.val_tokens):,} validation; "
             f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {self.steps_per_epoch:,} steps per epoch, {planned}"
         )
-        mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
+        mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores, resolve_precision(cfg.precision))
         cores = cfg.cores or _core.available_cores()  # the trainer's (built after the estimate's probe)
         teams = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers) on "

@@ -181,7 +181,7 @@ pub fn bf16_gemm(
     }
     if bf16_hardware() {
         #[cfg(target_arch = "x86_64")]
-        packed::gemm(m, n, k, a, a_trans, b, b_trans, c, accumulate, threads);
+        packed::gemm(m, n, k, a, a_trans, packed::Right::Unpacked(b, b_trans), c, accumulate, threads);
     } else {
         bf16_gemm_emulated(m, n, k, a, a_trans, b, b_trans, c, accumulate, threads);
     }
@@ -212,6 +212,73 @@ pub fn bf16_gemm_emulated(
     sgemm(m, n, k, &a, a_trans, &b, b_trans, c, accumulate, threads);
 }
 
+/// A right operand packed once, rounded to bf16, into the panels the
+/// AVX512_BF16 product multiplies from: for a weight that many products
+/// read between two updates (a training step's micro-batches each read
+/// every matrix twice), so that no product packs it again.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    /// [ceil(k / KC)] blocks of [ceil(n / NR)][pairs][NR] (see `packed`).
+    panels: Vec<u32>,
+}
+
+impl PackedB {
+    /// op(b) packed, `[k, n]`, from b: `[k, n]`, or `[n, k]` when `b_trans`;
+    /// in parallel on the current rayon pool. None where the CPU lacks
+    /// avx512_bf16 (its products read the plain bf16 copy).
+    pub fn new(b: Operand, b_trans: bool, k: usize, n: usize) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if bf16_hardware() {
+            let mut packed = PackedB { k, n, panels: vec![0; packed::panels_len(k, n)] };
+            packed.repack(b, b_trans);
+            return Some(packed);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (b, b_trans, k, n);
+        None
+    }
+
+    /// Pack `b` again (after it changed), in the same shape.
+    pub fn repack(&mut self, b: Operand, b_trans: bool) {
+        assert!(b.len() >= self.k * self.n, "PackedB: {} elements for {} x {}", b.len(), self.k, self.n);
+        #[cfg(target_arch = "x86_64")]
+        packed::pack_all(&mut self.panels, b, b_trans, self.k, self.n);
+    }
+
+    /// Bytes the panels take.
+    pub fn bytes(&self) -> usize {
+        self.panels.len() * std::mem::size_of::<u32>()
+    }
+
+    /// Bytes `new` allocates for a `[k, n]` operand on this CPU (0 without
+    /// avx512_bf16); None when the count overflows.
+    pub fn bytes_for(k: usize, n: usize) -> Option<u64> {
+        if !bf16_hardware() {
+            return Some(0);
+        }
+        #[cfg(target_arch = "x86_64")]
+        return (k.div_ceil(2) as u64).checked_mul(n.checked_next_multiple_of(packed::NR)? as u64)?.checked_mul(std::mem::size_of::<u32>() as u64);
+        #[cfg(not(target_arch = "x86_64"))]
+        Some(0)
+    }
+}
+
+/// `bf16_gemm` with a right operand packed beforehand: the same result, bit
+/// for bit.
+///
+/// a: `[m, k]`, or `[k, m]` when `a_trans`
+/// b: op(b), `[k, n]`
+/// c: `[m, n]`, overwritten unless `accumulate`
+#[allow(clippy::too_many_arguments)]
+pub fn bf16_gemm_packed(m: usize, n: usize, k: usize, a: Operand, a_trans: bool, b: &PackedB, c: &mut [f32], accumulate: bool, threads: usize) {
+    assert!((b.k, b.n) == (k, n), "bf16_gemm_packed: b is {} x {}, need {k} x {n}", b.k, b.n);
+    assert!(a.len() >= m * k, "bf16_gemm_packed: a has {} elements, need {}", a.len(), m * k);
+    assert!(c.len() >= m * n, "bf16_gemm_packed: c has {} elements, need {}", c.len(), m * n);
+    #[cfg(target_arch = "x86_64")]
+    packed::gemm(m, n, k, a, a_trans, packed::Right::Packed(&b.panels), c, accumulate, threads);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod packed {
     //! The AVX512_BF16 path. Packed layouts, with pairs of consecutive k
@@ -238,7 +305,7 @@ mod packed {
     const MR: usize = 6;
     /// 16-lane vectors across the tile; NR columns.
     const NV: usize = 4;
-    const NR: usize = 16 * NV;
+    pub(super) const NR: usize = 16 * NV;
     /// k per block (even): a B micro-panel, KC x NR bf16, is 128 KiB and
     /// stays in L2. Fewer C tile updates pay more than L1 residency: on a
     /// Zen 5 core KC = 1024 ran 2.2x as fast as 128 and 1.15x as fast as 2048.
@@ -471,6 +538,49 @@ mod packed {
         }
     }
 
+    /// The right operand of a product: as stored, packed block by block
+    /// as the product goes, or packed beforehand (`PackedB`).
+    #[derive(Clone, Copy)]
+    pub(super) enum Right<'a> {
+        /// b: `[k, n]`, or `[n, k]` when the flag is set.
+        Unpacked(Operand<'a>, bool),
+        /// Every block's panels, [ceil(k / KC)][ceil(n / NR)][pairs][NR].
+        Packed(&'a [u32]),
+    }
+
+    /// Elements of a whole packed right operand `[k, n]`: every k block's
+    /// panels, all but the last block KC deep.
+    pub(super) fn panels_len(k: usize, n: usize) -> usize {
+        k.div_ceil(2) * n.div_ceil(NR) * NR
+    }
+
+    /// Where k block `k0`'s panels start in a whole packed operand.
+    fn block_offset(k0: usize, n: usize) -> usize {
+        panels_len(k0, n)
+    }
+
+    /// Pack all of op(b) `[k, n]` into `dst` (`panels_len(k, n)` long), in
+    /// parallel over panels.
+    pub(super) fn pack_all(dst: &mut [u32], b: Operand, b_trans: bool, k: usize, n: usize) {
+        let sb = right_strided(b, b_trans, k, n);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let panel = kc.div_ceil(2) * NR;
+            let block = &mut dst[block_offset(k0, n)..][..n.div_ceil(NR) * panel];
+            // SAFETY: PackedB packs only on a CPU with avx512_bf16.
+            block.par_chunks_mut(panel).enumerate().for_each(|(j, d)| unsafe { pack(d, sb, j * NR, NR.min(n - j * NR), k0, kc, NR) });
+        }
+    }
+
+    /// op(b)^T indexed (column j, k p), for b: `[k, n]`, or `[n, k]` when `b_trans`.
+    fn right_strided(b: Operand, b_trans: bool, k: usize, n: usize) -> Strided {
+        if b_trans {
+            Strided { x: b, ld: k, rows_contiguous: false }
+        } else {
+            Strided { x: b, ld: n, rows_contiguous: true }
+        }
+    }
+
     thread_local! {
         /// Packing buffers kept per thread between calls: a fresh one per
         /// call costs page faults that dwarf the product for few rows.
@@ -491,7 +601,7 @@ mod packed {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm(m: usize, n: usize, k: usize, a: Operand, a_trans: bool, b: Operand, b_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
+    pub(super) fn gemm(m: usize, n: usize, k: usize, a: Operand, a_trans: bool, b: Right, c: &mut [f32], accumulate: bool, threads: usize) {
         if m == 0 || n == 0 {
             return;
         }
@@ -503,15 +613,17 @@ mod packed {
         }
         // op(a) indexed (row i, k p); op(b)^T indexed (column j, k p).
         let sa = if a_trans { Strided { x: a, ld: m, rows_contiguous: true } } else { Strided { x: a, ld: k, rows_contiguous: false } };
-        let sb = if b_trans { Strided { x: b, ld: k, rows_contiguous: false } } else { Strided { x: b, ld: n, rows_contiguous: true } };
         let out = SharedOut(c.as_mut_ptr()); // tasks write disjoint tiles
         // On one thread, NC columns at a time: each block's packed B is used
         // by every row tile while it is still in cache, where packing all of
         // B first would send it to memory and back (the output layer's is
         // 23 MB). In parallel the tasks are the tiles of the whole product.
         let block = if threads > 1 { n } else { NC };
-        let b_panels = block.min(n).div_ceil(NR);
-        with_buffer(&PACK_B, b_panels * KC.min(k).div_ceil(2) * NR, |bpack| {
+        let b_panels = match b {
+            Right::Unpacked(..) => block.min(n).div_ceil(NR),
+            Right::Packed(_) => 0,
+        };
+        with_buffer(&PACK_B, b_panels * KC.min(k).div_ceil(2) * NR, |buffer| {
             let mc = if a_trans && threads == 1 { MC_TRANSPOSED } else { MC };
             for j0 in (0..n).step_by(block) {
                 let nb = block.min(n - j0);
@@ -521,16 +633,22 @@ mod packed {
                     let kc = KC.min(k - k0);
                     let pairs = kc.div_ceil(2);
                     let panel = pairs * NR;
-                    let bpack = &mut bpack[..nb.div_ceil(NR) * panel];
-                    // SAFETY (both calls): bf16_gemm only comes here on a CPU with avx512_bf16.
-                    let pack_b = |(j, dst): (usize, &mut [u32])| unsafe { pack(dst, sb, j0 + j * NR, NR.min(n - j0 - j * NR), k0, kc, NR) };
-                    if threads > 1 {
-                        bpack.par_chunks_mut(panel).enumerate().for_each(pack_b);
-                    } else {
-                        bpack.chunks_mut(panel).enumerate().for_each(pack_b);
-                    }
+                    let bpack: &[u32] = match b {
+                        Right::Packed(all) => &all[block_offset(k0, n) + j0 / NR * panel..][..nb.div_ceil(NR) * panel],
+                        Right::Unpacked(b, b_trans) => {
+                            let sb = right_strided(b, b_trans, k, n);
+                            let bpack = &mut buffer[..nb.div_ceil(NR) * panel];
+                            // SAFETY (both calls): bf16_gemm only comes here on a CPU with avx512_bf16.
+                            let pack_b = |(j, dst): (usize, &mut [u32])| unsafe { pack(dst, sb, j0 + j * NR, NR.min(n - j0 - j * NR), k0, kc, NR) };
+                            if threads > 1 {
+                                bpack.par_chunks_mut(panel).enumerate().for_each(pack_b);
+                            } else {
+                                bpack.chunks_mut(panel).enumerate().for_each(pack_b);
+                            }
+                            bpack
+                        }
+                    };
                     let load_c = accumulate || k0 > 0;
-                    let bpack = &*bpack;
                     let tile = |&(i0, jt): &(usize, usize)| {
                         let rows = mc.min(m - i0);
                         with_buffer(&PACK_A, rows.div_ceil(MR) * pairs * MR, |apack| {
@@ -686,6 +804,33 @@ mod tests {
             return;
         }
         check(bf16_gemm);
+    }
+
+    #[test]
+    fn a_right_operand_packed_beforehand_gives_the_same_bits() {
+        if !bf16_hardware() {
+            assert!(PackedB::new(Operand::F32(&[1.0]), false, 1, 1).is_none());
+            eprintln!("skipped: this CPU lacks avx512_bf16, so nothing is packed beforehand");
+            return;
+        }
+        // k = 2100: three k blocks; n = 1300: two column blocks on one thread
+        for &(m, n, k) in &[(1, 1, 1), (37, 70, 53), (20, 70, 2100), (9, 1300, 71), (401, 20, 33)] {
+            let (a, at) = (rand_vec(m * k, 6), rand_vec(k * m, 7));
+            let (b, b16) = (rand_vec(k * n, 8), rand_vec(k * n, 9).iter().map(|&x| to_bf16(x)).collect::<Vec<_>>());
+            for (right, b_trans) in [(Operand::F32(&b), false), (Operand::F32(&b), true), (Operand::Bf16(&b16), true)] {
+                // packed from other values first: repack must replace them all
+                let mut packed = PackedB::new(Operand::F32(&rand_vec(k * n, 10)), b_trans, k, n).expect("avx512_bf16");
+                packed.repack(right, b_trans);
+                for (left, a_trans) in [(Operand::F32(&a), false), (Operand::F32(&at), true)] {
+                    for (threads, accumulate) in [(1, false), (3, true)] {
+                        let (mut want, mut got) = (vec![0.5f32; m * n], vec![0.5f32; m * n]);
+                        bf16_gemm(m, n, k, left, a_trans, right, b_trans, &mut want, accumulate, threads);
+                        bf16_gemm_packed(m, n, k, left, a_trans, &packed, &mut got, accumulate, threads);
+                        assert!(want.iter().zip(&got).all(|(x, y)| x.to_bits() == y.to_bits()), "[{m},{n},{k}] b_trans {b_trans} a_trans {a_trans} threads {threads}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! the layer multiply in bf16 (both operands rounded, f32 sums: see `bf16`),
 //! forward and backward.
 
-use super::bf16::{bf16_gemm, Operand};
+use super::bf16::{bf16_gemm, bf16_gemm_packed, Operand, PackedB};
 #[cfg(target_arch = "x86_64")]
 use super::few_rows::{self, MAX_ROWS};
 use gemm::Parallelism;
@@ -115,13 +115,20 @@ pub(crate) unsafe fn gemm_strided(
 #[allow(clippy::too_many_arguments)]
 pub fn product(m: usize, n: usize, k: usize, a: &[f32], a_trans: bool, w: Operand, w_trans: bool, c: &mut [f32], accumulate: bool, threads: usize) {
     #[cfg(target_arch = "x86_64")]
-    if m <= MAX_ROWS && !a_trans && few_rows::supported() {
+    if reads_in_place(m, a_trans) {
         return few_rows::few_rows(m, n, k, a, w, w_trans, c, accumulate, threads);
     }
     match w {
         Operand::F32(w) => sgemm(m, n, k, a, a_trans, w, w_trans, c, accumulate, threads),
         Operand::Bf16(_) => bf16_gemm(m, n, k, Operand::F32(a), a_trans, w, w_trans, c, accumulate, threads),
     }
+}
+
+/// Whether `product` multiplies m rows by reading the weight in place
+/// (`few_rows`) rather than packing it.
+#[cfg(target_arch = "x86_64")]
+fn reads_in_place(m: usize, a_trans: bool) -> bool {
+    m <= MAX_ROWS && !a_trans && few_rows::supported()
 }
 
 /// A layer's weight, [C, OC], as the layer functions below read it: stored
@@ -132,11 +139,66 @@ pub struct Weight<'a> {
     pub values: Operand<'a>,
     /// Stored [OC, C].
     pub transposed: bool,
+    /// The same bf16 values packed for the products, when packed beforehand.
+    pub panels: Option<&'a WeightPanels>,
 }
 
 impl<'a, T: Into<Operand<'a>>> From<T> for Weight<'a> {
     fn from(values: T) -> Self {
-        Weight { values: values.into(), transposed: false }
+        Weight { values: values.into(), transposed: false, panels: None }
+    }
+}
+
+/// A weight rounded to bf16 and packed once for both products that read
+/// it, `inp @ weight` and `dout @ weight^T`, so that a training step's
+/// micro-batches do not each pack every matrix twice. (Packing a weight
+/// stored with its k contiguous is a scatter: per micro-batch it was about
+/// a tenth of the seed config's bf16 step.)
+pub struct WeightPanels {
+    /// [C, OC] as the forward reads it.
+    pub forward: PackedB,
+    /// [OC, C] as the backward's dinp product reads it.
+    pub backward: PackedB,
+    /// The weight is stored [OC, C].
+    transposed: bool,
+}
+
+impl WeightPanels {
+    /// weight: [C, OC], or [OC, C] when `transposed`. None where the CPU
+    /// lacks avx512_bf16 (see `PackedB`).
+    pub fn new(weight: &[f32], transposed: bool, c: usize, oc: usize) -> Option<Self> {
+        let w = Operand::F32(weight);
+        Some(WeightPanels { forward: PackedB::new(w, transposed, c, oc)?, backward: PackedB::new(w, !transposed, oc, c)?, transposed })
+    }
+
+    /// Pack `weight` again after it changed (same shape and layout).
+    pub fn repack(&mut self, weight: &[f32]) {
+        self.forward.repack(Operand::F32(weight), self.transposed);
+        self.backward.repack(Operand::F32(weight), !self.transposed);
+    }
+
+    /// Bytes both packings take.
+    pub fn bytes(&self) -> usize {
+        self.forward.bytes() + self.backward.bytes()
+    }
+
+    /// Bytes `new` allocates for a [C, OC] weight on this CPU; None when
+    /// the count overflows.
+    pub fn bytes_for(c: usize, oc: usize) -> Option<u64> {
+        PackedB::bytes_for(c, oc)?.checked_add(PackedB::bytes_for(oc, c)?)
+    }
+}
+
+/// c[m,n] (+)= a[m,k] @ w, or @ w^T for the `backward` (dinp) product.
+#[allow(clippy::too_many_arguments)]
+fn weight_product(m: usize, n: usize, k: usize, a: &[f32], w: Weight, backward: bool, c: &mut [f32], accumulate: bool, threads: usize) {
+    #[cfg(target_arch = "x86_64")]
+    let packed = w.panels.filter(|_| !reads_in_place(m, false));
+    #[cfg(not(target_arch = "x86_64"))]
+    let packed = w.panels;
+    match packed {
+        Some(p) => bf16_gemm_packed(m, n, k, Operand::F32(a), false, if backward { &p.backward } else { &p.forward }, c, accumulate, threads),
+        None => product(m, n, k, a, false, w.values, w.transposed != backward, c, accumulate, threads),
     }
 }
 
@@ -161,10 +223,7 @@ pub fn matmul_forward<'w>(
             out[..n * oc].fill(0.0);
             matmul_accumulate(out, inp, weight, bias, n, c, oc, threads);
         }
-        None => {
-            let w = weight.into();
-            product(n, oc, c, inp, false, w.values, w.transposed, out, false, threads)
-        }
+        None => weight_product(n, oc, c, inp, weight.into(), false, out, false, threads),
     }
 }
 
@@ -195,8 +254,7 @@ pub fn matmul_accumulate<'w>(
             *o += b;
         }
     }
-    let w = weight.into();
-    product(n, oc, c, inp, false, w.values, w.transposed, out, true, threads);
+    weight_product(n, oc, c, inp, weight.into(), false, out, true, threads);
 }
 
 /// Backward of `matmul_forward`, accumulating into every gradient. With a
@@ -224,7 +282,7 @@ pub fn matmul_backward<'w>(
 ) {
     let w = weight.into();
     // dinp[N,C] += dout[N,OC] @ weight^T
-    product(n, c, oc, dout, false, w.values, !w.transposed, dinp, true, threads);
+    weight_product(n, c, oc, dout, w, true, dinp, true, threads);
     // dweight[C,OC] += inp^T @ dout
     match w.values {
         Operand::F32(_) => sgemm(c, oc, n, inp, true, dout, false, dweight, true, threads),

@@ -71,9 +71,10 @@ pub fn plan_teams<'py>(
 
 /// Bytes a Trainer allocates to train this shape on batches of
 /// `batch_size` sequences of `seq_len` tokens with `threads` threads on
-/// `cores` cores (default: every core this process may use).
+/// `cores` cores (default: every core this process may use), its matmuls in
+/// `precision` ("fp32" or "bf16").
 #[pyfunction]
-#[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, batch_size, seq_len, threads, cores=None))]
+#[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, batch_size, seq_len, threads, cores=None, precision="fp32"))]
 #[allow(clippy::too_many_arguments)]
 pub fn training_memory_bytes(
     vocab_size: Int<usize>,
@@ -85,11 +86,13 @@ pub fn training_memory_bytes(
     seq_len: Int<usize>,
     threads: Int<usize>,
     cores: Option<Int<usize>>,
+    precision: &str,
 ) -> PyResult<u64> {
+    let precision = Precision::parse(precision).map_err(value_error)?;
     let (vocab_size, n_embd, n_layer, n_head, block_size, batch_size, seq_len, threads) = (vocab_size.0, n_embd.0, n_layer.0, n_head.0, block_size.0, batch_size.0, seq_len.0, threads.0);
     let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
     cfg.validate().map_err(value_error)?;
-    train::training_bytes(&cfg, batch_size, seq_len, threads, cores_or_all(cores)?)
+    train::training_bytes(&cfg, batch_size, seq_len, threads, cores_or_all(cores)?, precision)
         .ok_or_else(|| value_error("the training memory of this shape overflows a 64-bit count"))
 }
 

@@ -22,6 +22,7 @@ from crystalline.data.tokenizer import Tokenizer
 from crystalline.errors import UserError
 from crystalline.estimate import Estimate
 from crystalline.guard import available_memory, core_refusals, gib
+from crystalline.precision import resolve as resolve_precision
 
 # The settings that choose the model's shape: given none, `size` sizes the recommended model.
 SHAPE_SETTINGS = {"n_embd", "n_layer", "n_head", "seq_len"}
@@ -70,6 +71,7 @@ class SizeReport:
     source: str  # where config's shape came from: flags, --config, the quick preset, or auto
     parameters: int  # the model's parameter count
     memory_bytes: int  # what training allocates at config's batch size, sequence length, threads and cores
+    bf16_bytes: int  # of memory_bytes, the weights' bf16 copies when the matmuls run in bf16 (else 0)
     cores: int  # the cores sized for: --cores, else every core this process may use
     lanes: int  # lanes of working memory a step's plan uses on them
     micro_batch: int  # sequences of the largest micro-batch (a symmetry group's share of a batch)
@@ -118,7 +120,9 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
     cfg.validate()
     model = cfg.model_config()
     with core_refusals():  # a size whose memory overflows a 64-bit count
-        memory = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
+        fp32 = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores)
+        memory = model.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores,
+                                             resolve_precision(cfg.precision))
     cores = cfg.cores or _core.available_cores()
     plan = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     warnings = sizing.check_data(model, ds.train_count, cfg.batch_size, cfg.seq_len)
@@ -132,7 +136,8 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
         with core_refusals():
             est = estimate.for_run(cfg, ds.train_count, ds.val_count)
     return SizeReport(data_bytes=data_bytes, train_tokens=ds.train_count, val_tokens=ds.val_count, config=cfg,
-                      source=source, parameters=model.num_parameters(), memory_bytes=memory, cores=cores,
+                      source=source, parameters=model.num_parameters(), memory_bytes=memory, bf16_bytes=memory - fp32,
+                      cores=cores,
                       lanes=len(plan["cores"]), micro_batch=-(-cfg.batch_size // _core.SYMMETRY_GROUPS),
                       recommended=replace(rec, block_size=rec_config.seq_len),
                       table_row=sizing.table_row(data_bytes), command=_train_command(data, ds, rec_config, given,
