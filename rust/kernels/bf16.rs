@@ -508,6 +508,20 @@ mod packed {
     #[target_feature(enable = "avx512bf16,avx512f,avx512bw,avx512vl")]
     unsafe fn microkernel(pairs: usize, a: *const u32, a_rows: usize, b: *const u32, c: *mut f32, ldc: usize, rows: usize, cols: usize, load_c: bool) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        // The tile of c, read or written after the k loop, is fetched now so
+        // that the loop hides its latency: the output layer's weight
+        // gradient (46 MB on the seed config) is read from memory tile by
+        // tile. That product ran 10% faster alone, the bf16 step about 1%.
+        for r in 0..rows {
+            for v in 0..cols.div_ceil(16) {
+                let line = c.add(r * ldc + 16 * v) as *const i8;
+                if load_c {
+                    _mm_prefetch::<_MM_HINT_T0>(line);
+                } else {
+                    _mm_prefetch::<_MM_HINT_ET0>(line);
+                }
+            }
+        }
         // pair p of row r is at a[r * a_rows + p * a_pairs]
         let a_pairs = if a_rows == 1 { MR } else { 1 };
         for p in 0..pairs {
