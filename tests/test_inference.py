@@ -149,6 +149,55 @@ def test_text_stream_holds_back_a_partial_utf8_character(model):
     assert dangling.finish(byte_ids[:1]) == "\ufffd"
 
 
+class CountingTokenizer:
+    """The model's tokenizer, counting the ids it decodes."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.decoded = tok, 0
+
+    def decode(self, ids) -> str:
+        self.decoded += len(ids)
+        return self.tok.decode(ids)
+
+
+def whole_text_stream(tok, ids_by_push: list[list[int]]) -> list[str]:
+    """What the stream must give: each push decodes every id so far and shows
+    the new text up to any trailing U+FFFD; the end shows the rest."""
+    shown, out = 0, []
+    for ids in ids_by_push:
+        text = tok.decode(ids)
+        stable = len(text.rstrip("\ufffd"))
+        out.append(text[shown:stable])
+        shown = max(shown, stable)
+    out.append(tok.decode(ids_by_push[-1])[shown:])
+    return out
+
+
+def test_text_stream_gives_the_whole_texts_increments_decoding_each_id_a_bounded_number_of_times(model):
+    tok = model.tokenizer
+    # the byte-level symbols of the bytes of characters of 2, 3 and 4 bytes,
+    # so that pushes end inside characters (GPT-2's byte-to-symbol map:
+    # printable Latin-1 bytes stand for themselves, the others for 256 + n)
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in kept]
+    symbol = {b: chr(b) if b in kept else chr(256 + others.index(b)) for b in range(256)}
+    symbols = [tok.inner.token_to_id(symbol[b]) for b in "é€😀".encode()]
+    assert None not in symbols
+    assert tok.decode(symbols) == "é€😀"
+    words = tok.encode("def f(x):\n    return 'café' + \"€\"\n")
+    rng = np.random.default_rng(3)
+    ids = [int(i) for i in rng.choice(symbols + words, size=3000)]
+    prefixes = [ids[:k] for k in range(1, len(ids) + 1)]
+    counting = CountingTokenizer(tok)
+    stream = TextStream(counting)
+    got = [stream.push(p) for p in prefixes] + [stream.finish(ids)]
+    assert got == whole_text_stream(tok, prefixes)
+    assert "".join(got) == tok.decode(ids)
+    # a 3000-token stream: at most a few decodes per id (decoding everything
+    # at every push would be 4.5 million)
+    assert counting.decoded < 10 * len(ids), counting.decoded
+
+
 def test_streamed_text_is_the_returned_text(model):
     pieces: list[str] = []
     text = model.generate(PROMPT, max_tokens=30, temperature=1.0, seed=4, stream=pieces.append)

@@ -105,23 +105,30 @@ class TextStream:
 
     Byte-level tokens can end inside a UTF-8 character, which decodes to
     U+FFFD until the rest arrives, so trailing U+FFFD is held back until a
-    later token (or `finish`) settles it."""
+    later token (or `finish`) settles it.
+
+    Only the ids since the text last ended on a whole character are
+    decoded again (the bytes before them decode the same whatever follows),
+    so a stream of n tokens costs time linear in n, not quadratic."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.shown = 0
+        self.start = 0  # ids before it are settled and shown
+        self.shown = 0  # characters shown of the text of ids[start:]
 
     def push(self, ids: Sequence[int]) -> str:
-        text = self.tokenizer.decode(ids)
+        text = self.tokenizer.decode(ids[self.start :])
         stable = len(text.rstrip("\ufffd"))
         new = text[self.shown : stable]
-        self.shown = max(self.shown, stable)
+        if stable == len(text):  # ends on a whole character: settled
+            self.start, self.shown = len(ids), 0
+        else:
+            self.shown = max(self.shown, stable)
         return new
 
     def finish(self, ids: Sequence[int]) -> str:
-        text = self.tokenizer.decode(ids)
-        new = text[self.shown :]
-        self.shown = len(text)
+        new = self.tokenizer.decode(ids[self.start :])[self.shown :]
+        self.start, self.shown = len(ids), 0
         return new
 
 
