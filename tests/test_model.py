@@ -4,7 +4,10 @@ causality, zero-copy parameter views and refusal of bad input."""
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,3 +140,48 @@ def test_sliced_batches_need_no_copy_by_the_caller():
     assert all(np.array_equal(grads[k], grads2[k]) for k in grads)
     assert model.loss(ids[:, :-1], ids[:, 1:]) == model.loss(x, y)
     np.testing.assert_array_equal(model.forward(ids[::2, :-1]), model.forward(np.ascontiguousarray(ids[::2, :-1])))
+
+
+def stub_signatures() -> dict[str, inspect.Signature]:
+    """The signatures `_core.pyi` declares, by name ("Model.sample"), with the
+    defaults as written there."""
+    tree = ast.parse(Path(_core.__file__).with_name("_core.pyi").read_text())
+    found = {}
+
+    def visit(body, prefix):
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                visit(node.body, f"{node.name}.")
+            elif isinstance(node, ast.FunctionDef):
+                a = node.args
+                params = []
+                positional = a.posonlyargs + a.args
+                pos_defaults = [None] * (len(positional) - len(a.defaults)) + a.defaults
+                for arg, d in zip(positional, pos_defaults):
+                    default = inspect.Parameter.empty if d is None else ast.literal_eval(d)
+                    params.append(inspect.Parameter(arg.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default))
+                for arg, d in zip(a.kwonlyargs, a.kw_defaults):
+                    default = inspect.Parameter.empty if d is None else ast.literal_eval(d)
+                    params.append(inspect.Parameter(arg.arg, inspect.Parameter.KEYWORD_ONLY, default=default))
+                found[prefix + node.name] = inspect.Signature(params)
+
+    visit(tree.body, "")
+    return found
+
+
+def test_the_stub_declares_every_binding_with_its_runtime_signature():
+    # the parameters' names, kinds and defaults as Python sees them (help(),
+    # inspect) match the .pyi that type checkers and editors read
+    checked = 0
+    for name, stub in stub_signatures().items():
+        owner, _, attr = name.rpartition(".")
+        obj = getattr(getattr(_core, owner), attr) if owner else getattr(_core, attr)
+        if attr == "__init__":
+            obj = getattr(_core, owner)
+        runtime = inspect.signature(obj)
+        params = [p for p in stub.parameters.values() if p.name != "self"]
+        want = [(p.name, p.kind, p.default) for p in params]
+        got = [(p.name, p.kind, p.default) for p in runtime.parameters.values() if p.name != "self"]
+        assert got == want, f"{name}: runtime {runtime} vs stub {stub}"
+        checked += 1
+    assert checked == len(stub_signatures()) >= 50

@@ -30,7 +30,7 @@ pub fn validate_model(vocab_size: Int<usize>, n_embd: Int<usize>, n_layer: Int<u
 
 /// Refuse sampling settings that cannot draw a token.
 #[pyfunction]
-#[pyo3(signature = (temperature=1.0, top_k=Int(0), top_p=1.0))]
+#[pyo3(signature = (temperature=1.0, top_k=Int(0), top_p=1.0), text_signature = "(temperature=1.0, top_k=0, top_p=1.0)")]
 pub fn validate_sampling(temperature: f32, top_k: Int<usize>, top_p: f32) -> PyResult<()> {
     let top_k = top_k.0;
     Sampling { temperature, top_k, top_p }.validate().map_err(value_error)
@@ -75,7 +75,7 @@ pub struct PySampler {
 impl PySampler {
     /// Streams of one seed are independent of each other (one per choice of a request).
     #[new]
-    #[pyo3(signature = (seed=Int(0), stream=Int(0)))]
+    #[pyo3(signature = (seed=Int(0), stream=Int(0)), text_signature = "(seed=0, stream=0)")]
     fn new(seed: Int<u64>, stream: Int<u64>) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed.0);
         rng.set_stream(stream.0);
@@ -83,7 +83,7 @@ impl PySampler {
     }
 
     /// Draw one token per row of logits [M, V]: greedy at temperature 0, else top-k / nucleus (top-p) sampling.
-    #[pyo3(signature = (logits, temperature=1.0, top_k=Int(0), top_p=1.0))]
+    #[pyo3(signature = (logits, temperature=1.0, top_k=Int(0), top_p=1.0), text_signature = "($self, logits, temperature=1.0, top_k=0, top_p=1.0)")]
     fn sample(&mut self, logits: &Bound<'_, PyAny>, temperature: f32, top_k: Int<usize>, top_p: f32) -> PyResult<Vec<u32>> {
         sample_rows(logits, Sampling { temperature, top_k: top_k.0, top_p }, &mut self.rng)
     }
@@ -142,7 +142,10 @@ impl PyModel {
 #[pymethods]
 impl PyModel {
     #[new]
-    #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, seed=Int(0)))]
+    #[pyo3(
+        signature = (vocab_size, n_embd, n_layer, n_head, block_size, seed=Int(0)),
+        text_signature = "(vocab_size, n_embd, n_layer, n_head, block_size, seed=0)"
+    )]
     fn new(vocab_size: Int<usize>, n_embd: Int<usize>, n_layer: Int<usize>, n_head: Int<usize>, block_size: Int<usize>, seed: Int<u64>) -> PyResult<Self> {
         let (vocab_size, n_embd, n_layer, n_head, block_size, seed) = (vocab_size.0, n_embd.0, n_layer.0, n_head.0, block_size.0, seed.0);
         let cfg = Config { vocab_size, n_embd, n_layer, n_head, block_size };
@@ -230,7 +233,7 @@ impl PyModel {
 
     /// Start incremental decoding of `batch_size` sequences (an empty key/value
     /// cache for each) and seed the sampler.
-    #[pyo3(signature = (batch_size, seed=Int(0)))]
+    #[pyo3(signature = (batch_size, seed=Int(0)), text_signature = "($self, batch_size, seed=0)")]
     fn reset_cache(&mut self, batch_size: Int<usize>, seed: Int<u64>) -> PyResult<()> {
         let (batch_size, seed) = (batch_size.0, seed.0);
         if batch_size == 0 {
@@ -289,7 +292,7 @@ impl PyModel {
     }
 
     /// Draw one token per row of logits [M, V] with the model's seeded sampler.
-    #[pyo3(signature = (logits, temperature=1.0, top_k=Int(0), top_p=1.0))]
+    #[pyo3(signature = (logits, temperature=1.0, top_k=Int(0), top_p=1.0), text_signature = "($self, logits, temperature=1.0, top_k=0, top_p=1.0)")]
     fn sample(&mut self, logits: &Bound<'_, PyAny>, temperature: f32, top_k: Int<usize>, top_p: f32) -> PyResult<Vec<u32>> {
         sample_rows(logits, Sampling { temperature, top_k: top_k.0, top_p }, &mut self.rng)
     }

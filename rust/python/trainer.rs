@@ -108,7 +108,8 @@ pub struct PyTrainer {
 impl PyTrainer {
     #[new]
     #[pyo3(signature = (vocab_size, n_embd, n_layer, n_head, block_size, *, threads=Int(12), cores=None, seed=Int(0),
-                        beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))]
+                        beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0),
+           text_signature = "(vocab_size, n_embd, n_layer, n_head, block_size, *, threads=12, cores=None, seed=0, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         vocab_size: Int<usize>,
@@ -228,7 +229,7 @@ impl PyTrainer {
     /// sequences (default: B, the whole batch). Leaves the summed gradient
     /// in `gradient()` for `apply`; returns `loss_sum` (summed token losses
     /// of these rows) and the per-group and per-sphere figures of `step`.
-    #[pyo3(signature = (batch, *, batch_size=None, offset=Int(0)))]
+    #[pyo3(signature = (batch, *, batch_size=None, offset=Int(0)), text_signature = "($self, batch, *, batch_size=None, offset=0)")]
     fn gradients<'py>(&mut self, py: Python<'py>, batch: &Bound<'py, PyAny>, batch_size: Option<Int<usize>>,
                       offset: Int<usize>) -> PyResult<Bound<'py, PyDict>> {
         let (ids, b, t) = self.batch_in(batch)?;
