@@ -173,6 +173,35 @@ def test_chat_continues_the_plain_template(server, model):
     assert r.usage.total_tokens <= model.block_size
 
 
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, env) -> Path:
+    """A tiny model trained on chat transcripts in the plain template: after
+    its reply it goes on to write the next user turn."""
+    src = tmp_path_factory.mktemp("transcripts")
+    asks = ["Load.", "Save.", "Sort a list.", "Parse it.", "Print x."]
+    talks = ["System: Python.\n" + "".join(f"User: {asks[(i + k) % 5]}\nAssistant: ok\n" for k in range(3))
+             for i in range(400)]
+    (src / "chat.txt").write_text("\n".join(talks))
+    flags = [*TINY[: TINY.index("--ext")], "--ext", ".txt", "--epochs", "30", "--max-steps", "400"]
+    return train(tmp_path_factory.mktemp("run") / "chat", src, env, *flags)
+
+
+def test_a_chat_reply_ends_where_the_model_begins_the_next_user_turn(chat_run, env, tmp_path):
+    messages = [{"role": "system", "content": "Python."}, {"role": "user", "content": "Load."}]
+    prompt = render_chat([Message.model_validate(m) for m in messages])
+    written = greedy(load(chat_run), prompt, 20)
+    assert "\nUser:" in written, written  # the model does write the next turn
+    expected = written.split("\nUser:")[0]
+    with serving(chat_run, env, tmp_path / "serve.log") as s:
+        client = s.client()
+        r = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0)
+        assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0,
+                                                     stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+
+
 def test_16_concurrent_greedy_streams_each_get_their_text_alone(server):
     client = server.client()
     alone = [client.completions.create(model="tiny", prompt=p, max_tokens=40, temperature=0).choices[0].text
