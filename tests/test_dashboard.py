@@ -270,14 +270,18 @@ def test_the_page_follows_a_live_run_and_samples(browser, finished, env, tmp_pat
     root = tmp_path / "runs"
     shutil.copytree(finished, root / "done")
     live = root / "live"
-    trainer = subprocess.Popen([sys.executable, "-m", "crystalline", "train", str(STDLIB / "json"), *TINY,
-                                "--epochs", "1000", "--threads", "12", "--save-interval", "20", "--keep", "1000",
-                                "--eval-interval", "10", "--checkpoint-dir", str(live)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        with dashboard(root, env, tmp_path / "dash.log") as (url, _):
-            browser.get(f"{url}/#run=live")
+    with dashboard(root, env, tmp_path / "dash.log") as (url, _):
+        # a link to a run about to start waits for it, rather than showing the other run
+        browser.get(f"{url}/#run=live")
+        wait_for(browser, lambda b: page(b, "!document.getElementById('waiting').hidden"), "that it waits for live")
+        assert page(browser, "document.getElementById('run').hidden") and texts(browser, "#waiting-name") == ["live"]
+        trainer = subprocess.Popen([sys.executable, "-m", "crystalline", "train", str(STDLIB / "json"), *TINY,
+                                    "--epochs", "1000", "--threads", "12", "--save-interval", "20", "--keep", "1000",
+                                    "--eval-interval", "10", "--checkpoint-dir", str(live)],
+                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
             wait_for(browser, lambda b: points(b) > 0, "the first points of the loss curve")
+            assert texts(browser, "#run-name") == ["live"] and page(browser, "document.getElementById('waiting').hidden")
             first = points(browser)
             wait_for(browser, lambda b: points(b) > first, "the loss curve growing")
             assert trainer.poll() is None, "the run should still be training"
@@ -312,7 +316,7 @@ def test_the_page_follows_a_live_run_and_samples(browser, finished, env, tmp_pat
                      "the validation report")
             errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, errors
-    finally:
-        trainer.send_signal(signal.SIGINT)
-        _, err = trainer.communicate(timeout=120)
+        finally:
+            trainer.send_signal(signal.SIGINT)
+            _, err = trainer.communicate(timeout=120)
     assert trainer.returncode == 130, err

@@ -225,10 +225,14 @@ async function pollRuns() {
     li.addEventListener("click", () => select(run.name));
     list.appendChild(li);
   }
-  if (state.run === null && r.runs.length) {
-    const wanted = decodeURIComponent(location.hash.replace(/^#run=/, ""));
+  // A link that names a run (#run=NAME) waits for it, as when the page is
+  // opened just before the run starts; without one the latest run shows.
+  const wanted = decodeURIComponent(location.hash.replace(/^#run=/, ""));
+  $("waiting").hidden = state.run !== null || !wanted || r.runs.some((x) => x.name === wanted);
+  $("waiting-name").textContent = wanted;
+  if (state.run === null && r.runs.length && $("waiting").hidden) {
     const latest = r.runs.reduce((a, b) => ((b.updated || 0) > (a.updated || 0) ? b : a));
-    select(r.runs.some((x) => x.name === wanted) ? wanted : latest.name);
+    select(wanted || latest.name);
   }
 }
 
@@ -248,6 +252,7 @@ function every(ms, task) {
 function select(name) {
   state.timers.forEach(clearInterval);
   Object.assign(state, { run: name, generation: -1, records: [] });
+  $("waiting").hidden = true;
   location.hash = `run=${encodeURIComponent(name)}`;
   $("run").hidden = false;
   $("run-name").textContent = name;
