@@ -8,8 +8,8 @@
 use crate::kernels::attention::{attention_decode_forward, attention_prefill_forward};
 use crate::kernels::encoder::encoder_forward;
 use crate::kernels::layernorm::layernorm_forward;
-use crate::kernels::matmul::matmul_transposed_forward;
-use crate::model::{block_forward, matrix, named, BlockActs, Config, Gpt2, Matrices};
+use crate::kernels::matmul::matmul_forward;
+use crate::model::{block_forward, named, BlockActs, Config, Gpt2, Matrices};
 use crate::kernels::vecmath::{self, simd_dispatch};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -119,7 +119,7 @@ pub fn decode_step(
     let (mut ln, mut mean, mut rstd) = (vec![0.0; m * c], vec![0.0; m], vec![0.0; m]);
     layernorm_forward(&mut ln, &mut mean, &mut rstd, &x, p.lnfw, p.lnfb, m, c);
     let mut logits = vec![0.0f32; m * v];
-    matmul_transposed_forward(&mut logits, &ln, matrix(p.wte, p16.as_ref().map(|h| h.wte)), m, c, v, threads);
+    matmul_forward(&mut logits, &ln, model.head(), None, m, c, v, threads);
     Ok(logits)
 }
 

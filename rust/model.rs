@@ -10,8 +10,8 @@ use crate::kernels::crossentropy::{crossentropy_fused, crossentropy_fused_bf16};
 use crate::kernels::encoder::{encoder_backward, encoder_forward};
 use crate::kernels::gelu::{gelu_backward, gelu_forward};
 use crate::kernels::layernorm::{layernorm_backward, layernorm_forward};
-use crate::kernels::bf16::{bf16_gemm, bf16_gemm_packed, cast_to_bf16, cast_to_bf16_transposed, Operand, Precision};
-use crate::kernels::matmul::{matmul_backward, matmul_forward, matmul_transposed_forward, product, sgemm, Weight, WeightPanels};
+use crate::kernels::bf16::{bf16_gemm, bf16_gemm_packed, bf16_hardware, cast_to_bf16, cast_to_bf16_transposed, Operand, Precision};
+use crate::kernels::matmul::{matmul_backward, matmul_forward, product, sgemm, Weight, WeightPanels};
 use crate::kernels::residual::residual_matmul_forward;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -325,8 +325,10 @@ impl<'a> Matrices<'a> {
     /// `panels`: the block's packed matrices in training (`Gpt2::panels`).
     pub(crate) fn of(w: &Block<&'a [f32]>, w16: Option<&Block<&'a [u16]>>, weight_use: WeightUse, panels: Option<&'a [WeightPanels; 4]>) -> Self {
         let transposed = weight_use == WeightUse::Inference;
-        let pick = |f32s: &'a [f32], bf16s: Option<&'a [u16]>, i: usize| {
-            bf16s.map_or(Weight::from(f32s), |h| Weight { values: Operand::Bf16(h), transposed, panels: panels.map(|p| &p[i]) })
+        let pick = |f32s: &'a [f32], bf16s: Option<&'a [u16]>, i: usize| match (panels, bf16s) {
+            (Some(p), _) => Weight { values: Operand::F32(f32s), transposed: false, panels: Some(&p[i]) },
+            (None, Some(h)) => Weight { values: Operand::Bf16(h), transposed, panels: None },
+            (None, None) => Weight::from(f32s),
         };
         Matrices {
             qkv: pick(w.qkvw, w16.map(|b| b.qkvw), 0),
@@ -338,8 +340,8 @@ impl<'a> Matrices<'a> {
 }
 
 /// The matrices' bf16 values packed for training's products, where the CPU
-/// has avx512_bf16: refreshed with the bf16 copy once per step, then read
-/// by every micro-batch's forward and backward.
+/// has avx512_bf16, in place of the plain bf16 copy: refreshed once per
+/// step, then read by every micro-batch's forward and backward.
 pub(crate) struct Panels {
     /// The tied embedding as the output layer reads it, [V, C].
     wte: WeightPanels,
@@ -348,12 +350,13 @@ pub(crate) struct Panels {
 }
 
 impl Panels {
-    /// Bytes the bf16 weights of a model in bf16 training take: the plain
-    /// copy, and the panels where the CPU has avx512_bf16. None when the
+    /// Bytes the bf16 weights of a model in bf16 training take: the panels
+    /// where the CPU has avx512_bf16, else the plain copy. None when the
     /// count overflows.
     pub fn training_bytes(config: &Config) -> Option<u64> {
         let (c, l) = (config.n_embd, config.n_layer as u64);
-        let copy = (config.checked_num_parameters()? as u64).checked_mul(std::mem::size_of::<u16>() as u64)?;
+        let params = config.checked_num_parameters()? as u64;
+        let copy = if bf16_hardware() { 0 } else { params.checked_mul(std::mem::size_of::<u16>() as u64)? };
         let mut block = 0u64;
         for (k, n) in [(c, c.checked_mul(3)?), (c, c), (c, c.checked_mul(4)?), (c.checked_mul(4)?, c)] {
             block = block.checked_add(WeightPanels::bytes_for(k, n)?)?;
@@ -463,20 +466,24 @@ pub struct Gpt2 {
     pub config: Config,
     pub layout: Layout,
     pub params: Vec<f32>,
-    /// [P] the parameters rounded to bf16, which the matmuls read when the
-    /// model runs in bf16 (None in fp32). Refreshed by `cast_weights`.
+    /// How the matmuls multiply.
+    precision: Precision,
+    /// [P] the parameters rounded to bf16, which the matmuls read in bf16
+    /// unless `panels` holds them (None in fp32). Refreshed by `cast_weights`.
     pub bf16: Option<Vec<u16>>,
     /// How `bf16` lays out the blocks' matrices.
     weight_use: WeightUse,
-    /// In bf16 training on avx512_bf16, the matrices packed for the products.
+    /// In bf16 training on avx512_bf16, the matrices rounded and packed for
+    /// the products, in place of the plain copy. Refreshed by `cast_weights`.
     panels: Option<Panels>,
 }
 
 /// What a model's bf16 weights are laid out for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightUse {
-    /// Training: the copy is refreshed after every step, so it keeps the
-    /// parameters' layout (a plain cast).
+    /// Training: refreshed after every step, so cast in the parameters'
+    /// layout, and on avx512_bf16 packed for the products (`Panels`)
+    /// instead of copied.
     Training,
     /// Generating and evaluating: cast once, with the blocks' matrices
     /// transposed, [OC, C], so that decoding, which reads every weight for
@@ -508,33 +515,29 @@ impl Gpt2 {
                 view.fill(1.0);
             }
         }
-        Ok(Gpt2 { config, layout, params, bf16: None, weight_use: WeightUse::Training, panels: None })
+        Ok(Gpt2 { config, layout, params, precision: Precision::Fp32, bf16: None, weight_use: WeightUse::Training, panels: None })
     }
 
-    /// What the bf16 copy is laid out for.
+    /// What the bf16 weights are laid out for.
     pub fn weight_use(&self) -> WeightUse {
         self.weight_use
     }
 
     pub fn precision(&self) -> Precision {
-        if self.bf16.is_some() {
-            Precision::Bf16
-        } else {
-            Precision::Fp32
-        }
+        self.precision
     }
 
     /// Run the matmuls in `precision` from now on (weights cast now, laid
     /// out for `weight_use`).
     pub fn set_precision(&mut self, precision: Precision, weight_use: WeightUse) {
-        self.weight_use = weight_use;
-        self.bf16 = match precision {
-            Precision::Fp32 => None,
-            Precision::Bf16 => Some(vec![0; self.layout.total]),
-        };
+        (self.precision, self.weight_use) = (precision, weight_use);
         let (c, v) = (self.config.n_embd, self.config.vocab_size);
         self.panels = match (precision, weight_use) {
             (Precision::Bf16, WeightUse::Training) => Panels::new(&named(self.layout.views(&self.params)), c, v),
+            _ => None,
+        };
+        self.bf16 = match precision {
+            Precision::Bf16 if self.panels.is_none() => Some(vec![0; self.layout.total]),
             _ => None,
         };
         self.cast_weights();
@@ -545,14 +548,14 @@ impl Gpt2 {
         self.panels.as_ref().map(|p| &p.blocks[l])
     }
 
-    /// Round the parameters into their bf16 copy (after they change; a
-    /// no-op in fp32), the blocks' matrices transposed for inference.
+    /// Round the parameters into their bf16 copy or panels (after they
+    /// change; a no-op in fp32), the blocks' matrices transposed for inference.
     pub fn cast_weights(&mut self) {
+        if let Some(panels) = &mut self.panels {
+            return panels.repack(&named(self.layout.views(&self.params)));
+        }
         let Some(h) = &mut self.bf16 else { return };
         if self.weight_use == WeightUse::Training {
-            if let Some(panels) = &mut self.panels {
-                panels.repack(&named(self.layout.views(&self.params)));
-            }
             return cast_to_bf16(h, &self.params);
         }
         let layout = &self.layout;
@@ -625,9 +628,16 @@ impl Gpt2 {
         self.forward_body(acts, tokens, threads);
         let (n, c, v) = (acts.b * acts.t, self.config.n_embd, self.config.vocab_size);
         let mut logits = vec![0.0f32; n * v];
-        let wte = matrix(&self.params[..v * c], self.bf16.as_ref().map(|h| &h[..v * c]));
-        matmul_transposed_forward(&mut logits, &acts.lnf, wte, n, c, v, threads);
+        matmul_forward(&mut logits, &acts.lnf, self.head(), None, n, c, v, threads);
         logits
+    }
+
+    /// The output layer's weight (the tied embedding, [V, C]) as its
+    /// products read it.
+    pub(crate) fn head(&self) -> Weight<'_> {
+        let vc = self.config.vocab_size * self.config.n_embd;
+        let values = matrix(&self.params[..vc], self.bf16.as_ref().map(|h| &h[..vc]));
+        Weight { values, transposed: true, panels: self.panels.as_ref().map(|p| &p.wte) }
     }
 
     /// Mean cross-entropy of a (B, T) batch; with `grads`, also accumulates
@@ -656,31 +666,30 @@ impl Gpt2 {
     ) -> f64 {
         self.forward_body(acts, tokens, threads);
         let (n, c, v) = (acts.b * acts.t, self.config.n_embd, self.config.vocab_size);
-        let wte = matrix(&self.params[..v * c], self.bf16.as_ref().map(|h| &h[..v * c]));
-        let wte_panels = self.panels.as_ref().map(|p| &p.wte);
+        let head = self.head();
         let mut grads = grads;
         let mut total = 0.0f64;
         for start in (0..n).step_by(LOGIT_CHUNK) {
             let r = LOGIT_CHUNK.min(n - start);
             let x = &acts.lnf[start * c..(start + r) * c];
             let logits = &mut acts.logits[..r * v];
-            matmul_forward(logits, x, Weight { values: wte, transposed: true, panels: wte_panels }, None, r, c, v, threads);
+            matmul_forward(logits, x, head, None, r, c, v, threads);
             let targets = &targets[start..start + r];
             let dln = &mut acts.dln[start * c..(start + r) * c];
             // dlnf[r, C] = dlogits @ wte;  dwte[V, C] += dlogits^T @ lnf
-            match (grads.as_deref_mut(), wte) {
+            match (grads.as_deref_mut(), self.precision) {
                 (None, _) => total += crossentropy_fused(logits, targets, dloss, r, v),
-                (Some(g), Operand::F32(_)) => {
+                (Some(g), Precision::Fp32) => {
                     total += crossentropy_fused(logits, targets, dloss, r, v);
-                    product(r, c, v, logits, false, wte, false, dln, false, threads);
+                    product(r, c, v, logits, false, head.values, false, dln, false, threads);
                     sgemm(v, c, r, logits, true, x, false, &mut g[..v * c], true, threads);
                 }
-                (Some(g), Operand::Bf16(_)) => {
+                (Some(g), Precision::Bf16) => {
                     let (loss, dlogits) = crossentropy_fused_bf16(logits, targets, dloss, r, v);
                     total += loss;
-                    match wte_panels {
+                    match head.panels {
                         Some(p) => bf16_gemm_packed(r, c, v, Operand::Bf16(dlogits), false, &p.backward, dln, false, threads),
-                        None => bf16_gemm(r, c, v, Operand::Bf16(dlogits), false, wte, false, dln, false, threads),
+                        None => bf16_gemm(r, c, v, Operand::Bf16(dlogits), false, head.values, false, dln, false, threads),
                     }
                     bf16_gemm(v, c, r, Operand::Bf16(dlogits), true, Operand::F32(x), false, &mut g[..v * c], true, threads);
                 }

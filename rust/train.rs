@@ -233,7 +233,7 @@ pub fn lanes_for(threads: usize, cores: usize) -> usize {
 /// then for each lane of the plan (`plan::teams`: at most the cores, the
 /// worker spheres and the sequences) a gradient buffer and the activations
 /// of the largest symmetry group's micro-batch, whatever the team's size;
-/// in bf16 also the weights' bf16 copies (`Panels::training_bytes`).
+/// in bf16 also the weights rounded to bf16 (`Panels::training_bytes`).
 /// None when it overflows.
 pub fn training_bytes(config: &Config, batch: usize, seq_len: usize, threads: usize, cores: usize, precision: Precision) -> Option<u64> {
     let params = config.checked_num_parameters()?;

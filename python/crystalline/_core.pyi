@@ -40,8 +40,8 @@ def training_memory_bytes(
     threads: int, cores: int | None = None, precision: str = "fp32"
 ) -> int:
     """Bytes a Trainer allocates to train this shape on [batch_size, seq_len] batches on `cores` cores
-    (None: every core this process may use), its matmuls in `precision` ("fp32" or "bf16": the weights'
-    bf16 copies too)."""
+    (None: every core this process may use), its matmuls in `precision` ("fp32" or "bf16": the weights
+    rounded to bf16 too)."""
 def parameter_shapes(
     vocab_size: int, n_embd: int, n_layer: int, n_head: int, block_size: int
 ) -> list[tuple[str, list[int]]]: ...

@@ -123,7 +123,7 @@ class ModelConfig:
         micro-batch's activations and a chunk of logits (computed from the
         formulas the allocation uses). A step's plan has at most
         min(cores, threads - 1, batch_size) lanes, whatever its teams' sizes.
-        With `precision` "bf16", also the weights' bf16 copies."""
+        With `precision` "bf16", also the weights rounded to bf16."""
         return _core.training_memory_bytes(**asdict(self), batch_size=batch_size, seq_len=seq_len, threads=threads,
                                            cores=cores, precision=precision)
 

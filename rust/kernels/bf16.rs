@@ -226,7 +226,7 @@ pub struct PackedB {
 impl PackedB {
     /// op(b) packed, `[k, n]`, from b: `[k, n]`, or `[n, k]` when `b_trans`;
     /// in parallel on the current rayon pool. None where the CPU lacks
-    /// avx512_bf16 (its products read the plain bf16 copy).
+    /// avx512_bf16 (its products read a plain bf16 copy).
     pub fn new(b: Operand, b_trans: bool, k: usize, n: usize) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         if bf16_hardware() {

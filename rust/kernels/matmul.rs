@@ -139,8 +139,16 @@ pub struct Weight<'a> {
     pub values: Operand<'a>,
     /// Stored [OC, C].
     pub transposed: bool,
-    /// The same bf16 values packed for the products, when packed beforehand.
+    /// The weight rounded to bf16 and packed for the products, which then
+    /// read these instead of `values`.
     pub panels: Option<&'a WeightPanels>,
+}
+
+impl Weight<'_> {
+    /// Whether the products multiply in bf16.
+    fn bf16(&self) -> bool {
+        self.panels.is_some() || matches!(self.values, Operand::Bf16(_))
+    }
 }
 
 impl<'a, T: Into<Operand<'a>>> From<T> for Weight<'a> {
@@ -192,11 +200,7 @@ impl WeightPanels {
 /// c[m,n] (+)= a[m,k] @ w, or @ w^T for the `backward` (dinp) product.
 #[allow(clippy::too_many_arguments)]
 fn weight_product(m: usize, n: usize, k: usize, a: &[f32], w: Weight, backward: bool, c: &mut [f32], accumulate: bool, threads: usize) {
-    #[cfg(target_arch = "x86_64")]
-    let packed = w.panels.filter(|_| !reads_in_place(m, false));
-    #[cfg(not(target_arch = "x86_64"))]
-    let packed = w.panels;
-    match packed {
+    match w.panels {
         Some(p) => bf16_gemm_packed(m, n, k, Operand::F32(a), false, if backward { &p.backward } else { &p.forward }, c, accumulate, threads),
         None => product(m, n, k, a, false, w.values, w.transposed != backward, c, accumulate, threads),
     }
@@ -284,9 +288,10 @@ pub fn matmul_backward<'w>(
     // dinp[N,C] += dout[N,OC] @ weight^T
     weight_product(n, c, oc, dout, w, true, dinp, true, threads);
     // dweight[C,OC] += inp^T @ dout
-    match w.values {
-        Operand::F32(_) => sgemm(c, oc, n, inp, true, dout, false, dweight, true, threads),
-        Operand::Bf16(_) => bf16_gemm(c, oc, n, Operand::F32(inp), true, Operand::F32(dout), false, dweight, true, threads),
+    if w.bf16() {
+        bf16_gemm(c, oc, n, Operand::F32(inp), true, Operand::F32(dout), false, dweight, true, threads)
+    } else {
+        sgemm(c, oc, n, inp, true, dout, false, dweight, true, threads)
     }
     if let (Some(dbias), true) = (dbias, oc > 0) {
         for row in dout[..n * oc].chunks_exact(oc) {
@@ -295,25 +300,6 @@ pub fn matmul_backward<'w>(
             }
         }
     }
-}
-
-/// out = inp @ weight^T for a weight stored `[OC, C]`: the tied output head
-/// (logits = x @ wte^T).
-///
-/// out:    [N, OC]  (written)
-/// inp:    [N, C]
-/// weight: [OC, C]
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_transposed_forward<'w>(
-    out: &mut [f32],
-    inp: &[f32],
-    weight: impl Into<Operand<'w>>,
-    n: usize,
-    c: usize,
-    oc: usize,
-    threads: usize,
-) {
-    product(n, oc, c, inp, false, weight.into(), true, out, false, threads)
 }
 
 impl<'a> From<&'a [f32]> for Operand<'a> {
@@ -337,6 +323,7 @@ impl<'a> From<&'a [u16]> for Operand<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::bf16::to_bf16;
     use crate::kernels::gradcheck::{check_grad, rand_vec};
 
     fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -419,9 +406,48 @@ mod tests {
             let x = rand_vec(n * c, 8);
             let want = naive(n, oc, c, &x, &wt);
             let mut out = vec![0.0; n * oc];
-            matmul_transposed_forward(&mut out, &x, &w, n, c, oc, threads);
+            let weight = Weight { values: Operand::F32(&w), transposed: true, panels: None };
+            matmul_forward(&mut out, &x, weight, None, n, c, oc, threads);
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "n={n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_weights_panels_give_the_bits_of_its_bf16_copy() {
+        // forward, dinp and dweight, a weight stored either way, few and many rows
+        let Some(_) = WeightPanels::new(&[0.0], false, 1, 1) else {
+            eprintln!("skipped: this CPU lacks avx512_bf16, so no weight is packed");
+            return;
+        };
+        let (c, oc) = (40, 70);
+        let w = rand_vec(c * oc, 9);
+        let w16: Vec<u16> = w.iter().map(|&x| to_bf16(x)).collect();
+        for transposed in [false, true] {
+            let panels = WeightPanels::new(&w, transposed, c, oc).expect("avx512_bf16");
+            let copy = Weight { values: Operand::Bf16(&w16), transposed, panels: None };
+            let packed = Weight { values: Operand::F32(&w), transposed, panels: Some(&panels) };
+            for n in [3, 50] {
+                let (x, dout) = (rand_vec(n * c, 10), rand_vec(n * oc, 11));
+                let run = |weight: Weight| {
+                    let mut out = vec![0.0; n * oc];
+                    matmul_forward(&mut out, &x, weight, None, n, c, oc, 2);
+                    let (mut dinp, mut dweight) = (vec![0.0; n * c], vec![0.0; c * oc]);
+                    matmul_backward(&mut dinp, &mut dweight, None, &dout, &x, weight, n, c, oc, 2);
+                    [out, dinp, dweight].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+                };
+                let (want, got) = (run(copy), run(packed));
+                assert_eq!(want[2], got[2], "dweight, n={n} transposed={transposed}");
+                for (i, what) in [(0, "forward"), (1, "dinp")] {
+                    if n > MAX_ROWS {
+                        assert_eq!(want[i], got[i], "{what}, n={n} transposed={transposed}");
+                    } else {
+                        // the copy's few rows are read in place (few_rows), summed in another order
+                        let near = want[i].iter().zip(&got[i]).all(|(a, b)| (f32::from_bits(*a) - f32::from_bits(*b)).abs() <= 1e-5);
+                        assert!(near, "{what}, n={n} transposed={transposed}");
+                    }
+                }
             }
         }
     }

@@ -186,7 +186,7 @@ def size(
                f"on {r.cores} cores")
     typer.echo(f"               = 4 bytes x (3 x {r.parameters:,} weights and moments + {r.lanes} lanes x "
                f"({r.parameters:,} gradients + activations of a [{r.micro_batch}, {cfg.seq_len}] micro-batch))"
-               + (f" + {r.bf16_bytes:,} bytes of bf16 weight copies" if r.bf16_bytes else "")
+               + (f" + {r.bf16_bytes:,} bytes of weights rounded to bf16" if r.bf16_bytes else "")
                + "; lanes: at most min(cores, worker spheres, batch), whatever the teams' sizes")
     typer.echo(f"tokens/param   {r.train_tokens / r.parameters:.2f} (advice: at least {sizing.MIN_TOKENS_PER_PARAM:g})")
     if r.estimate is not None:

@@ -71,7 +71,7 @@ class SizeReport:
     source: str  # where config's shape came from: flags, --config, the quick preset, or auto
     parameters: int  # the model's parameter count
     memory_bytes: int  # what training allocates at config's batch size, sequence length, threads and cores
-    bf16_bytes: int  # of memory_bytes, the weights' bf16 copies when the matmuls run in bf16 (else 0)
+    bf16_bytes: int  # of memory_bytes, the weights rounded to bf16 when the matmuls run in bf16 (else 0)
     cores: int  # the cores sized for: --cores, else every core this process may use
     lanes: int  # lanes of working memory a step's plan uses on them
     micro_batch: int  # sequences of the largest micro-batch (a symmetry group's share of a batch)
