@@ -16,9 +16,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Samplin
 use crystalline::kernels::adamw::AdamW;
 use crystalline::kernels::attention::{attention_backward, attention_forward};
 use crystalline::kernels::crossentropy::crossentropy_fused;
-use crystalline::kernels::bf16::{bf16_gemm, bf16_hardware, to_bf16, Operand};
+use crystalline::kernels::bf16::{bf16_gemm, bf16_hardware, to_bf16, Operand, Precision};
 use crystalline::kernels::matmul::{product, sgemm};
-use crystalline::model::{Activations, Config, Gpt2};
+use crystalline::model::{Activations, Config, Gpt2, WeightUse};
 use crystalline::optim::Optimizer;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -220,21 +220,35 @@ fn bench_train_step(c: &mut Criterion) {
     group.sampling_mode(SamplingMode::Flat);
     // One element = one token: elem/s = tokens/s.
     group.throughput(Throughput::Elements((b * t) as u64));
-    for threads in THREADS {
-        let mut model = Gpt2::new(config, 0).expect("valid config");
-        let mut acts = Activations::new(&config, b, t);
-        let mut grads = vec![0.0f32; model.layout.total];
-        let mut opt = Optimizer::new(&model.layout);
-        group.bench_with_input(BenchmarkId::new("step_tokens", format!("threads={threads}")), &threads, |bch, &threads| {
-            bch.iter(|| {
-                run_with(&pool2, threads, || {
-                    grads.fill(0.0);
-                    let loss = model.loss_sum(&mut acts, &x, &y, Some(&mut grads), 1.0 / (b * t) as f32, threads);
-                    opt.update(&model.layout, &mut model.params, &grads, &hp);
-                    black_box(loss)
+    // float32, then bf16 where the CPU has it (the weights rounded and
+    // packed after each update, as the trainer does)
+    let precisions = if bf16_hardware() { &[Precision::Fp32, Precision::Bf16][..] } else { &[Precision::Fp32][..] };
+    for &precision in precisions {
+        for threads in THREADS {
+            let mut model = Gpt2::new(config, 0).expect("valid config");
+            model.set_precision(precision, WeightUse::Training);
+            let mut acts = Activations::new(&config, b, t);
+            let mut grads = vec![0.0f32; model.layout.total];
+            let mut opt = Optimizer::new(&model.layout);
+            let name = match precision {
+                Precision::Fp32 => "step_tokens",
+                Precision::Bf16 => "step_tokens_bf16",
+            };
+            group.bench_with_input(BenchmarkId::new(name, format!("threads={threads}")), &threads, |bch, &threads| {
+                bch.iter(|| {
+                    run_with(&pool2, threads, || {
+                        grads.fill(0.0);
+                        let loss = model.loss_sum(&mut acts, &x, &y, Some(&mut grads), 1.0 / (b * t) as f32, threads);
+                        opt.update(&model.layout, &mut model.params, &grads, &hp);
+                        model.cast_weights();
+                        black_box(loss)
+                    })
                 })
-            })
-        });
+            });
+        }
+    }
+    if !bf16_hardware() {
+        println!("bf16 training step skipped: this CPU lacks avx512_bf16");
     }
     group.finish();
 }
