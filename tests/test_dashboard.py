@@ -275,48 +275,53 @@ def test_the_page_follows_a_live_run_and_samples(browser, finished, env, tmp_pat
         browser.get(f"{url}/#run=live")
         wait_for(browser, lambda b: page(b, "!document.getElementById('waiting').hidden"), "that it waits for live")
         assert page(browser, "document.getElementById('run').hidden") and texts(browser, "#waiting-name") == ["live"]
-        trainer = subprocess.Popen([sys.executable, "-m", "crystalline", "train", str(STDLIB / "json"), *TINY,
-                                    "--epochs", "1000", "--threads", "12", "--save-interval", "20", "--keep", "1000",
-                                    "--eval-interval", "10", "--checkpoint-dir", str(live)],
-                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for(browser, lambda b: points(b) > 0, "the first points of the loss curve")
-            assert texts(browser, "#run-name") == ["live"] and page(browser, "document.getElementById('waiting').hidden")
-            first = points(browser)
-            wait_for(browser, lambda b: points(b) > first, "the loss curve growing")
-            assert trainer.poll() is None, "the run should still be training"
-            for chart in ("lr-chart", "grad-chart", "tps-chart"):
-                assert counts(browser, f"#{chart} polyline")[0] > 0, chart
-            # the kissing spheres: Node Zero and the 11 workers, each with its busy share
-            figures = wait_for(browser, lambda b: len(texts(b, "g.sphere .figure")) == 12
-                               and texts(b, "g.sphere .figure"), "12 spheres")
-            assert all(re.fullmatch(r"\d+%", f) for f in figures), figures
-            assert figures[0] == "0%" and any(f != "0%" for f in figures[1:]), figures
-            assert texts(browser, "g.sphere .label") == ["Node Zero", *(f"sphere {i}" for i in range(1, 12))]
-            bars = counts(browser, "#groups rect.group-bar")
-            assert len(bars) == 12 and sum(bars) > 0
-            wait_for(browser, lambda b: texts(b, "#checkpoints tbody tr"), "a checkpoint")
-            # the prompt box samples from the latest checkpoint, as the library would
-            prompt = browser.find_element("id", "prompt")
-            prompt.clear()
-            prompt.send_keys("def load(")
-            browser.find_element("id", "seed").send_keys("7")
-            browser.find_element("id", "sample-button").click()
-            status = wait_for(browser, lambda b: re.search(r"from (ckpt-\d+)", texts(b, "#sample-status")[0]),
-                              "a sample")
-            text = texts(browser, "#sample-text")[0]
-            assert text and text == load(live / status[1]).generate("def load(", max_tokens=64, temperature=0.8, seed=7)
-            browser.save_screenshot(str(tmp_path / "dashboard.png"))
-            assert (tmp_path / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-            # the other run: its checkpoints with the validation report's figures
-            page(browser, "document.querySelector('#runs li[data-name=done]').click()")  # the list is redrawn too
-            report = json.loads((checkpoint.list_checkpoints(root / "done")[-1] / "validate.json").read_text())
-            rate = f"{100 * report['syntax_rate']:.0f}%"
-            wait_for(browser, lambda b: texts(b, "#checkpoints tbody tr:last-child td")[4:5] == [rate],
-                     "the validation report")
-            errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-            assert not errors, errors
-        finally:
-            trainer.send_signal(signal.SIGINT)
-            _, err = trainer.communicate(timeout=120)
-    assert trainer.returncode == 130, err
+        # its output to a file: a pipe nobody reads fills after a few thousand
+        # steps and stops the run mid-write (which a slow page once caught)
+        with open(tmp_path / "train.log", "w") as train_log:
+            trainer = subprocess.Popen([sys.executable, "-m", "crystalline", "train", str(STDLIB / "json"), *TINY,
+                                        "--epochs", "1000", "--threads", "12", "--save-interval", "20",
+                                        "--keep", "1000", "--eval-interval", "10", "--checkpoint-dir", str(live)],
+                                       env=env, stdout=train_log, stderr=subprocess.STDOUT, text=True)
+            try:
+                wait_for(browser, lambda b: points(b) > 0, "the first points of the loss curve")
+                assert texts(browser, "#run-name") == ["live"]
+                assert page(browser, "document.getElementById('waiting').hidden")
+                first = points(browser)
+                wait_for(browser, lambda b: points(b) > first, "the loss curve growing")
+                assert trainer.poll() is None, "the run should still be training"
+                for chart in ("lr-chart", "grad-chart", "tps-chart"):
+                    assert counts(browser, f"#{chart} polyline")[0] > 0, chart
+                # the kissing spheres: Node Zero and the 11 workers, each with its busy share
+                figures = wait_for(browser, lambda b: len(texts(b, "g.sphere .figure")) == 12
+                                   and texts(b, "g.sphere .figure"), "12 spheres")
+                assert all(re.fullmatch(r"\d+%", f) for f in figures), figures
+                assert figures[0] == "0%" and any(f != "0%" for f in figures[1:]), figures
+                assert texts(browser, "g.sphere .label") == ["Node Zero", *(f"sphere {i}" for i in range(1, 12))]
+                bars = counts(browser, "#groups rect.group-bar")
+                assert len(bars) == 12 and sum(bars) > 0
+                wait_for(browser, lambda b: texts(b, "#checkpoints tbody tr"), "a checkpoint")
+                # the prompt box samples from the latest checkpoint, as the library would
+                prompt = browser.find_element("id", "prompt")
+                prompt.clear()
+                prompt.send_keys("def load(")
+                browser.find_element("id", "seed").send_keys("7")
+                browser.find_element("id", "sample-button").click()
+                status = wait_for(browser, lambda b: re.search(r"from (ckpt-\d+)", texts(b, "#sample-status")[0]),
+                                  "a sample")
+                text = texts(browser, "#sample-text")[0]
+                assert text and text == load(live / status[1]).generate("def load(", max_tokens=64, temperature=0.8, seed=7)
+                browser.save_screenshot(str(tmp_path / "dashboard.png"))
+                assert (tmp_path / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                # the other run: its checkpoints with the validation report's figures
+                # the list is redrawn too
+                page(browser, "document.querySelector('#runs li[data-name=done]').click()")
+                report = json.loads((checkpoint.list_checkpoints(root / "done")[-1] / "validate.json").read_text())
+                rate = f"{100 * report['syntax_rate']:.0f}%"
+                wait_for(browser, lambda b: texts(b, "#checkpoints tbody tr:last-child td")[4:5] == [rate],
+                         "the validation report")
+                errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+                assert not errors, errors
+            finally:
+                trainer.send_signal(signal.SIGINT)
+                trainer.wait(timeout=120)
+    assert trainer.returncode == 130, (tmp_path / "train.log").read_text()[-3000:]
