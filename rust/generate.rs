@@ -9,7 +9,7 @@ use crate::kernels::attention::{attention_decode_forward, attention_prefill_forw
 use crate::kernels::encoder::encoder_forward;
 use crate::kernels::layernorm::layernorm_forward;
 use crate::kernels::matmul::matmul_forward;
-use crate::model::{block_forward, named, BlockActs, Config, Gpt2, Matrices};
+use crate::model::{block_forward, named, BlockActs, Config, Gpt2};
 use crate::kernels::vecmath::{self, simd_dispatch};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -92,7 +92,6 @@ pub fn decode_step(
         next[s] += 1;
     }
     let p = named(model.layout.views(&model.params));
-    let p16 = model.bf16.as_deref().map(|h| named(model.layout.views(h)));
     // x[m] = wte[token] + wpe[pos]
     let mut x = vec![0.0f32; m * c];
     for (i, (&pos, &tok)) in positions.iter().zip(tokens).enumerate() {
@@ -101,8 +100,7 @@ pub fn decode_step(
     let mut a = BlockActs::zeros(m, c);
     for (l, w) in p.blocks.iter().enumerate() {
         let cache = &mut *cache;
-        let mats = Matrices::of(w, p16.as_ref().map(|h| &h.blocks[l]), model.weight_use(), model.block_panels(l));
-        block_forward(&mut a, &x, w, &mats, m, c, threads, |qkv, atty| {
+        block_forward(&mut a, &x, w, &model.matrices(l), m, c, threads, |qkv, atty| {
             for (i, (&s, &pos)) in seqs.iter().zip(&positions).enumerate() {
                 let at = cache.at(l, s, pos);
                 cache.k[at..at + c].copy_from_slice(&qkv[i * 3 * c + c..i * 3 * c + 2 * c]);

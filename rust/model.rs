@@ -195,6 +195,19 @@ pub(crate) struct Block<S> {
     pub(crate) fcprojb: S,
 }
 
+impl<S: Copy> Block<S> {
+    /// The four weight matrices, in the order of `block_matrix_shapes`.
+    fn matrices(&self) -> [S; 4] {
+        [self.qkvw, self.attprojw, self.fcw, self.fcprojw]
+    }
+}
+
+/// The shapes [C, OC] of a block's c_attn, attn c_proj, c_fc and mlp c_proj
+/// weights, for n_embd c.
+fn block_matrix_shapes(c: usize) -> [(usize, usize); 4] {
+    [(c, 3 * c), (c, c), (c, 4 * c), (4 * c, c)]
+}
+
 /// The whole model's tensors as named views.
 pub(crate) struct Tensors<S> {
     pub(crate) wte: S,
@@ -312,31 +325,12 @@ pub(crate) fn matrix<'a>(f32s: &'a [f32], bf16s: Option<&'a [u16]>) -> Operand<'
     bf16s.map_or(Operand::F32(f32s), Operand::Bf16)
 }
 
-/// A block's four weight matrices as its matmuls read them: the bf16
-/// copies when there are some, laid out for their use (`Gpt2::cast_weights`).
+/// A block's four weight matrices as its matmuls read them (`Gpt2::matrices`).
 pub(crate) struct Matrices<'a> {
     qkv: Weight<'a>,
     attproj: Weight<'a>,
     fc: Weight<'a>,
     fcproj: Weight<'a>,
-}
-
-impl<'a> Matrices<'a> {
-    /// `panels`: the block's packed matrices in training (`Gpt2::panels`).
-    pub(crate) fn of(w: &Block<&'a [f32]>, w16: Option<&Block<&'a [u16]>>, weight_use: WeightUse, panels: Option<&'a [WeightPanels; 4]>) -> Self {
-        let transposed = weight_use == WeightUse::Inference;
-        let pick = |f32s: &'a [f32], bf16s: Option<&'a [u16]>, i: usize| match (panels, bf16s) {
-            (Some(p), _) => Weight { values: Operand::F32(f32s), transposed: false, panels: Some(&p[i]) },
-            (None, Some(h)) => Weight { values: Operand::Bf16(h), transposed, panels: None },
-            (None, None) => Weight::from(f32s),
-        };
-        Matrices {
-            qkv: pick(w.qkvw, w16.map(|b| b.qkvw), 0),
-            attproj: pick(w.attprojw, w16.map(|b| b.attprojw), 1),
-            fc: pick(w.fcw, w16.map(|b| b.fcw), 2),
-            fcproj: pick(w.fcprojw, w16.map(|b| b.fcprojw), 3),
-        }
-    }
 }
 
 /// The matrices' bf16 values packed for training's products, where the CPU
@@ -345,7 +339,7 @@ impl<'a> Matrices<'a> {
 pub(crate) struct Panels {
     /// The tied embedding as the output layer reads it, [V, C].
     wte: WeightPanels,
-    /// Each block's c_attn, attn c_proj, c_fc and mlp c_proj (`Matrices::of`).
+    /// Each block's matrices, in the order of `block_matrix_shapes`.
     blocks: Vec<[WeightPanels; 4]>,
 }
 
@@ -354,26 +348,24 @@ impl Panels {
     /// where the CPU has avx512_bf16, else the plain copy. None when the
     /// count overflows.
     pub fn training_bytes(config: &Config) -> Option<u64> {
-        let (c, l) = (config.n_embd, config.n_layer as u64);
         let params = config.checked_num_parameters()? as u64;
         let copy = if bf16_hardware() { 0 } else { params.checked_mul(std::mem::size_of::<u16>() as u64)? };
         let mut block = 0u64;
-        for (k, n) in [(c, c.checked_mul(3)?), (c, c), (c, c.checked_mul(4)?), (c.checked_mul(4)?, c)] {
+        // the parameter count fits, so the shapes' 4 x n_embd does
+        for (k, n) in block_matrix_shapes(config.n_embd) {
             block = block.checked_add(WeightPanels::bytes_for(k, n)?)?;
         }
-        copy.checked_add(WeightPanels::bytes_for(c, config.vocab_size)?)?.checked_add(block.checked_mul(l)?)
+        copy.checked_add(WeightPanels::bytes_for(config.n_embd, config.vocab_size)?)?.checked_add(block.checked_mul(config.n_layer as u64)?)
     }
 
     fn new(p: &Tensors<&[f32]>, c: usize, v: usize) -> Option<Self> {
         let wte = WeightPanels::new(p.wte, true, c, v)?;
+        let shapes = block_matrix_shapes(c);
         let mut blocks = Vec::with_capacity(p.blocks.len());
         for b in &p.blocks {
-            blocks.push([
-                WeightPanels::new(b.qkvw, false, c, 3 * c)?,
-                WeightPanels::new(b.attprojw, false, c, c)?,
-                WeightPanels::new(b.fcw, false, c, 4 * c)?,
-                WeightPanels::new(b.fcprojw, false, 4 * c, c)?,
-            ]);
+            let m = b.matrices();
+            let [qkv, attproj, fc, fcproj] = [0, 1, 2, 3].map(|i| WeightPanels::new(m[i], false, shapes[i].0, shapes[i].1));
+            blocks.push([qkv?, attproj?, fc?, fcproj?]);
         }
         Some(Panels { wte, blocks })
     }
@@ -381,7 +373,7 @@ impl Panels {
     fn repack(&mut self, p: &Tensors<&[f32]>) {
         self.wte.repack(p.wte);
         for (panels, b) in self.blocks.iter_mut().zip(&p.blocks) {
-            for (panel, w) in panels.iter_mut().zip([b.qkvw, b.attprojw, b.fcw, b.fcprojw]) {
+            for (panel, w) in panels.iter_mut().zip(b.matrices()) {
                 panel.repack(w);
             }
         }
@@ -518,11 +510,6 @@ impl Gpt2 {
         Ok(Gpt2 { config, layout, params, precision: Precision::Fp32, bf16: None, weight_use: WeightUse::Training, panels: None })
     }
 
-    /// What the bf16 weights are laid out for.
-    pub fn weight_use(&self) -> WeightUse {
-        self.weight_use
-    }
-
     pub fn precision(&self) -> Precision {
         self.precision
     }
@@ -543,9 +530,20 @@ impl Gpt2 {
         self.cast_weights();
     }
 
-    /// Block l's matrices packed for training's products, if packed.
-    pub(crate) fn block_panels(&self, l: usize) -> Option<&[WeightPanels; 4]> {
-        self.panels.as_ref().map(|p| &p.blocks[l])
+    /// Block l's four matrices as its matmuls read them: packed in bf16
+    /// training (on avx512_bf16), else the bf16 copy laid out for its use
+    /// (`cast_weights`), else the float32 parameters.
+    pub(crate) fn matrices(&self, l: usize) -> Matrices<'_> {
+        let w = named(self.layout.views(&self.params)).blocks.swap_remove(l).matrices();
+        let w16 = self.tensors16().map(|mut h| h.blocks.swap_remove(l).matrices());
+        let panels = self.panels.as_ref().map(|p| &p.blocks[l]);
+        let transposed = self.weight_use == WeightUse::Inference;
+        let pick = |i: usize| match (panels, w16) {
+            (Some(p), _) => Weight { values: Operand::F32(w[i]), transposed: false, panels: Some(&p[i]) },
+            (None, Some(h)) => Weight { values: Operand::Bf16(h[i]), transposed, panels: None },
+            (None, None) => Weight::from(w[i]),
+        };
+        Matrices { qkv: pick(0), attproj: pick(1), fc: pick(2), fcproj: pick(3) }
     }
 
     /// Round the parameters into their bf16 copy or panels (after they
@@ -603,14 +601,12 @@ impl Gpt2 {
         let (b, t, c, nh) = (acts.b, acts.t, cfg.n_embd, cfg.n_head);
         let n = b * t;
         let p = named(self.layout.views(&self.params));
-        let p16 = self.tensors16();
         encoder_forward(&mut acts.encoded, tokens, p.wte, p.wpe, b, t, c);
         for l in 0..cfg.n_layer {
             let (prev, rest) = acts.blocks.split_at_mut(l);
             let x: &[f32] = if l == 0 { &acts.encoded } else { &prev[l - 1].residual3 };
             let lse = &mut acts.lses[l];
-            let mats = Matrices::of(&p.blocks[l], p16.as_ref().map(|h| &h.blocks[l]), self.weight_use, self.block_panels(l));
-            block_forward(&mut rest[0], x, &p.blocks[l], &mats, n, c, threads, |qkv, atty| {
+            block_forward(&mut rest[0], x, &p.blocks[l], &self.matrices(l), n, c, threads, |qkv, atty| {
                 attention_forward(atty, lse, qkv, b, t, c, nh, threads)
             });
         }
@@ -707,7 +703,6 @@ impl Gpt2 {
         let (b, t, c, nh) = (acts.b, acts.t, cfg.n_embd, cfg.n_head);
         let n = b * t;
         let p = named(self.layout.views(&self.params));
-        let p16 = self.tensors16();
         let g = named(self.layout.views_mut(grads));
         let Tensors { wte: gwte, wpe: gwpe, blocks: mut gblocks, lnfw: glnfw, lnfb: glnfb } = g;
         let last: &[f32] = match acts.blocks.last() {
@@ -720,7 +715,7 @@ impl Gpt2 {
             let x: &[f32] = if l == 0 { &acts.encoded } else { &acts.blocks[l - 1].residual3 };
             let (a, lse) = (&acts.blocks[l], &acts.lses[l]);
             let (w, gw) = (&p.blocks[l], &mut gblocks[l]);
-            let mats = Matrices::of(w, p16.as_ref().map(|h| &h.blocks[l]), self.weight_use, self.block_panels(l));
+            let mats = self.matrices(l);
                     // MLP: residual3 = residual2 + fc_proj(gelu(fc(ln2(residual2))))
             acts.dfch_gelu[..n * 4 * c].fill(0.0);
             matmul_backward(&mut acts.dfch_gelu, gw.fcprojw, Some(&mut *gw.fcprojb), &acts.dresidual, &a.fch_gelu, mats.fcproj, n, 4 * c, c, threads);
