@@ -255,7 +255,8 @@ class Trainer:
             f"[Node Zero] data: {len(self.train_tokens):,} training tokens, {len(self.val_tokens):,} validation; "
             f"{cfg.batch_size * cfg.seq_len:,} tokens per step, {self.steps_per_epoch:,} steps per epoch, {planned}"
         )
-        mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores, resolve_precision(cfg.precision))
+        mem = mc.training_memory_bytes(cfg.batch_size, cfg.seq_len, cfg.threads, cfg.cores,
+                                       resolve_precision(cfg.precision))
         cores = cfg.cores or _core.available_cores()  # the trainer's (built after the estimate's probe)
         teams = _core.plan_teams(threads=cfg.threads, cores=cores, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
         c.print(f"[Node Zero] {cfg.threads} sphere threads (Node Zero + {max(cfg.threads - 1, 0)} workers) on "

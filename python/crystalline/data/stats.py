@@ -136,9 +136,9 @@ def size_run(data: list[Path], settings: dict, config_file: Path | None = None,
         with core_refusals():
             est = estimate.for_run(cfg, ds.train_count, ds.val_count)
     return SizeReport(data_bytes=data_bytes, train_tokens=ds.train_count, val_tokens=ds.val_count, config=cfg,
-                      source=source, parameters=model.num_parameters(), memory_bytes=memory, bf16_bytes=memory - fp32,
-                      cores=cores,
-                      lanes=len(plan["cores"]), micro_batch=-(-cfg.batch_size // _core.SYMMETRY_GROUPS),
+                      source=source, parameters=model.num_parameters(), memory_bytes=memory,
+                      bf16_bytes=memory - fp32, cores=cores, lanes=len(plan["cores"]),
+                      micro_batch=-(-cfg.batch_size // _core.SYMMETRY_GROUPS),
                       recommended=replace(rec, block_size=rec_config.seq_len),
                       table_row=sizing.table_row(data_bytes), command=_train_command(data, ds, rec_config, given,
                                                                                   config_file, extensions),
